@@ -1,0 +1,44 @@
+# `make demo` and `make test` do all set-up on a fresh Debian machine: a virtual environment, a CPU build of
+# torch where there is no CUDA, the package with its dev extras, and the Fashion-MNIST files.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# The CPU wheel; on a machine with an NVIDIA driver pip's default (CUDA) build is taken instead.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: demo test test-slow lint data venv clean
+
+demo: venv data
+	$(VENV)/bin/dfkd demo
+
+test: venv data
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: venv data
+	$(PY) -m pytest -q -m slow
+
+lint: venv
+	$(VENV)/bin/ruff check src tests
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "torch>=2.3"; \
+	  else $(PY) -m pip install -q "$(TORCH_CPU)"; fi; \
+	fi
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist; skipped when DFKD_DATA points elsewhere or apt is not usable.
+data:
+	@if [ -e "$(FMNIST)" ] || [ -e "$${DFKD_DATA:-/nonexistent}/fashion-mnist/train-images-idx3-ubyte.gz" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else \
+	  echo "note: Fashion-MNIST is missing and apt-get needs root: run 'apt-get install dataset-fashion-mnist' as root"; exit 0; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+	  || echo "note: could not install dataset-fashion-mnist; tests that need it will be skipped"
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,39 @@
+"""dfkd: data-free knowledge distillation.
+
+Compress a trained teacher into a smaller student without the teacher's training data: images are synthesised
+from the teacher itself and the student learns to imitate the teacher on them.
+
+Example:
+    >>> import dfkd
+    >>> cfg = dfkd.load_config("distill", "fashion-mnist/cudfkd-lenet5_bn-lenet5_half",
+    ...                        ["teacher.weights=runs/teacher", "out=runs/student"])
+    >>> summary = dfkd.distill(cfg)                      # or dfkd.distill(cfg, teacher=my_nn_module)
+    >>> summary["student_top1_best"]
+"""
+
+from dfkd.config import load_config
+from dfkd.engine.distill import distill
+from dfkd.engine.evaluate import evaluate_weights
+from dfkd.engine.supervised import train_teacher
+from dfkd.errors import DfkdError
+from dfkd.methods import METHODS, Batch, Ctx, Method, MethodConfig, Progress
+from dfkd.models import create_model, create_generator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "Batch",
+    "Ctx",
+    "DfkdError",
+    "Method",
+    "MethodConfig",
+    "Progress",
+    "create_generator",
+    "create_model",
+    "distill",
+    "evaluate_weights",
+    "load_config",
+    "train_teacher",
+    "__version__",
+]

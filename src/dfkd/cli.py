@@ -1,0 +1,215 @@
+"""The ``dfkd`` command line: train-teacher, distill, eval, list, demo.
+
+Settings come from a recipe (``--config NAME|PATH``) plus ``key=value`` overrides. Bad input ends with a one-line
+``dfkd: error: ...`` on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from dfkd.errors import ConfigError, DfkdError
+
+log = logging.getLogger("dfkd")
+
+EXAMPLES = """examples:
+  dfkd demo
+  dfkd train-teacher --config teachers/fashion-mnist-32-lenet5_bn out=runs/teacher
+  dfkd distill --config fashion-mnist/cudfkd-lenet5_bn-lenet5_half teacher.weights=runs/teacher out=runs/cudfkd
+  dfkd distill --resume runs/cudfkd
+  dfkd eval --weights runs/cudfkd --teacher runs/teacher
+  dfkd list recipes
+"""
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        self.exit(2, f"dfkd: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dfkd",
+        description="Data-free knowledge distillation: compress a teacher into a student without its training data.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dfkd {_version()}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def run_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", "-c", metavar="NAME|PATH", help="a shipped recipe (`dfkd list recipes`) or a YAML")
+        p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+        p.add_argument("--overwrite", action="store_true", help="replace a run already in the output directory")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. train.epochs=5 out=runs/x")
+        return p
+
+    run_command("train-teacher", "train a network on real data (a teacher, or the real-data student reference)")
+    run_command("distill", "distill a teacher into a student without its training data")
+
+    p = sub.add_parser("eval", help="top-1 of a checkpoint on the test set (and agreement with a teacher)")
+    p.add_argument("--weights", "-w", required=True, metavar="CKPT", help="a checkpoint file or a run directory")
+    p.add_argument("--arch", metavar="NAME", help="architecture (default: the one recorded in the checkpoint)")
+    p.add_argument("--teacher", metavar="CKPT", help="also report agreement with this teacher")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.name=fashion-mnist-32 engine.device=cpu")
+
+    p = sub.add_parser("list", help="list methods, models, datasets or recipes")
+    p.add_argument("what", choices=["methods", "models", "datasets", "recipes"])
+
+    p = sub.add_parser("demo", help="train a Fashion-MNIST teacher, distill it data-free with CuDFKD, compare")
+    p.add_argument("--out", metavar="DIR", help="where the three runs go (default: runs/demo-TIMESTAMP)")
+    p.add_argument("--smoke", action="store_true", help="a one-minute version with tiny budgets (for checks)")
+    return parser
+
+
+def _version() -> str:
+    from dfkd import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except DfkdError as exc:
+        sys.stderr.write(f"dfkd: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("dfkd: interrupted; a run's last completed epoch is in RUN_DIR/ckpt/last.pt (--resume)\n")
+        return 130
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("dfkd")
+    if not any(getattr(h, "_dfkd_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        handler._dfkd_console = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def _load(kind: str, args: argparse.Namespace):
+    from dfkd.config import deep_merge, load_config, parse_overrides, read_yaml
+
+    overrides = parse_overrides(args.overrides)
+    if args.resume:
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise DfkdError(f"nothing to resume in {args.resume}: it holds no config.yaml")
+        if args.config:
+            raise ConfigError("--resume takes the run's own config.yaml: drop --config")
+        data = deep_merge(read_yaml(saved), overrides)
+        data["out"] = str(args.resume)
+        from dfkd.config import build_config
+
+        return build_config(kind, data)
+    return load_config(kind, args.config, overrides)
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> int:
+    from dfkd.engine.supervised import train_teacher
+
+    cfg = _load("train-teacher", args)
+    summary = train_teacher(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    _write(f"{summary['model']} on {summary['dataset']}: test top-1 {summary['top1_best']:.2f}% "
+           f"(epoch {summary['best_epoch']}); weights: {summary['weights']}")  # fmt: skip
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from dfkd.engine.distill import distill
+
+    cfg = _load("distill", args)
+    s = distill(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    _write(
+        f"{s['method']}: {s['teacher']} -> {s['student']} on {s['dataset']}: student top-1 {s['student_top1_best']:.2f}% "
+        f"best / {s['student_top1_last']:.2f}% last (teacher {s['teacher_top1']:.2f}%), agreement {s['agreement']:.2f}%, "
+        f"{s['images_synthesized']:,} images synthesised in {s['total_seconds']:.0f}s; run dir {s['run_dir']}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dfkd.config import load_config
+    from dfkd.engine.evaluate import evaluate_weights
+
+    extra = [f"model.weights={args.weights}"]
+    if args.arch:
+        extra.append(f"model.arch={args.arch}")
+    if args.teacher:
+        extra.append(f"teacher.weights={args.teacher}")
+    cfg = load_config("eval", None, list(args.overrides) + extra)
+    r = evaluate_weights(cfg)
+    line = f"{r['arch']} on {r['dataset']} ({r['images']} test images): top-1 {r['top1']:.2f}%"
+    if "agreement" in r:
+        line += (f", teacher top-1 {r['teacher_top1']:.2f}%, agreement {r['agreement']:.2f}%, "
+                 f"prob. loyalty {r['prob_loyalty']:.4f} (reference form {r['prob_loyalty_reference']:.4f})")  # fmt: skip
+    _write(line)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "methods":
+        from dfkd.methods import describe_method, method_names
+
+        rows = [(name, describe_method(name)) for name in method_names()]
+    elif args.what == "models":
+        from dfkd.models import describe_model, model_names
+
+        rows = [(name, describe_model(name)) for name in model_names()]
+    elif args.what == "datasets":
+        from dfkd.data import dataset_info, dataset_names
+
+        rows = []
+        for name in dataset_names():
+            info = dataset_info(name)
+            shape = "x".join(map(str, info.image_shape))
+            rows.append((name, f"{info.num_classes} classes, {shape}: {info.description}"))
+    else:
+        from dfkd.config import find_recipe, read_yaml, recipe_names
+
+        rows = []
+        for name in recipe_names():
+            data = read_yaml(find_recipe(name))
+            expected = (data.get("expected") or {}).get("top1")
+            lines = str(data.get("description") or "").strip().splitlines()
+            text = lines[0] if lines else ""
+            rows.append((name, text + (f" [published top-1 {expected}]" if expected is not None else "")))
+    width = max((len(name) for name, _ in rows), default=0)
+    for name, text in rows:
+        _write(f"{name.ljust(width)}  {text}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dfkd.demo import run_demo
+
+    _write(run_demo(args.out, smoke=args.smoke))
+    return 0
+
+
+COMMANDS = {
+    "train-teacher": cmd_train_teacher,
+    "distill": cmd_distill,
+    "eval": cmd_eval,
+    "list": cmd_list,
+    "demo": cmd_demo,
+}

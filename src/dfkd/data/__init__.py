@@ -1,0 +1,43 @@
+"""Datasets as in-memory uint8 tensors, batched loading, and per-sample device-side augmentation."""
+
+from dfkd.data.augment import (
+    AUGMENTATIONS,
+    Augment,
+    build_augment,
+    crop_flip,
+    random_crop,
+    random_hflip,
+    random_resized_crop,
+)
+from dfkd.data.datasets import (
+    DATASETS,
+    DatasetInfo,
+    candidate_roots,
+    clear_cache,
+    dataset_info,
+    dataset_names,
+    load_dataset,
+    read_idx,
+)
+from dfkd.data.loader import TensorLoader, to_float, to_uint8
+
+__all__ = [
+    "AUGMENTATIONS",
+    "DATASETS",
+    "Augment",
+    "DatasetInfo",
+    "TensorLoader",
+    "build_augment",
+    "candidate_roots",
+    "clear_cache",
+    "crop_flip",
+    "dataset_info",
+    "dataset_names",
+    "load_dataset",
+    "random_crop",
+    "random_hflip",
+    "random_resized_crop",
+    "read_idx",
+    "to_float",
+    "to_uint8",
+]

@@ -1,0 +1,87 @@
+"""Set-up shared by the commands: networks, data on the device, run directories, the progress bar."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dfkd.data import DatasetInfo, load_dataset
+from dfkd.engine.env import Env
+from dfkd.errors import CheckpointError, ConfigError
+from dfkd.models import Normalized, build_network
+
+log = logging.getLogger("dfkd")
+
+
+def resolve_weights(path: str) -> Path:
+    """A checkpoint path, or a run directory (whose ckpt/best.pt is used)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for candidate in (p / "ckpt" / "best.pt", p / "ckpt" / "last.pt"):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"{p} is a directory without ckpt/best.pt: give a checkpoint file or a finished run")
+    if not p.is_file():
+        raise CheckpointError(f"weights file {p} does not exist")
+    return p
+
+
+def build_model(
+    arch: str | nn.Module, info: DatasetInfo, env: Env, weights: str | None = None, role: str = "model"
+) -> Normalized:
+    """Create (or take) a network for ``info``, load ``weights``, wrap it so it takes [0, 1] images."""
+    if isinstance(arch, str) and not arch:
+        raise ConfigError(f"{role}.arch is not set: name an architecture (`dfkd list models`)")
+    path = str(resolve_weights(weights)) if weights else None
+    net = build_network(arch, info.num_classes, info.image_shape[0], path)
+    model = Normalized(net, info.mean, info.std)
+    model = env.prepare(model)
+    _check_output(model, info, env, role)
+    return model
+
+
+def _check_output(model: nn.Module, info: DatasetInfo, env: Env, role: str) -> None:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(2, *info.image_shape, device=env.device))
+    model.train(was_training)
+    if out.dim() != 2 or out.shape[1] != info.num_classes:
+        raise ConfigError(
+            f"the {role} outputs {tuple(out.shape[1:])} per image but dataset {info.name} has {info.num_classes} "
+            "classes: use a network built for this dataset"
+        )
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_split_on_device(info: DatasetInfo, split: str, root: str | None, env: Env) -> tuple:
+    images, labels = load_dataset(info.name, split, root)
+    return images.to(env.device), labels.to(env.device)
+
+
+def default_out(kind: str, name: str) -> Path:
+    return Path("runs") / kind / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def progress_bar(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
+    """tqdm with ETA; on a terminal only (``disable=None``), and never on ranks other than 0."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        disable=None if enabled else True,
+        leave=False,
+        mininterval=0.5,
+    )

@@ -1,0 +1,314 @@
+"""The distillation loop: one loop for every method.
+
+Per epoch: ``rounds_per_epoch`` x (``method.synthesize`` then ``kd_steps`` student steps on ``method.next_batch``
+with ``method.student_loss``), then the learning-rate schedule, an evaluation on the real test set, a checkpoint
+and a line of metrics. Synthesis time and student time are accounted separately.
+
+Launch under torchrun for data parallelism::
+
+    torchrun --standalone --nproc_per_node=2 -m dfkd distill --config NAME engine.device=cpu
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dfkd.config import DistillConfig, to_dict, to_yaml
+from dfkd.data import dataset_info
+from dfkd.engine.common import build_model, default_out, freeze, load_split_on_device, progress_bar
+from dfkd.engine.env import Env, setup_env
+from dfkd.engine.evaluate import predict, student_metrics
+from dfkd.engine.meters import Meters, first_non_finite, format_seconds
+from dfkd.engine.optim import build_optimizer, build_scheduler
+from dfkd.engine.rundir import RunDir
+from dfkd.engine.seed import rng_state, seed_everything, set_rng_state
+from dfkd.errors import ConfigError, DivergedError
+from dfkd.images import plot_curves, save_grid
+from dfkd.methods import METHODS, Ctx, Method, Progress
+from dfkd.metrics import accuracy_curve_stats, top1_percent
+
+log = logging.getLogger("dfkd")
+
+CHECKPOINT_FORMAT = "dfkd-distill/1"
+
+
+def distill(
+    cfg: DistillConfig,
+    teacher: nn.Module | None = None,
+    student: nn.Module | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """Distill a teacher into a student without its training data; returns the run summary.
+
+    Args:
+        cfg: the resolved configuration (:func:`dfkd.load_config`).
+        teacher: any ``nn.Module`` classifier taking normalised images (``data.name`` gives the normalisation);
+            default: ``teacher.arch`` with ``teacher.weights``.
+        student: an ``nn.Module`` to train; default: a fresh ``student.arch``.
+        resume: continue the run in ``cfg.out`` from its last checkpoint.
+        overwrite: replace a run already in ``cfg.out``.
+
+    Example:
+        >>> cfg = dfkd.load_config("distill", "fashion-mnist/cudfkd-lenet5_bn-lenet5_half",
+        ...                        ["teacher.weights=runs/teacher", "train.epochs=2"])
+        >>> summary = dfkd.distill(cfg)
+    """
+    env = setup_env(cfg.engine.device, cfg.engine.precision, cfg.engine.channels_last, cfg.engine.threads)
+    run = RunDir(cfg.out or default_out("distill", f"{cfg.method.name}-{cfg.data.name}"), env.is_main)
+    run.check(resume=resume, overwrite=overwrite)
+    try:
+        return _distill(cfg, env, run, teacher, student, resume, overwrite)
+    finally:
+        run.close()
+        env.teardown()
+
+
+def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume: bool, overwrite: bool) -> dict:
+    started = time.perf_counter()
+    seed_everything(cfg.engine.seed, env.rank)
+    info = dataset_info(cfg.data.name)
+    if teacher_module is None and not cfg.teacher.weights:
+        raise ConfigError(
+            "teacher.weights is not set: train a teacher with `dfkd train-teacher` and pass teacher.weights=RUN_DIR "
+            "(or a checkpoint file)"
+        )
+    test_x, test_y = load_split_on_device(info, "test", cfg.data.root, env)
+    teacher = freeze(build_model(teacher_module or cfg.teacher.arch, info, env, cfg.teacher.weights, "teacher"))
+    student = build_model(student_module or cfg.student.arch, info, env, None, "student")
+    method: Method = METHODS.get(cfg.method.name)(cfg.method, Ctx(teacher, student, info, env, cfg.train.batch_size))
+    method.to(env.device)
+    env.broadcast_state(student)
+    env.broadcast_state(method)
+    student_ddp = DistributedDataParallel(student) if env.distributed else student
+    optimizer = build_optimizer(student.parameters(), cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, cfg.train.epochs)
+
+    run.prepare(resume=resume, overwrite=overwrite)
+    state = _fresh_state()
+    if resume:
+        state = _restore(run, student, optimizer, scheduler, method)
+        log.info("resuming %s from epoch %d", run.path, state["epoch"])
+    run.write_text("config.yaml", to_yaml(cfg))
+    run.write_metrics(state["history"])
+
+    teacher_logits = predict(teacher, test_x, cfg.eval.batch_size, env.channels_last)
+    teacher_top1 = top1_percent(teacher_logits, test_y)
+    log.info(
+        "%s: %s -> %s on %s | teacher top-1 %.2f%% | device %s | run dir %s",
+        cfg.method.name, _arch_name(cfg.teacher.arch, teacher_module), _arch_name(cfg.student.arch, student_module),
+        info.name, teacher_top1, env.describe(), run.path,
+    )  # fmt: skip
+
+    t = cfg.train
+    steps_per_epoch = t.rounds_per_epoch * t.kd_steps
+    prog = Progress(0, 0, state["step"], t.epochs, t.rounds_per_epoch, t.kd_steps)
+    bar = progress_bar(t.epochs * steps_per_epoch, state["step"], cfg.engine.progress and env.is_main, "distill")
+    env.reset_peak_memory()
+    timers = state["timers"]
+    loop_started = time.perf_counter()
+    for epoch in range(state["epoch"], t.epochs):
+        epoch_started = time.perf_counter()
+        prog.epoch = epoch
+        meters = Meters()
+        for rnd in range(t.rounds_per_epoch):
+            prog.round = rnd
+            tick = time.perf_counter()
+            meters.update(method.synthesize(prog), "synth/")
+            env.synchronize()
+            tock = time.perf_counter()
+            timers["synth_seconds"] += tock - tick
+            student_ddp.train()
+            for _ in range(t.kd_steps):
+                batch = method.next_batch(prog)
+                with env.autocast():
+                    out = method.student_loss(batch, student_ddp, prog)
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if t.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), t.grad_clip)
+                optimizer.step()
+                meters.update(out, "train/")
+                prog.step += 1
+            bar.update(t.kd_steps)
+            env.synchronize()
+            timers["student_seconds"] += time.perf_counter() - tock
+
+        losses = meters.means()
+        bad = first_non_finite(losses)
+        if bad is not None:
+            last = f"epoch {state['epoch']}" if state["epoch"] else "none yet"
+            raise DivergedError(
+                f"training diverged: {bad} became {losses[bad]} in epoch {epoch + 1}; stopped without saving this "
+                f"epoch (last good checkpoint: {last}, in {run.last}); lower train.lr or the method's lr_g, then "
+                f"`dfkd distill --resume {run.path}`"
+            )
+        scheduler.step()
+        tick = time.perf_counter()
+        student_logits = predict(student, test_x, cfg.eval.batch_size, env.channels_last)
+        metrics = student_metrics(student_logits, test_y, teacher_logits)
+        timers["eval_seconds"] += time.perf_counter() - tick
+        timers["total_seconds"] += time.perf_counter() - epoch_started
+        row = {
+            "epoch": epoch + 1,
+            "step": prog.step,
+            **{f"eval/{k}": v for k, v in metrics.items()},
+            **losses,
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_synthesized": method.images_synthesized,
+            **{f"time/{k}": v for k, v in timers.items()},
+        }
+        state["history"].append(row)
+        is_best = metrics["top1"] > state["best_top1"]
+        if is_best:
+            state["best_top1"], state["best_epoch"] = metrics["top1"], epoch + 1
+        state.update(epoch=epoch + 1, step=prog.step, timers=timers)
+        run.save_checkpoint(_checkpoint(cfg, state, student, optimizer, scheduler, method, metrics["top1"]), is_best)
+        run.append_metrics(row)
+        if cfg.engine.sample_every and ((epoch + 1) % cfg.engine.sample_every == 0 or epoch + 1 == t.epochs):
+            _pictures(run, method, state["history"], teacher_top1, cfg, env)
+        done = epoch + 1 - _first_epoch(state)
+        remaining = (time.perf_counter() - loop_started) / max(1, done) * (t.epochs - epoch - 1)
+        log.info(
+            "epoch %d/%d | top-1 %.2f%% (best %.2f%%) | agree %.2f%% | loss %.4g | synth %s, student %s | eta %s",
+            epoch + 1, t.epochs, metrics["top1"], state["best_top1"], metrics["agreement"],
+            losses.get("train/loss", float("nan")), format_seconds(timers["synth_seconds"]),
+            format_seconds(timers["student_seconds"]), format_seconds(remaining),
+        )  # fmt: skip
+    bar.close()
+
+    timers["total_seconds"] += loop_started - started  # set-up of this process: data, networks, teacher eval
+    summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path)
+    _pictures(run, method, state["history"], teacher_top1, cfg, env)
+    run.write_summary(summary)
+    method.close()
+    log.info(
+        "done: student top-1 %.2f%% best / %.2f%% last (teacher %.2f%%) in %s; summary in %s",
+        summary["student_top1_best"], summary["student_top1_last"], teacher_top1,
+        format_seconds(summary["total_seconds"]), run.path / "summary.json",
+    )  # fmt: skip
+    return summary
+
+
+def _arch_name(arch: str, module: nn.Module | None) -> str:
+    return type(module).__name__ if module is not None else arch
+
+
+def _fresh_state() -> dict:
+    timers = {"synth_seconds": 0.0, "student_seconds": 0.0, "eval_seconds": 0.0, "total_seconds": 0.0}
+    return {"epoch": 0, "step": 0, "best_top1": -1.0, "best_epoch": 0, "history": [], "timers": timers, "start": 0}
+
+
+def _first_epoch(state: dict) -> int:
+    return state["start"]
+
+
+def _checkpoint(cfg, state, student, optimizer, scheduler, method: Method, top1: float) -> dict:
+    net = student.net
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": net.state_dict(),
+        "arch": cfg.student.arch,
+        "num_classes": int(dataset_info(cfg.data.name).num_classes),
+        "in_channels": int(dataset_info(cfg.data.name).image_shape[0]),
+        "dataset": cfg.data.name,
+        "top1": top1,
+        "epoch": state["epoch"],
+        "step": state["step"],
+        "best_top1": state["best_top1"],
+        "best_epoch": state["best_epoch"],
+        "history": state["history"],
+        "timers": dict(state["timers"]),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "method": method.state_dict(),
+        "method_state": method.checkpoint_state(),
+        "images_synthesized": method.images_synthesized,
+        "rng": rng_state(),
+        "config": to_dict(cfg),
+    }
+
+
+def _restore(run: RunDir, student, optimizer, scheduler, method: Method) -> dict:
+    ckpt = run.load_checkpoint("last")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{run.last} is not a distillation checkpoint: resume it with the command that wrote it")
+    student.net.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    method.load_state_dict(ckpt["method"])
+    method.load_checkpoint_state(ckpt["method_state"])
+    method.images_synthesized = int(ckpt["images_synthesized"])
+    set_rng_state(ckpt["rng"])
+    return {
+        "epoch": int(ckpt["epoch"]),
+        "step": int(ckpt["step"]),
+        "best_top1": float(ckpt["best_top1"]),
+        "best_epoch": int(ckpt["best_epoch"]),
+        "history": list(ckpt["history"]),
+        "timers": dict(ckpt["timers"]),
+        "start": int(ckpt["epoch"]),
+    }
+
+
+def _pictures(run: RunDir, method: Method, history: list[dict], teacher_top1: float, cfg, env: Env) -> None:
+    if not env.is_main or not history:
+        return
+    samples = method.preview(64)
+    if samples is not None:
+        save_grid(run.path / "samples" / f"epoch_{history[-1]['epoch']:03d}.png", samples)
+    plot_curves(
+        run.path / "accuracy.png",
+        {f"student ({cfg.student.arch})": [row["eval/top1"] for row in history],
+         "agreement with teacher": [row.get("eval/agreement") for row in history]},
+        title=f"{cfg.method.name}: {cfg.teacher.arch} -> {cfg.student.arch} on {cfg.data.name}",
+        references={"teacher": teacher_top1},
+    )  # fmt: skip
+
+
+def _summary(cfg, env: Env, state, method: Method, teacher_top1, teacher_module, student_module, path: Path) -> dict:
+    history = state["history"]
+    curve = [row["eval/top1"] for row in history]
+    stats = accuracy_curve_stats(curve, cfg.eval.window_start, cfg.eval.window_end)
+    last = history[-1] if history else {}
+    images = env.all_reduce_sum(torch.tensor(float(method.images_synthesized), device=env.device)).item()
+    timers = state["timers"]
+    student_steps = state["step"]
+    busy = timers["synth_seconds"] + timers["student_seconds"]
+    return {
+        "method": cfg.method.name,
+        "dataset": cfg.data.name,
+        "teacher": _arch_name(cfg.teacher.arch, teacher_module),
+        "student": _arch_name(cfg.student.arch, student_module),
+        "teacher_top1": teacher_top1,
+        "student_top1_best": stats["best"],
+        "best_epoch": state["best_epoch"],
+        "student_top1_last": last.get("eval/top1"),
+        "agreement": last.get("eval/agreement"),
+        "prob_loyalty": last.get("eval/prob_loyalty"),
+        "prob_loyalty_reference": last.get("eval/prob_loyalty_reference"),
+        "mu": stats["mu"],
+        "var": stats["var"],
+        "curve_window": stats["window"],
+        "epochs": len(history),
+        "student_steps": student_steps,
+        "images_synthesized": int(images),
+        "synth_seconds": timers["synth_seconds"],
+        "student_seconds": timers["student_seconds"],
+        "eval_seconds": timers["eval_seconds"],
+        "total_seconds": timers["total_seconds"],
+        "student_steps_per_second": student_steps / timers["student_seconds"] if timers["student_seconds"] else None,
+        "images_per_second": images / busy if busy else None,
+        "peak_memory_bytes": env.peak_memory_bytes(),
+        "device": env.describe(),
+        "world_size": env.world_size,
+        "expected_top1": cfg.expected.top1,
+        "expected_source": cfg.expected.source,
+        "run_dir": str(path),
+    }

@@ -1,0 +1,147 @@
+"""Device, precision and process-group handling: the same code runs on CPU, one GPU and ``torchrun``.
+
+Under ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK in the environment) a process group is created with NCCL on CUDA
+and gloo on CPU; each rank synthesises its own data (seeded ``seed + rank``), the student is wrapped in DDP, and
+persistent generators are kept identical by all-reducing their gradients (:meth:`Env.all_reduce_grads`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import sys
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dfkd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Env:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    precision: str = "fp32"
+    channels_last: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> AbstractContextManager:
+        """bf16 autocast when ``engine.precision=bf16``, else a no-op; losses upcast to fp32 themselves."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        """Move a network to the device (and to channels_last when enabled)."""
+        module = module.to(self.device)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return module
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """Give an image batch the configured memory format."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def all_reduce_grads(self, module: nn.Module) -> None:
+        """Average gradients across ranks so that a persistent generator stays identical everywhere."""
+        if not self.distributed:
+            return
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(self.world_size)
+
+    def broadcast_state(self, module: nn.Module) -> None:
+        """Copy rank 0's parameters and buffers to every rank."""
+        if not self.distributed:
+            return
+        for tensor in module.state_dict().values():
+            if torch.is_tensor(tensor):
+                dist.broadcast(tensor, src=0)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for honest wall-clock accounting on CUDA; free on CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory_bytes(self) -> int:
+        """CUDA max allocated on GPU; the process's peak resident set size on CPU."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+
+    def describe(self) -> str:
+        if self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+        else:
+            name = f"CPU, {torch.get_num_threads()} threads"
+        extra = f", {self.world_size} processes" if self.distributed else ""
+        return f"{self.device} ({name}){extra}, {self.precision}"
+
+    def teardown(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"engine.device: '{spec}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("engine.device: CUDA was asked for but is not available here; use engine.device=cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    elif device.type != "cpu":
+        raise ConfigError(f"engine.device: '{spec}' is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def setup_env(device: str = "auto", precision: str = "fp32", channels_last: bool = False, threads: int = 0) -> Env:
+    """Create the run's :class:`Env`, joining the torchrun process group when launched by torchrun."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("engine.precision=bf16 needs a GPU with bfloat16 support; use engine.precision=fp32")
+    if world_size > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Env(dev, rank, world_size, local_rank, precision, channels_last)

@@ -1,0 +1,75 @@
+"""Evaluation on the real test set."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dfkd.data import to_float
+from dfkd.metrics import agreement_percent, prob_loyalty, prob_loyalty_reference, top1_percent
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images_u8: Tensor, batch_size: int, channels_last: bool = False) -> Tensor:
+    """Logits (float32) of ``model`` in eval mode on uint8 images, batched; the model's train mode is restored."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for start in range(0, images_u8.shape[0], batch_size):
+        x = to_float(images_u8[start : start + batch_size])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        outputs.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(outputs)
+
+
+def student_metrics(student_logits: Tensor, labels: Tensor, teacher_logits: Tensor | None) -> dict[str, float]:
+    """top1, and with teacher logits: agreement, probability loyalty (corrected and reference forms)."""
+    out = {"top1": top1_percent(student_logits, labels)}
+    if teacher_logits is not None:
+        out["agreement"] = agreement_percent(student_logits, teacher_logits)
+        out["prob_loyalty"] = prob_loyalty(student_logits, teacher_logits)
+        out["prob_loyalty_reference"] = prob_loyalty_reference(student_logits, teacher_logits)
+    return out
+
+
+def evaluate_weights(cfg) -> dict:
+    """``dfkd eval``: top-1 of a checkpoint on the test set, and agreement with a teacher when one is given.
+
+    The architecture and dataset default to those recorded in a dfkd checkpoint (``arch``, ``dataset``).
+    """
+    from dfkd.data import dataset_info
+    from dfkd.engine.common import build_model, load_split_on_device, resolve_weights
+    from dfkd.engine.env import setup_env
+    from dfkd.errors import ConfigError
+    from dfkd.models import read_weights
+
+    if not cfg.model.weights:
+        raise ConfigError("no weights to evaluate: pass --weights CKPT (or model.weights=CKPT)")
+    path = resolve_weights(cfg.model.weights)
+    _, meta = read_weights(str(path))
+    arch = cfg.model.arch or meta.get("arch")
+    data = cfg.data.name or meta.get("dataset")
+    if not arch:
+        raise ConfigError(f"{path} does not record its architecture: pass --arch NAME (`dfkd list models`)")
+    if not data:
+        raise ConfigError(f"{path} does not record its dataset: pass data.name=NAME (`dfkd list datasets`)")
+    env = setup_env(cfg.engine.device, "fp32", cfg.engine.channels_last, cfg.engine.threads)
+    info = dataset_info(data)
+    test_x, test_y = load_split_on_device(info, "test", cfg.data.root, env)
+    model = build_model(arch, info, env, str(path), "model")
+    logits = predict(model, test_x, cfg.eval.batch_size, env.channels_last)
+    teacher_logits = None
+    if cfg.teacher.weights:
+        t_path = resolve_weights(cfg.teacher.weights)
+        t_arch = cfg.teacher.arch or read_weights(str(t_path))[1].get("arch")
+        if not t_arch:
+            raise ConfigError(f"{t_path} does not record its architecture: pass teacher.arch=NAME")
+        teacher = build_model(t_arch, info, env, str(t_path), "teacher")
+        teacher_logits = predict(teacher, test_x, cfg.eval.batch_size, env.channels_last)
+    result = {"weights": str(path), "arch": arch, "dataset": data, "images": int(test_y.numel())}
+    result.update(student_metrics(logits, test_y, teacher_logits))
+    if teacher_logits is not None:
+        result["teacher_top1"] = student_metrics(teacher_logits, test_y, None)["top1"]
+    return result

@@ -1,0 +1,36 @@
+"""User-facing errors.
+
+A :class:`DfkdError` carries a one-line message that says what is wrong and what to do. The command line prints
+it without a traceback and exits with status 2; the Python API lets it propagate.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class DfkdError(Exception):
+    """Bad input or an unusable state, explained in one line."""
+
+
+class ConfigError(DfkdError):
+    """A recipe, override or value that does not fit the configuration schema."""
+
+
+class DataError(DfkdError):
+    """Dataset files that are missing or malformed."""
+
+
+class CheckpointError(DfkdError):
+    """A weights file that cannot be read or does not fit the model."""
+
+
+class DivergedError(DfkdError):
+    """Training produced a NaN or Inf loss and was stopped."""
+
+
+def closest(name: str, choices: Iterable[str]) -> str:
+    """A ' (did you mean X?)' suffix naming the closest of ``choices``, or '' when nothing is close."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""

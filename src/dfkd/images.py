@@ -1,0 +1,79 @@
+"""Pictures a run leaves behind: grids of synthetic samples and the accuracy curve (PNG)."""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> Tensor:
+    """Tile a batch [B, C, H, W] of images in [0, 1] into one [C, H', W'] image (white 2px separators)."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    b, c, h, w = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
+    ncol = math.ceil(b / nrow)
+    grid = torch.ones(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(b):
+        r, q = divmod(i, nrow)
+        top, left = pad + r * (h + pad), pad + q * (w + pad)
+        grid[:, top : top + h, left : left + w] = images[i]
+    return grid
+
+
+def write_png(path: str | Path, image: Tensor) -> None:
+    """Write a [C, H, W] image in [0, 1] (C = 1 or 3) as an 8-bit PNG, with no imaging library."""
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    c, h, w = array.shape
+    if c not in (1, 3):
+        raise ValueError(f"PNG needs 1 or 3 channels, got {c}")
+    rows = array.permute(1, 2, 0).reshape(h, w * c).numpy()
+    raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 0 if c == 1 else 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    Path(path).write_bytes(data)
+
+
+def save_grid(path: str | Path, images: Tensor, nrow: int | None = None) -> None:
+    write_png(path, make_grid(images, nrow))
+
+
+def plot_curves(
+    path: str | Path,
+    curves: dict[str, Sequence[float | None]],
+    title: str = "",
+    references: dict[str, float] | None = None,
+    ylabel: str = "test top-1 (%)",
+) -> None:
+    """Line plot of per-epoch curves, with horizontal reference lines (e.g. the teacher's accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for label, values in curves.items():
+        points = [(i + 1, v) for i, v in enumerate(values) if v is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=label)
+    for label, value in (references or {}).items():
+        ax.axhline(value, linestyle="--", linewidth=1, color="gray")
+        ax.annotate(f"{label} {value:.2f}", xy=(1, value), fontsize=8, color="gray", va="bottom")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

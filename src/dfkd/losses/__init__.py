@@ -1,0 +1,37 @@
+"""Loss terms shared by the methods: small pure functions, each citing where it comes from.
+
+Every tensor argument named ``s`` / ``t`` is a batch of student / teacher logits ``[B, C]``.
+"""
+
+from dfkd.losses.adversarial import adv_js, adv_l1, adv_masked_kl, adv_unmasked_kl, agreement_mask
+from dfkd.losses.inversion import (
+    BNStatsHooks,
+    activation_loss,
+    batch_entropy,
+    bn_stat_loss,
+    class_balance,
+    onehot_ce,
+    tv_l1,
+    tv_l2,
+)
+from dfkd.losses.kd import js_div, kd_kl, kd_l1, kd_mse
+
+__all__ = [
+    "BNStatsHooks",
+    "activation_loss",
+    "adv_js",
+    "adv_l1",
+    "adv_masked_kl",
+    "adv_unmasked_kl",
+    "agreement_mask",
+    "batch_entropy",
+    "bn_stat_loss",
+    "class_balance",
+    "js_div",
+    "kd_kl",
+    "kd_l1",
+    "kd_mse",
+    "onehot_ce",
+    "tv_l1",
+    "tv_l2",
+]

@@ -1,0 +1,111 @@
+"""Terms that pull synthetic images toward what the teacher saw in training (model inversion priors)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dfkd.losses.precision import upcast
+
+
+def bn_stat_loss(x: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
+    """DeepInversion's feature-statistics term for one BatchNorm layer (Yin et al., CVPR 2020).
+
+    ``x`` is the layer's input [B, C, H, W]; its per-channel batch mean and biased variance are compared with the
+    layer's running statistics: ||var - running_var||_2 + ||mean - running_mean||_2 (plain, not squared, norms).
+    Computed in float32 even under autocast.
+    """
+    x = upcast(x)
+    dims = [0, *range(2, x.dim())]
+    mean = x.mean(dim=dims)
+    var = x.var(dim=dims, unbiased=False)
+    return torch.linalg.vector_norm(var - upcast(running_var)) + torch.linalg.vector_norm(mean - upcast(running_mean))
+
+
+class BNStatsHooks:
+    """Forward hooks on every BatchNorm2d of a model that compute :func:`bn_stat_loss` while capturing.
+
+    The hooks only do work inside ``with hooks.capture():``, so teacher forwards on student batches stay cheap.
+
+    Example:
+        >>> hooks = BNStatsHooks(teacher)
+        >>> with hooks.capture():
+        ...     logits = teacher(x)
+        >>> loss_bn = hooks.loss()
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        self._losses: list[Tensor] = []
+        self._capturing = False
+        self._handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
+
+    def _hook(self, module: nn.BatchNorm2d, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
+        if self._capturing:
+            self._losses.append(bn_stat_loss(inputs[0], module.running_mean, module.running_var))
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        self._losses = []
+        self._capturing = True
+        try:
+            yield
+        finally:
+            self._capturing = False
+
+    def loss(self) -> Tensor:
+        """Sum over layers of the last captured forward (unweighted, as in the reference)."""
+        if not self._losses:
+            raise RuntimeError("no BatchNorm2d input was captured: does the teacher have BatchNorm2d layers?")
+        return torch.stack(self._losses).sum()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def onehot_ce(t: Tensor, targets: Tensor | None = None) -> Tensor:
+    """Cross-entropy of the teacher's logits against ``targets`` (default: its own argmax), as in DAFL and DFQ."""
+    if targets is None:
+        targets = t.argmax(dim=1)
+    return F.cross_entropy(upcast(t), targets)
+
+
+def batch_entropy(t: Tensor, T: float = 1.0) -> Tensor:
+    """Entropy H(p_bar) of the batch-mean prediction p_bar = mean_i softmax(t_i / T) (CuDFKD's balance term)."""
+    p_bar = F.softmax(upcast(t) / T, dim=1).mean(dim=0)
+    return -(p_bar * p_bar.log()).sum()
+
+
+def class_balance(t: Tensor) -> Tensor:
+    """sum_c p_bar_c log p_bar_c at T=1 (DAFL's information-entropy loss; minimising it balances the classes)."""
+    return -batch_entropy(t, 1.0)
+
+
+def activation_loss(features: Tensor) -> Tensor:
+    """-mean |f|: DAFL's activation loss on the teacher's penultimate features (Chen et al., ICCV 2019)."""
+    return -upcast(features).abs().mean()
+
+
+def _diffs(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return (
+        x[:, :, :, :-1] - x[:, :, :, 1:],
+        x[:, :, :-1, :] - x[:, :, 1:, :],
+        x[:, :, 1:, :-1] - x[:, :, :-1, 1:],
+        x[:, :, :-1, :-1] - x[:, :, 1:, 1:],
+    )
+
+
+def tv_l1(x: Tensor) -> Tensor:
+    """Total-variation prior as the CMI benchmark's DeepInversion uses it: sum over 4 directions of mean |dx|."""
+    return sum(d.abs().mean() for d in _diffs(x))  # type: ignore[return-value]
+
+
+def tv_l2(x: Tensor) -> Tensor:
+    """The official DeepInversion TV prior: sum over 4 directions of the L2 norm of the differences."""
+    return sum(torch.linalg.vector_norm(d) for d in _diffs(x))  # type: ignore[return-value]

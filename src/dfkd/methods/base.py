@@ -1,0 +1,147 @@
+"""The one interface every method implements, and the small helpers methods share.
+
+The engine runs, per epoch, ``rounds_per_epoch`` rounds of::
+
+    method.synthesize(prog)                          # the method's own generator / inversion steps
+    for _ in range(kd_steps):
+        batch = method.next_batch(prog)              # where the student's batch comes from
+        out = method.student_loss(batch, student, prog)   # the student's loss; the engine steps the optimiser
+
+A method owns its synthesis, its student batches and its student loss. The engine owns devices, precision, DDP,
+the student optimiser, evaluation, checkpoints and logging, and never branches on a method's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from dfkd.data import DatasetInfo
+from dfkd.engine.env import Env
+from dfkd.losses import kd_kl
+
+
+@dataclass
+class Batch:
+    """What a method hands to the student step: images in [0, 1] on the device, optional labels and weights."""
+
+    x: Tensor
+    y: Tensor | None = None
+    w: Tensor | None = None
+
+
+@dataclass
+class Progress:
+    """Where the run is; schedules (curricula, warm-ups, ramps) are functions of these counters."""
+
+    epoch: int  # 0-based
+    round: int  # 0-based within the epoch
+    step: int  # global student step about to be taken (0-based, never reset)
+    epochs: int
+    rounds_per_epoch: int
+    kd_steps: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.rounds_per_epoch * self.kd_steps
+
+
+@dataclass
+class Ctx:
+    """What the engine gives a method. A plain dataclass, so teacher and student are not in the method's state."""
+
+    teacher: nn.Module  # Normalized, eval mode, requires_grad False, never DDP-wrapped
+    student: nn.Module  # the raw (unwrapped) Normalized student, for use inside synthesize()
+    info: DatasetInfo
+    env: Env
+    batch_size: int  # the student batch size (train.batch_size)
+
+
+@dataclass
+class MethodConfig:
+    name: str = ""
+
+
+class Method(nn.Module):
+    """Base class of all methods. Subclasses set ``name`` and ``Config`` and register with ``@METHODS.register``.
+
+    Submodules (generators, heads, memory banks) are registered as usual, so ``.to()`` and ``state_dict()`` cover
+    them; optimiser states and plain counters go through :meth:`checkpoint_state`.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = MethodConfig
+
+    def __init__(self, cfg: Any, ctx: Ctx):
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx
+        self.images_synthesized = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.env.device
+
+    # -- the three steps -------------------------------------------------------------------------------------------
+    def synthesize(self, prog: Progress) -> dict[str, Tensor]:
+        """Run the method's synthesis for one round; return detached scalars to log."""
+        raise NotImplementedError
+
+    def next_batch(self, prog: Progress) -> Batch:
+        """The next student batch."""
+        raise NotImplementedError
+
+    def student_loss(self, batch: Batch, student: nn.Module, prog: Progress) -> dict[str, Tensor]:
+        """Default: KL(teacher || student) at temperature ``cfg.T``, scaled by T^2 (the CMI benchmark's KD)."""
+        with torch.no_grad():
+            t = self.ctx.teacher(batch.x)
+        s = student(batch.x)
+        return {"loss": kd_kl(s, t, self.cfg.T)}
+
+    # -- state -----------------------------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        """Optimiser states and counters not held by submodules (tensors, numbers and dicts only)."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        pass
+
+    def preview(self, n: int) -> Tensor | None:
+        """Up to ``n`` current synthetic images in [0, 1] for the sample grid, or None."""
+        return None
+
+    def close(self) -> None:
+        """Remove hooks the method put on the teacher or student."""
+
+
+@contextmanager
+def frozen(*models: nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients for ``models`` inside the block (restored afterwards).
+
+    Used when a generator's loss runs through the student: gradients reach the generator, never the student.
+    """
+    saved = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in models]
+    for m in models:
+        m.eval()
+        m.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, training, flags in saved:
+            m.train(training)
+            for p, flag in zip(m.parameters(), flags):
+                p.requires_grad_(flag)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, env: Env, module: nn.Module | None = None) -> None:
+    """zero_grad, backward, (average grads across ranks for a persistent ``module``), step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if module is not None:
+        env.all_reduce_grads(module)
+    optimizer.step()

@@ -1,0 +1,240 @@
+"""CuDFKD: Dynamic Data-Free Knowledge Distillation by Easy-to-Hard Learning Strategy.
+
+Li et al., Information Sciences 2023 (arXiv 2208.13648; v1 "How to Teach: Learning Data-Free Knowledge
+Distillation from Curriculum"). Reference code: github.com/ljrprocc/DataFree @ bf3096b,
+``datafree/synthesis/cudfkd.py`` (ProbSynthesizer), ``datafree_kd.py`` (train loop, SPL weights, adversarial
+ramp) and ``datafree/datasets/utils.py`` (``curr_v``, ``lambda_scheduler``); methods-spec.md §10 and its errata.
+
+Algorithm (one round; the engine runs ``rounds_per_epoch`` rounds per epoch, 40 in every reference script):
+
+1. Generator step (G train mode; T, S eval mode), ``g_steps`` times:
+   x = G(z), z ~ N(0, I);  t = T(x);  s = S(x) (only when the adversarial weight is > 0)
+   L_G = lmda_ent * H(mean softmax(t / T)) + adv(e) * L_adv(s, t) + oh * CE(t, argmax t) + act * L_act + bn * L_bn
+   with lmda_ent = -20 (maximise batch entropy = balanced classes) and L_adv the decision-masked KL at T=3.
+2. Student steps (``kd_steps``, 10 in every script), each on a fresh batch x = G(z) with G in eval mode:
+   l = D(S(x), T(x)) (L1 or KL_T);  lambda_t = lambda_0 + slope * t  (t = global student step);
+   v = v*(l; lambda_t) (self-paced weight, closed form, no gradient);  L_S = v * l.
+3. Curriculum on the generator: adv(e) ramps linearly from ``adv`` by ``grad_adv`` per epoch between
+   ``begin_fraction`` and ``end_fraction`` of the run (closed form of the reference's per-epoch increment).
+
+Deviations:
+- Self-paced weighting is batch-level by default, as in the released code (one v per batch); per-sample weighting
+  (the 2022-09 .. 2023-01 code and the paper's reading) is ``spl_granularity: sample``.
+- ``loss: l2`` with SPL uses the batch-mean squared error and one batch weight; the reference weights every
+  element and sums them (errata D8). No reference script uses l2.
+- The entropy temperature is its own knob (``ent_T``; null = ``T``, the reference's single ``--T``).
+- The ramp is computed in closed form from the epoch (resumable), equal to the reference's accumulation.
+- The reference's dead machinery is not ported: multi-level "feature" generation (L forced to 1), ``--memory``
+  (writes a pool nobody reads), ``--kd_steps``/``--g_steps`` (overridden by the interval lists), ``--cond``.
+- ``lambda_slope: null`` keeps the reference's hard-coded rule (1e-4 on cifar10, 2e-5 on every other dataset);
+  set it explicitly for other datasets.
+- Under DDP the persistent generator's gradients are all-reduced before each step, so it stays identical on every
+  rank (the reference divides the batch size by the GPU count on every call instead; pitfall 21).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dfkd.config import choice
+from dfkd.hooks import InputHook
+from dfkd.losses import (
+    BNStatsHooks,
+    activation_loss,
+    adv_js,
+    adv_masked_kl,
+    batch_entropy,
+    kd_kl,
+    kd_l1,
+    kd_mse,
+    onehot_ce,
+)
+from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.registry import METHODS
+from dfkd.models import classifier_module, create_generator, init_dcgan_
+
+# -- the curriculum as pure functions (golden-tested against the reference) ------------------------------------------
+
+
+def spl_weight(loss: Tensor, lam: float, kind: str) -> Tensor:
+    """Closed-form self-paced weight v*(l; lambda) (reference ``curr_v``).
+
+    hard: [l < lambda];  soft: [l < lambda] * (1 - l / lambda);  log: (1 + e^-lambda) / (1 + e^(l - lambda))
+    (the logistic implicit SP-regulariser of Fan et al., AAAI 2017);  none: 1.
+    """
+    if kind == "none":
+        return torch.ones_like(loss)
+    if kind == "hard":
+        return (loss < lam).to(loss.dtype)
+    if kind == "soft":
+        return (loss < lam).to(loss.dtype) * (1.0 - loss / lam)
+    if kind == "log":
+        return (1.0 + math.exp(-lam)) / (1.0 + torch.exp(loss - lam))
+    raise ValueError(f"unknown self-paced weighting {kind!r}")
+
+
+def spl_lambda(step: int, lambda_0: float, slope: float) -> float:
+    """The SPL age parameter at global student step ``step``: lambda_0 + slope * step (reference lambda_scheduler)."""
+    return lambda_0 + slope * step
+
+
+def adv_weight(epoch: int, epochs: int, adv0: float, grad_adv: float, begin: float, end: float) -> float:
+    """Adversarial weight in force during 0-based ``epoch``.
+
+    The reference adds ``grad_adv`` after every epoch e with floor(E*begin) < e < floor(E*end); in closed form
+    adv0 + grad_adv * max(0, min(epoch, floor(E*end)) - floor(E*begin) - 1).
+    """
+    first, last = math.floor(epochs * begin), math.floor(epochs * end)
+    return adv0 + grad_adv * max(0, min(epoch, last) - first - 1)
+
+
+# -- the method ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CuDFKDConfig(MethodConfig):
+    name: str = "cudfkd"
+    # generator (G-Cu = the CMI LargeGenerator at nz 512 for CIFAR)
+    generator: str = "dcgan_large"
+    nz: int = 512
+    ngf: int = 64
+    lr_g: float = 1e-3
+    betas_g: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    g_steps: int = 1  # generator steps per round
+    synthesis_batch_size: int | None = None  # null = train.batch_size
+    # generator loss
+    lmda_ent: float = -20.0
+    oh: float = 1.0
+    act: float = 0.0
+    bn: float = 1.0
+    adv_type: str = choice("kl", "kl", "js")
+    tau_adv: float = 3.0
+    # adversarial ramp (generator-side curriculum)
+    adv: float = 0.0
+    grad_adv: float = 0.5
+    begin_fraction: float = 0.25
+    end_fraction: float = 0.75
+    # student loss and self-paced curriculum
+    loss: str = choice("l1", "l1", "kl", "l2")
+    T: float = 20.0  # KD temperature (loss=kl) and, unless ent_T is set, the entropy temperature
+    ent_T: float | None = None
+    curr_option: str = choice("log", "log", "hard", "soft", "none")
+    spl_granularity: str = choice("batch", "batch", "sample")
+    lambda_0: float = 2.0
+    lambda_slope: float | None = None  # null = 1e-4 on cifar10, else 2e-5 (the reference's rule)
+    sample_mode: str = choice("eval", "eval", "train")  # generator BN mode when drawing student batches
+
+
+@METHODS.register("cudfkd")
+class CuDFKD(Method):
+    name = "cudfkd"
+    Config = CuDFKDConfig
+
+    def __init__(self, cfg: CuDFKDConfig, ctx: Ctx):
+        super().__init__(cfg, ctx)
+        c, h, w = ctx.info.image_shape
+        self.generator = create_generator(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c)
+        init_dcgan_(self.generator)  # reset_model, once: the generator persists for the whole run
+        self.generator = ctx.env.prepare(self.generator)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g))
+        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
+        self.bn_hooks = BNStatsHooks(ctx.teacher) if cfg.bn > 0 else None
+        if cfg.bn > 0 and not self.bn_hooks.layers:
+            raise ValueError("method.bn > 0 needs a teacher with BatchNorm2d layers; set method.bn=0")
+        self.feature_hook = InputHook(classifier_module(ctx.teacher)) if cfg.act != 0 else None
+        self.lambda_slope = (
+            cfg.lambda_slope if cfg.lambda_slope is not None else (1e-4 if ctx.info.name == "cifar10" else 2e-5)
+        )
+        self.register_buffer("preview_z", torch.randn(64, cfg.nz, device=ctx.env.device))
+
+    def _z(self, n: int) -> Tensor:
+        return torch.randn(n, self.cfg.nz, device=self.device)
+
+    def _generate(self, n: int) -> Tensor:
+        self.images_synthesized += n
+        return self.ctx.env.images(self.generator(self._z(n)))
+
+    def adv_weight(self, prog: Progress) -> float:
+        if self.cfg.curr_option == "none":  # the reference gates the ramp on the curriculum being on
+            return self.cfg.adv
+        c = self.cfg
+        return adv_weight(prog.epoch, prog.epochs, c.adv, c.grad_adv, c.begin_fraction, c.end_fraction)
+
+    # 1. generator step
+    def synthesize(self, prog: Progress) -> dict[str, Tensor]:
+        c, teacher, student = self.cfg, self.ctx.teacher, self.ctx.student
+        adv = self.adv_weight(prog)
+        self.generator.train()
+        with frozen(student):
+            for _ in range(c.g_steps):
+                x = self._generate(self.synthesis_batch_size)
+                with self.ctx.env.autocast():
+                    if self.bn_hooks is not None:
+                        with self.bn_hooks.capture():
+                            t = teacher(x)
+                        loss_bn = self.bn_hooks.loss()
+                    else:
+                        t = teacher(x)
+                        loss_bn = t.new_zeros(())
+                    entropy = batch_entropy(t, c.ent_T if c.ent_T is not None else c.T)
+                    loss_oh = onehot_ce(t)
+                    loss_act = activation_loss(self.feature_hook.pop()) if self.feature_hook else t.new_zeros(())
+                    if adv > 0:
+                        s = student(x)
+                        loss_adv = adv_masked_kl(s, t, c.tau_adv) if c.adv_type == "kl" else adv_js(s, t, c.tau_adv)
+                    else:
+                        loss_adv = t.new_zeros(())
+                    loss = c.lmda_ent * entropy + adv * loss_adv + c.oh * loss_oh + c.act * loss_act + c.bn * loss_bn
+                optimizer_step(self.opt_g, loss, self.ctx.env, self.generator)
+        return {
+            "loss_g": loss.detach(),
+            "entropy": entropy.detach(),
+            "loss_oh": loss_oh.detach(),
+            "loss_bn": loss_bn.detach(),
+            "loss_adv": loss_adv.detach(),
+            "adv_weight": torch.tensor(adv),
+        }
+
+    # 2. student batches: fresh generator samples, BN in running-statistics mode
+    @torch.no_grad()
+    def next_batch(self, prog: Progress) -> Batch:
+        self.generator.train(self.cfg.sample_mode == "train")
+        return Batch(x=self._generate(self.ctx.batch_size))
+
+    def _difficulty(self, s: Tensor, t: Tensor, per_sample: bool) -> Tensor:
+        reduction = "sample" if per_sample else ("batchmean" if self.cfg.loss == "kl" else "mean")
+        if self.cfg.loss == "kl":
+            return kd_kl(s, t, self.cfg.T, reduction=reduction)
+        return (kd_l1 if self.cfg.loss == "l1" else kd_mse)(s, t, reduction=reduction)
+
+    # 2'. the self-paced student loss
+    def student_loss(self, batch: Batch, student: torch.nn.Module, prog: Progress) -> dict[str, Tensor]:
+        with torch.no_grad():
+            t = self.ctx.teacher(batch.x)
+        s = student(batch.x)
+        c = self.cfg
+        difficulty = self._difficulty(s, t, per_sample=c.spl_granularity == "sample")
+        lam = spl_lambda(prog.step, c.lambda_0, self.lambda_slope)
+        v = spl_weight(difficulty.detach(), lam, c.curr_option)
+        loss = (v * difficulty).mean()
+        return {"loss": loss, "difficulty": difficulty.detach().mean(), "spl_weight": v.mean(), "lambda": lam}
+
+    def checkpoint_state(self) -> dict:
+        return {"opt_g": self.opt_g.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.opt_g.load_state_dict(state["opt_g"])
+
+    @torch.no_grad()
+    def preview(self, n: int) -> Tensor:
+        self.generator.eval()
+        return self.generator(self.preview_z[:n])
+
+    def close(self) -> None:
+        for hooks in (self.bn_hooks, self.feature_hook):
+            if hooks is not None:
+                hooks.remove()

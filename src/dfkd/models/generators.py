@@ -1,0 +1,139 @@
+"""DCGAN-style generators of the CMI benchmark: z in R^nz -> images in [0, 1].
+
+Both generators project z with a linear layer onto a small feature map, then alternate nearest-neighbour x2
+upsampling with conv-BN-LeakyReLU, and end in a 3x3 conv and a sigmoid. Normalisation is applied outside (by the
+:class:`~dfkd.models.Normalized` wrapper of the networks), never inside the generator. Parameter names
+(``l1.0``, ``conv_blocks.N``) follow CMI's ``Generator``/``LargeGenerator``.
+
+Builders have the signature ``fn(nz, ngf, img_size, nc, **kw) -> nn.Module``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dfkd.errors import ConfigError
+from dfkd.registry import Registry
+
+GENERATORS: Registry[Callable[..., nn.Module]] = Registry("generator")
+
+
+class DCGANGenerator(nn.Module):
+    """Linear projection to ``channels[0]`` maps of ``img_size / 2**k``, then ``k`` upsampling stages.
+
+    Stage ``i`` is ``Upsample x2 -> Conv3x3(channels[i] -> channels[i+1], no bias) -> BN -> LeakyReLU(0.2)``, with
+    ``k = len(channels) - 1``; a BN on the projected map comes first and ``Conv3x3(channels[-1] -> nc) -> Sigmoid``
+    last.
+
+    Args:
+        nz: Latent size.
+        nc: Image channels.
+        img_size: Output height and width; divisible by ``2**k``.
+        channels: Feature widths, from the projected map to the last hidden stage.
+    """
+
+    def __init__(self, nz: int, nc: int, img_size: int, channels: Sequence[int]):
+        super().__init__()
+        self.nz, self.img_size = nz, img_size
+        self.init_size = img_size // 2 ** (len(channels) - 1)
+        self.l1 = nn.Sequential(nn.Linear(nz, channels[0] * self.init_size**2))
+        layers: list[nn.Module] = [nn.BatchNorm2d(channels[0])]
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            layers += [
+                nn.Upsample(scale_factor=2),
+                nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.LeakyReLU(0.2),
+            ]
+        layers += [nn.Conv2d(channels[-1], nc, kernel_size=3, padding=1), nn.Sigmoid()]
+        self.conv_blocks = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        # Flatten so that DCGAN-style [B, nz, 1, 1] noise works too.
+        out = self.l1(torch.flatten(z, 1))
+        return self.conv_blocks(out.view(out.shape[0], -1, self.init_size, self.init_size))
+
+
+def _check(name: str, nz: int, ngf: int, img_size: int, nc: int, factor: int, extra: dict[str, Any]) -> None:
+    if extra:
+        raise ConfigError(f"generator '{name}' has no option(s) {sorted(extra)}; remove them from the config")
+    if min(nz, ngf, nc) < 1:
+        raise ConfigError(f"generator '{name}' needs nz, ngf and nc >= 1, got nz={nz}, ngf={ngf}, nc={nc}")
+    if img_size < factor or img_size % factor:
+        raise ConfigError(f"generator '{name}' needs img_size divisible by {factor}, got {img_size}")
+
+
+@GENERATORS.register("dcgan")
+def dcgan(nz: int, ngf: int, img_size: int, nc: int, **kw: Any) -> nn.Module:
+    """CMI's standard ``Generator`` (G-S): projection to 2*ngf maps at img/4, two upsampling stages (2*ngf, ngf).
+
+    Used by CMI (nz 256), FastDFKD and NAYER. ``img_size`` must be divisible by 4 (28 and 32 both work).
+    """
+    _check("dcgan", nz, ngf, img_size, nc, 4, kw)
+    return DCGANGenerator(nz, nc, img_size, (2 * ngf, 2 * ngf, ngf))
+
+
+@GENERATORS.register("dcgan_large")
+def dcgan_large(nz: int, ngf: int, img_size: int, nc: int, depth: int = 2, **kw: Any) -> nn.Module:
+    """CMI's ``LargeGenerator`` (G-L) = CuDFKD's ``DCGAN_Generator_CIFAR10`` (G-Cu).
+
+    Projection to ngf*2**depth maps at img/2**depth, then ``depth`` upsampling stages that halve the width down to
+    ngf. ``depth=2`` is LargeGenerator layer for layer (CIFAR); CuDFKD uses ``depth=3`` at 64 px (Tiny-ImageNet).
+    ``img_size`` must be divisible by ``2**depth``.
+    """
+    if depth < 1:
+        raise ConfigError(f"generator 'dcgan_large' needs depth >= 1, got {depth}")
+    _check("dcgan_large", nz, ngf, img_size, nc, 2**depth, kw)
+    return DCGANGenerator(nz, nc, img_size, tuple(ngf * 2**i for i in range(depth, -1, -1)))
+
+
+def create_generator(name: str, nz: int, ngf: int, img_size: int, nc: int, **kw: Any) -> nn.Module:
+    """Build a registered generator with PyTorch's default init (call :func:`init_dcgan_` for CMI's).
+
+    Args:
+        name: Registry name, e.g. ``"dcgan"`` or ``"dcgan_large"``.
+        nz: Latent size.
+        ngf: Base feature width.
+        img_size: Output height and width.
+        nc: Output channels.
+        **kw: Generator-specific options (``depth`` for ``dcgan_large``).
+
+    Returns:
+        A module mapping ``z`` of shape [B, nz] to images of shape [B, nc, img_size, img_size] in [0, 1].
+
+    Example:
+        >>> import torch
+        >>> from dfkd.models import create_generator
+        >>> g = create_generator("dcgan", nz=64, ngf=16, img_size=32, nc=3)
+        >>> g(torch.randn(2, 64)).shape
+        torch.Size([2, 3, 32, 32])
+    """
+    return GENERATORS.build(name, nz, ngf, img_size, nc, **kw)
+
+
+@torch.no_grad()
+def init_dcgan_(module: nn.Module) -> nn.Module:
+    """Re-initialise ``module`` in place as CMI's ``reset_model`` does; return it.
+
+    Conv, transposed-conv and linear weights ~ N(0, 0.02) with zero bias; BatchNorm weights ~ N(1, 0.02) with
+    zero bias.
+
+    Args:
+        module: Any module; its submodules of the listed types are re-initialised.
+
+    Returns:
+        The same module.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+    return module

@@ -1,0 +1,144 @@
+"""Golden values: every CuDFKD loss term, the self-paced weights, the lambda schedule, the adversarial ramp and both
+loyalty metrics against values computed by the reference implementation's own functions
+(tests/fixtures/cudfkd-reference-values.json, ljrprocc/DataFree @ bf3096b)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dfkd import losses as L
+from dfkd import metrics as M
+from dfkd.methods.cudfkd import adv_weight, spl_lambda, spl_weight
+
+TOL = 1e-9  # float64 inputs, float64 arithmetic
+TOL32 = 1e-6  # values the reference computed in float32
+
+
+@pytest.fixture(scope="module")
+def io(reference_values):
+    inputs = {k: torch.tensor(v, dtype=torch.float64) for k, v in reference_values["inputs"].items()}
+    return inputs, reference_values["outputs"]
+
+
+def close(value, expected, tol=TOL):
+    value = torch.as_tensor(value, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    assert value.shape == expected.shape
+    assert torch.allclose(value, expected, atol=tol, rtol=0), (value, expected)
+
+
+@pytest.mark.parametrize("T", [1, 4, 20])
+def test_kldiv_batchmean(io, T):
+    (x, out) = io
+    close(L.kd_kl(x["student_logits"], x["teacher_logits"], T), out[f"kldiv_batchmean_T{T}"])
+
+
+def test_kldiv_per_sample_rowsum(io):
+    x, out = io
+    close(L.kd_kl(x["student_logits"], x["teacher_logits"], 3, reduction="sample"), out["kldiv_none_T3_rowsum"])
+
+
+def test_jsdiv_and_adversarial_js(io):
+    x, out = io
+    s, t = x["student_logits"], x["teacher_logits"]
+    close(L.js_div(s, t, 3), out["jsdiv_T3_batchmean"])
+    close(L.adv_js(s, t, 3), out["adv_js_T3"])
+
+
+def test_masked_adversarial_kl(io):
+    x, out = io
+    s, t = x["student_logits"], x["teacher_logits"]
+    close(L.agreement_mask(s, t), out["agree_mask"])
+    close(L.adv_masked_kl(s, t, 3), out["adv_masked_kl_T3"])
+
+
+def test_masked_adversarial_gradient_flows_through_both_players(io):
+    x, _ = io
+    s = x["student_logits"].clone().requires_grad_()
+    t = x["teacher_logits"].clone().requires_grad_()
+    L.adv_masked_kl(s, t, 3).backward()
+    masked_rows = L.agreement_mask(s, t) == 0
+    assert s.grad.abs().sum() > 0 and t.grad.abs().sum() > 0
+    assert s.grad[masked_rows].abs().sum() == 0  # disagreeing samples exert no pressure
+
+
+@pytest.mark.parametrize("T", [1, 20])
+def test_batch_entropy(io, T):
+    x, out = io
+    close(L.batch_entropy(x["teacher_logits"], T), out[f"batch_entropy_T{T}"])
+
+
+def test_onehot_balance_l1_tv_bn(io):
+    x, out = io
+    close(L.onehot_ce(x["teacher_logits"]), out["onehot_ce_argmax"])
+    close(L.class_balance(x["teacher_logits"]), out["class_balance"])
+    close(L.kd_l1(x["student_logits"], x["teacher_logits"]), out["l1_logits_mean"])
+    close(L.tv_l1(x["images_2x3x8x8"]), out["tv_l1_4dirs"])
+    close(L.bn_stat_loss(x["bn_input_5x4x3x3"], x["bn_running_mean"], x["bn_running_var"]), out["bn_stat_loss"])
+
+
+def test_bn_hooks_sum_layers_and_only_capture_when_asked(io):
+    x, out = io
+    bn = torch.nn.BatchNorm2d(4).double().eval()
+    bn.running_mean.copy_(x["bn_running_mean"])
+    bn.running_var.copy_(x["bn_running_var"])
+    model = torch.nn.Sequential(bn, torch.nn.Identity())
+    hooks = L.BNStatsHooks(model)
+    model(x["bn_input_5x4x3x3"])  # outside capture: nothing recorded
+    with pytest.raises(RuntimeError):
+        hooks.loss()
+    with hooks.capture():
+        model(x["bn_input_5x4x3x3"])
+    close(hooks.loss(), out["bn_stat_loss"])
+    hooks.remove()
+
+
+@pytest.mark.parametrize("lam", [1, 2, 12])
+@pytest.mark.parametrize("kind", ["hard", "soft", "log"])
+def test_self_paced_weights(io, kind, lam):
+    x, out = io
+    tol = TOL32 if kind == "soft" else TOL
+    close(spl_weight(x["spl_losses"], float(lam), kind), out[f"spl_{kind}_lambda{lam}_v"], tol)
+
+
+def test_self_paced_none_is_one(io):
+    x, _ = io
+    assert torch.equal(spl_weight(x["spl_losses"], 2.0, "none"), torch.ones_like(x["spl_losses"]))
+
+
+def test_lambda_schedule(io):
+    _, out = io
+    for key, expected in out["lambda_schedule"].items():
+        lambda_0, slope, step = key.split(",")
+        close(spl_lambda(int(step), float(lambda_0), float(slope)), expected)
+
+
+@pytest.mark.parametrize("name", ["adv_ramp_c10_r34_r18", "adv_ramp_c10_wrn402_wrn161", "adv_ramp_c100_r34_r18"])
+def test_adversarial_ramp(io, name):
+    _, out = io
+    epochs, begin, end, grad, adv0 = out[name]["E,b,f,g,adv0"]
+    for epoch, expected in out[name]["during_epoch"].items():
+        close(adv_weight(int(epoch), int(epochs), adv0, grad, begin, end), expected)
+
+
+def test_probability_loyalty_both_forms(io):
+    x, out = io
+    s, t = x["student_logits"], x["teacher_logits"]
+    close(M.prob_loyalty(s, t), out["prob_loyalty_single_root"])
+    # the reference fed float32 logits to this one
+    close(M.prob_loyalty_reference(s.float(), t.float()), out["prob_loyalty_reference_double_root"], TOL32)
+    close(M.agreement_percent(s, t), out["agreement_percent"])
+
+
+def test_losses_upcast_half_precision():
+    s = torch.randn(4, 10).bfloat16()
+    assert L.kd_kl(s, s.flip(0), 4).dtype == torch.float32
+    assert L.bn_stat_loss(torch.randn(4, 3, 2, 2).bfloat16(), torch.zeros(3), torch.ones(3)).dtype == torch.float32
+
+
+def test_accuracy_curve_stats_window():
+    stats = M.accuracy_curve_stats([10.0, 20.0, 30.0, 40.0], start=2)
+    assert stats["best"] == 40.0 and stats["mu"] == 35.0 and stats["var"] == 25.0
+    empty = M.accuracy_curve_stats([10.0, 20.0], start=80)
+    assert empty["mu"] is None and empty["var"] is None and empty["best"] == 20.0
