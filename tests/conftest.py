@@ -62,3 +62,37 @@ def make_fashion_like(root: Path, n_train: int = 512, n_test: int = 256, seed: i
         write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
     return root
+
+
+TINY_DISTILL = [
+    "method.nz=16",
+    "method.ngf=4",
+    "train.batch_size=32",
+    "train.rounds_per_epoch=2",
+    "train.kd_steps=2",
+    "eval.window_start=0",
+    "engine.progress=false",
+    "engine.device=cpu",
+]
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """Fashion-MNIST-format IDX files of a small learnable problem."""
+    return make_fashion_like(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def teacher_run(data_root, tmp_path_factory) -> Path:
+    """A BN-LeNet-5 teacher trained for 2 epochs on the small problem (a run directory)."""
+    from dfkd import load_config, train_teacher
+
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    cfg = load_config(
+        "train-teacher",
+        "teachers/fashion-mnist-32-lenet5_bn",
+        [f"data.root={data_root}", f"out={out}", "train.epochs=2", "train.batch_size=64", "engine.progress=false"],
+    )
+    summary = train_teacher(cfg)
+    assert summary["top1_best"] > 50.0  # learnable problem: well above chance
+    return out

@@ -332,7 +332,12 @@ def build(schema: type, data: Any, prefix: str = "") -> Any:
         if name not in data:
             continue
         key = f"{prefix}.{name}" if prefix else name
-        value = _coerce(data[name], hints[name], key)
+        raw = data[name]
+        if isinstance(raw, dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):  # a partial section keeps this schema's defaults for the rest
+                raw = {**to_dict(default), **raw}
+        value = _coerce(raw, hints[name], key)
         allowed = f.metadata.get("choices")
         if allowed and value not in allowed:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(map(str, allowed))}{closest(value, allowed)}")

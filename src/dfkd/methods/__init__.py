@@ -1,12 +1,20 @@
 """Data-free distillation methods: one file each, registered by name.
 
-Adding a method is one file with a ``@METHODS.register("name")`` class and one import line here.
+Adding a method is one file in this package with a ``@METHODS.register("name")`` class; every module here is
+imported on first use, so nothing else changes.
 """
+
+import importlib
+import pkgutil
+import sys
 
 from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen, optimizer_step
 from dfkd.methods.registry import METHODS
 
-from dfkd.methods import cudfkd  # noqa: E402, F401  (registers)
+_INFRASTRUCTURE = {"base", "registry"}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["METHODS", "Batch", "Ctx", "Method", "MethodConfig", "Progress", "frozen", "optimizer_step"]
 
@@ -17,7 +25,5 @@ def method_names() -> list[str]:
 
 def describe_method(name: str) -> str:
     """The first line of the method's module docstring (its paper)."""
-    import sys
-
     module = sys.modules[METHODS.get(name).__module__]
     return (module.__doc__ or "").strip().splitlines()[0]

@@ -81,6 +81,8 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.ctx = ctx
+        # Synthetic images this method has emitted: every generator output for online generators (generator steps
+        # and student batches), the images added to the pool for inversion / pool methods. Saved with checkpoints.
         self.images_synthesized = 0
 
     @property

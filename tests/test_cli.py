@@ -1,0 +1,162 @@
+"""The command line, as a user meets it: every bad input ends in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dfkd.cli import main
+
+from conftest import TINY_DISTILL
+
+DEMO = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, fragment):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("dfkd: error:")]
+    assert len(lines) == 1, err
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def distill_args(data_root, teacher_run, out, *extra):
+    return ["distill", "--config", DEMO, f"data.root={data_root}", f"teacher.weights={teacher_run}", f"out={out}",
+            *TINY_DISTILL, "train.epochs=1", *extra]  # fmt: skip
+
+
+def test_help_and_list(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "distill" in capsys.readouterr().out
+    for what, expected in [("methods", "cudfkd"), ("models", "wrn40_2"), ("datasets", "fashion-mnist-32x3"),
+                           ("recipes", "cifar10/cudfkd-resnet34-resnet18")]:  # fmt: skip
+        code, out, _ = run(capsys, "list", what)
+        assert code == 0 and expected in out
+
+
+def test_end_to_end_train_distill_eval(capsys, data_root, teacher_run, tmp_path):
+    code, out, err = run(capsys, *distill_args(data_root, teacher_run, tmp_path / "d"))
+    assert code == 0, err
+    assert "student top-1" in out and "epoch 1/1" in err
+    code, out, err = run(capsys, "eval", "--weights", str(tmp_path / "d"), "--teacher", str(teacher_run),
+                         f"data.root={data_root}")  # fmt: skip
+    assert code == 0, err
+    assert "top-1" in out and "agreement" in out
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert f"top-1 {summary['student_top1_last']:.2f}%" in out
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["distill", "--config", "no/such-recipe"], "unknown recipe 'no/such-recipe'"),
+        (["distill", "--config", DEMO, "train.epoch=2"], "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+        (["distill", "--config", DEMO, "train.epochs=two"], "train.epochs: expected an integer, got 'two'"),
+        (["distill", "--config", DEMO, "out=/tmp/x"], "teacher.weights is not set"),
+        (["train-teacher", "--config", "teachers/cifar10-resnet34", "data.root=/nonexistent"], "cifar-10-python.tar.gz"),
+        (["distill", "--resume", "/nonexistent/run"], "nothing to resume in /nonexistent/run"),
+        (["eval", "--weights", "/nonexistent.pt", "data.name=fashion-mnist-32"], "/nonexistent.pt does not exist"),
+        (["distill", "--config", DEMO, "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_input_is_one_line(capsys, argv, fragment):
+    if argv[0] == "distill" and argv[1] == "--config" and "--bogus" in argv:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert fragment in capsys.readouterr().err
+        return
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_missing_dataset_says_where_it_looked(capsys, tmp_path, teacher_run):
+    code, _, err = run(capsys, "distill", "--config", DEMO, f"data.root={tmp_path}", "data.name=cifar10",
+                       f"teacher.weights={teacher_run}", f"out={tmp_path / 'o'}")  # fmt: skip
+    assert_one_line_error(code, err, str(tmp_path))
+    assert "DFKD_DATA" in err
+
+
+def test_teacher_that_is_not_a_checkpoint(capsys, data_root, tmp_path):
+    bogus = tmp_path / "teacher.pt"
+    bogus.write_text("these are not weights\n")
+    code, _, err = run(capsys, *distill_args(data_root, bogus, tmp_path / "o"))
+    assert_one_line_error(code, err, str(bogus))
+    assert not (tmp_path / "o").exists()  # nothing created for a run that could not start
+
+
+def test_teacher_whose_shapes_do_not_fit(capsys, data_root, tmp_path):
+    from dfkd import create_model
+
+    wrong = tmp_path / "wide.pt"
+    torch.save(create_model("lenet5", 10, 1).state_dict(), wrong)  # LeNet-5 weights for a BN-LeNet-5 teacher
+    code, _, err = run(capsys, *distill_args(data_root, wrong, tmp_path / "o"))
+    assert_one_line_error(code, err, "does not fit lenet5_bn")
+
+    half = tmp_path / "half.pt"
+    state = create_model("lenet5_bn", 10, 1).state_dict()
+    state["features.0.weight"] = torch.zeros(3, 1, 5, 5)
+    torch.save({"state_dict": state}, half)
+    code, _, err = run(capsys, *distill_args(data_root, half, tmp_path / "o"))
+    assert_one_line_error(code, err, "'features.0.weight'")
+    assert "[3, 1, 5, 5]" in err and "[6, 1, 5, 5]" in err
+
+
+def test_teacher_class_count_mismatch(capsys, data_root, tmp_path):
+    from dfkd import create_model
+
+    path = tmp_path / "c100.pt"
+    torch.save({"model": create_model("lenet5_bn", 100, 1).state_dict()}, path)
+    code, _, err = run(capsys, *distill_args(data_root, path, tmp_path / "o"))
+    assert_one_line_error(code, err, "100 classes")
+    assert "10" in err
+
+
+def test_finished_run_is_protected(capsys, data_root, teacher_run, tmp_path):
+    out = tmp_path / "done"
+    assert run(capsys, *distill_args(data_root, teacher_run, out))[0] == 0
+    before = (out / "summary.json").read_text()
+    code, _, err = run(capsys, *distill_args(data_root, teacher_run, out))
+    assert_one_line_error(code, err, "already holds a finished run: pass --resume to continue it, or --overwrite")
+    assert (out / "summary.json").read_text() == before
+    code, _, err = run(capsys, *distill_args(data_root, teacher_run, out), "--overwrite")
+    assert code == 0, err
+    code, _, err = run(capsys, "distill", "--resume", str(out))  # already complete: nothing left to do, still fine
+    assert code == 0, err
+
+
+def test_bad_teacher_with_overwrite_keeps_the_old_run(capsys, data_root, teacher_run, tmp_path):
+    out = tmp_path / "keep"
+    assert run(capsys, *distill_args(data_root, teacher_run, out))[0] == 0
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_text("x")
+    code, _, err = run(capsys, *distill_args(data_root, bogus, out), "--overwrite")
+    assert_one_line_error(code, err, str(bogus))
+    assert (out / "summary.json").is_file() and (out / "ckpt" / "best.pt").is_file()
+
+
+def test_divergence_through_the_cli(capsys, data_root, teacher_run, tmp_path):
+    code, _, err = run(capsys, *distill_args(data_root, teacher_run, tmp_path / "nan"), "train.lr=1e30")
+    assert_one_line_error(code, err, "training diverged")
+    assert "--resume" in err
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dfkd", "distill", "--config", DEMO, "train.epohcs=3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "dfkd: error: unknown config key 'train.epohcs' (did you mean 'train.epochs'?)"

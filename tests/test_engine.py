@@ -1,0 +1,162 @@
+"""End to end on tiny data: train a teacher, distill, evaluate, resume, diverge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import dfkd
+from dfkd import load_config
+from dfkd.engine import rundir as rundir_module
+from dfkd.errors import DfkdError, DivergedError
+
+from conftest import TINY_DISTILL
+
+DEMO = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"
+
+
+def distill_cfg(data_root, teacher_run, out, *extra):
+    return load_config(
+        "distill", DEMO, [f"data.root={data_root}", f"teacher.weights={teacher_run}", f"out={out}", *TINY_DISTILL, *extra]
+    )
+
+
+def test_distill_writes_a_complete_run_dir(data_root, teacher_run, tmp_path):
+    out = tmp_path / "run"
+    summary = dfkd.distill(distill_cfg(data_root, teacher_run, out, "train.epochs=2"))
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "ckpt/last.pt", "ckpt/best.pt", "accuracy.png",
+                 "samples/epoch_002.png", "log.txt"):  # fmt: skip
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"eval/top1", "eval/agreement", "eval/prob_loyalty", "eval/prob_loyalty_reference", "train/loss",
+            "synth/loss_g", "time/synth_seconds"} <= set(rows[0])  # fmt: skip
+    required = {"method", "teacher_top1", "student_top1_best", "student_top1_last", "agreement", "mu", "var",
+                "synth_seconds", "student_seconds", "total_seconds", "images_synthesized", "peak_memory_bytes"}  # fmt: skip
+    assert required <= set(summary)
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "cudfkd" and summary["student_steps"] == 2 * 2 * 2
+    # 2 epochs x 2 rounds x (1 generator batch of 32 + 2 student batches of 32)
+    assert summary["images_synthesized"] == 2 * 2 * (32 + 2 * 32)
+    assert summary["synth_seconds"] > 0 and summary["student_seconds"] > 0 and summary["peak_memory_bytes"] > 0
+    assert summary["student_top1_best"] == max(r["eval/top1"] for r in rows)
+    assert summary["mu"] == pytest.approx(sum(r["eval/top1"] for r in rows) / 2)
+    assert 0 <= summary["agreement"] <= 100
+    ckpt = torch.load(out / "ckpt" / "last.pt", weights_only=True)
+    assert ckpt["arch"] == "lenet5_half" and ckpt["epoch"] == 2
+    # the distilled student is an ordinary checkpoint for `dfkd eval`
+    result = dfkd.evaluate_weights(load_config("eval", None, [f"model.weights={out}", f"teacher.weights={teacher_run}",
+                                                              f"data.root={data_root}"]))  # fmt: skip
+    assert result["arch"] == "lenet5_half" and result["dataset"] == "fashion-mnist-32"
+    assert result["top1"] == pytest.approx(summary["student_top1_best"])
+
+
+def test_runs_repeat_with_the_same_seed(data_root, teacher_run, tmp_path):
+    a = dfkd.distill(distill_cfg(data_root, teacher_run, tmp_path / "a", "train.epochs=1"))
+    b = dfkd.distill(distill_cfg(data_root, teacher_run, tmp_path / "b", "train.epochs=1"))
+    c = dfkd.distill(distill_cfg(data_root, teacher_run, tmp_path / "c", "train.epochs=1", "engine.seed=1"))
+    assert a["student_top1_last"] == b["student_top1_last"]
+    sa = torch.load(tmp_path / "a" / "ckpt" / "last.pt", weights_only=True)["state_dict"]
+    sb = torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=True)["state_dict"]
+    sc = torch.load(tmp_path / "c" / "ckpt" / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    assert c is not None
+
+
+def _metrics(path):
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def test_resume_reproduces_an_uninterrupted_run(data_root, teacher_run, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    dfkd.distill(distill_cfg(data_root, teacher_run, full, "train.epochs=4"))
+
+    cut = tmp_path / "cut"
+    original = rundir_module.RunDir.append_metrics
+
+    def interrupt_after_two(self, row):
+        original(self, row)
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir_module.RunDir, "append_metrics", interrupt_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        dfkd.distill(distill_cfg(data_root, teacher_run, cut, "train.epochs=4"))
+    monkeypatch.setattr(rundir_module.RunDir, "append_metrics", original)
+    assert not (cut / "summary.json").exists() and len(_metrics(cut)) == 2
+
+    with pytest.raises(DfkdError, match="already holds an unfinished run: pass --resume"):
+        dfkd.distill(distill_cfg(data_root, teacher_run, cut, "train.epochs=4"))
+    dfkd.distill(distill_cfg(data_root, teacher_run, cut, "train.epochs=4"), resume=True)
+    assert _metrics(cut) == _metrics(full)
+    a = torch.load(full / "ckpt" / "last.pt", weights_only=True)
+    b = torch.load(cut / "ckpt" / "last.pt", weights_only=True)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])
+
+
+class NaNAfter(nn.Module):
+    """A teacher that goes bad after ``calls`` forwards (to test divergence handling deterministically)."""
+
+    def __init__(self, net: nn.Module, calls: int):
+        super().__init__()
+        self.net, self.calls = net, calls
+
+    def forward(self, x):
+        self.calls -= 1
+        out = self.net(x)
+        return out * float("nan") if self.calls < 0 else out
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(data_root, teacher_run, tmp_path):
+    net = dfkd.create_model("lenet5_bn", 10, 1)
+    net.load_state_dict(torch.load(teacher_run / "ckpt" / "best.pt", weights_only=True)["state_dict"])
+    # the teacher runs 1 (test-set) + per epoch 2 rounds x (1 + 2) forwards + 1 eval pass: sour in epoch 2
+    out = tmp_path / "nan"
+    cfg = distill_cfg(data_root, teacher_run, out, "train.epochs=3", "teacher.weights=null", "method.bn=0")
+    with pytest.raises(DivergedError, match=r"diverged: .* in epoch 2; .*last good checkpoint: epoch 1"):
+        dfkd.distill(cfg, teacher=NaNAfter(net, calls=1 + 2 * 3 + 2))
+    assert torch.load(out / "ckpt" / "last.pt", weights_only=True)["epoch"] == 1
+    assert len(_metrics(out)) == 1 and not (out / "summary.json").exists()
+
+
+def test_any_module_can_be_the_teacher(data_root, teacher_run, tmp_path):
+    net = dfkd.create_model("lenet5_bn", 10, 1)
+    net.load_state_dict(torch.load(teacher_run / "ckpt" / "best.pt", weights_only=True)["state_dict"])
+
+    class MyTeacher(nn.Module):  # a user's own module, not from the zoo
+        def __init__(self):
+            super().__init__()
+            self.body = net
+
+        def forward(self, x):
+            return self.body(x)
+
+    cfg = distill_cfg(data_root, teacher_run, tmp_path / "own", "train.epochs=1", "teacher.weights=null")
+    summary = dfkd.distill(cfg, teacher=MyTeacher())
+    assert summary["teacher"] == "MyTeacher" and summary["teacher_top1"] > 50
+
+
+def test_teacher_training_resumes(data_root, tmp_path, monkeypatch):
+    base = ["teachers/fashion-mnist-32-lenet5_half"]
+    over = [f"data.root={data_root}", f"out={tmp_path / 't'}", "train.epochs=2", "train.batch_size=64",
+            "engine.progress=false"]  # fmt: skip
+    full = dfkd.train_teacher(load_config("train-teacher", base[0], over))
+    original = rundir_module.RunDir.append_metrics
+
+    def stop(self, row):
+        original(self, row)
+        raise KeyboardInterrupt
+
+    over[1] = f"out={tmp_path / 'u'}"
+    monkeypatch.setattr(rundir_module.RunDir, "append_metrics", stop)
+    with pytest.raises(KeyboardInterrupt):
+        dfkd.train_teacher(load_config("train-teacher", base[0], over))
+    monkeypatch.setattr(rundir_module.RunDir, "append_metrics", original)
+    resumed = dfkd.train_teacher(load_config("train-teacher", base[0], over), resume=True)
+    assert resumed["top1_last"] == full["top1_last"] and resumed["epochs"] == 2

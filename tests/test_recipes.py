@@ -1,0 +1,62 @@
+"""Every shipped recipe parses against the schema and builds what it names (the litgpt config-hub pattern)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dfkd.config import find_recipe, load_config, read_yaml, recipe_names
+from dfkd.data import build_augment, dataset_info
+from dfkd.engine.env import Env
+from dfkd.methods import METHODS, Ctx, Progress
+from dfkd.models import Normalized, create_model
+
+RECIPES = recipe_names()
+DISTILL = [name for name in RECIPES if "method" in read_yaml(find_recipe(name))]
+SUPERVISED = [name for name in RECIPES if name not in DISTILL]
+
+
+def test_there_are_recipes_of_both_kinds():
+    assert len(DISTILL) >= 5 and len(SUPERVISED) >= 5
+
+
+@pytest.mark.parametrize("name", SUPERVISED)
+def test_supervised_recipe_builds(name):
+    cfg = load_config("train-teacher", name)
+    info = dataset_info(cfg.data.name)
+    model = create_model(cfg.model.arch, info.num_classes, info.image_shape[0])
+    assert sum(p.numel() for p in model.parameters()) > 0
+    build_augment(cfg.train.augment, padding=cfg.train.padding)
+
+
+def tiny_bn_teacher(info):
+    c = info.image_shape[0]
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(c, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, info.num_classes),
+    )  # fmt: skip
+    return Normalized(net, info.mean, info.std).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("name", DISTILL)
+def test_distill_recipe_builds_and_runs_one_round(name):
+    cfg = load_config("distill", name)
+    data = read_yaml(find_recipe(name))
+    assert data.get("expected") is None or "source" in data["expected"], "an expected number names its source"
+    info = dataset_info(cfg.data.name)
+    create_model(cfg.teacher.arch, info.num_classes, info.image_shape[0])
+    student = Normalized(create_model("tiny_cnn", info.num_classes, info.image_shape[0]), info.mean, info.std)
+    # the recipe's method, unchanged except for batch sizes small enough for a CPU test
+    overrides = {"synthesis_batch_size": 4} if hasattr(cfg.method, "synthesis_batch_size") else {}
+    for key, value in overrides.items():
+        setattr(cfg.method, key, value)
+    ctx = Ctx(tiny_bn_teacher(info), student, info, Env(torch.device("cpu")), batch_size=4)
+    method = METHODS.get(cfg.method.name)(cfg.method, ctx)
+    prog = Progress(0, 0, 0, cfg.train.epochs, cfg.train.rounds_per_epoch, cfg.train.kd_steps)
+    logged = method.synthesize(prog)
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in logged.values())
+    batch = method.next_batch(prog)
+    assert batch.x.shape[1:] == info.image_shape and 0 <= batch.x.min() and batch.x.max() <= 1
+    out = method.student_loss(batch, student, prog)
+    assert torch.isfinite(out["loss"])
+    method.close()
