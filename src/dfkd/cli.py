@@ -117,11 +117,13 @@ class _ConsoleHandler(logging.StreamHandler):
 
 def _setup_logging(quiet: bool) -> None:
     logger = logging.getLogger("dfkd")
-    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
-        handler = _ConsoleHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    console = next((h for h in logger.handlers if isinstance(h, _ConsoleHandler)), None)
+    if console is None:
+        console = _ConsoleHandler()
+        console.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(console)
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.setLevel(logging.INFO)  # the run directory's log.txt keeps INFO even when the console is quiet
     logger.propagate = False
 
 

@@ -1,4 +1,4 @@
-"""Datasets as in-memory uint8 tensors, batched loading, and per-sample device-side augmentation."""
+"""Datasets as in-memory uint8 tensors, batched loading, per-sample device-side augmentation, the synthetic pool."""
 
 from dfkd.data.augment import (
     AUGMENTATIONS,
@@ -20,12 +20,15 @@ from dfkd.data.datasets import (
     read_idx,
 )
 from dfkd.data.loader import TensorLoader, to_float, to_uint8
+from dfkd.data.pool import RingStore, SyntheticPool
 
 __all__ = [
     "AUGMENTATIONS",
     "DATASETS",
     "Augment",
     "DatasetInfo",
+    "RingStore",
+    "SyntheticPool",
     "TensorLoader",
     "build_augment",
     "candidate_roots",

@@ -63,6 +63,7 @@ def distill(
     env = setup_env(cfg.engine.device, cfg.engine.precision, cfg.engine.channels_last, cfg.engine.threads)
     run = RunDir(cfg.out or default_out("distill", f"{cfg.method.name}-{cfg.data.name}"), env.is_main)
     run.check(resume=resume, overwrite=overwrite)
+    env.barrier()  # every rank checks before rank 0 writes anything
     try:
         return _distill(cfg, env, run, teacher, student, resume, overwrite)
     finally:

@@ -66,6 +66,15 @@ class Env:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad.div_(self.world_size)
 
+    def average_buffers(self, module: nn.Module) -> None:
+        """Average floating-point buffers (BN running statistics) across ranks, after a persistent module's step."""
+        if not self.distributed:
+            return
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+                buffer.div_(self.world_size)
+
     def broadcast_state(self, module: nn.Module) -> None:
         """Copy rank 0's parameters and buffers to every rank."""
         if not self.distributed:

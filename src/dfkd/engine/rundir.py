@@ -77,8 +77,8 @@ class RunDir:
 
     def prepare(self, resume: bool = False, overwrite: bool = False) -> None:
         """Create the directory; with ``overwrite`` first delete the artifacts of the run it holds."""
-        self.check(resume, overwrite)
         if self.is_main:
+            self.check(resume, overwrite)  # only rank 0: the others checked before rank 0 began writing
             if overwrite:
                 for name in self._present():
                     target = self.path / name

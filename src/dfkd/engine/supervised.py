@@ -38,6 +38,7 @@ def train_teacher(
     env = setup_env(cfg.engine.device, cfg.engine.precision, cfg.engine.channels_last, cfg.engine.threads)
     run = RunDir(cfg.out or default_out("train", f"{cfg.model.arch}-{cfg.data.name}"), env.is_main)
     run.check(resume=resume, overwrite=overwrite)
+    env.barrier()  # every rank checks before rank 0 writes anything
     try:
         return _train(cfg, env, run, model, resume, overwrite)
     finally:

@@ -14,7 +14,7 @@ from dfkd.losses.inversion import (
     tv_l1,
     tv_l2,
 )
-from dfkd.losses.kd import js_div, kd_kl, kd_l1, kd_mse
+from dfkd.losses.kd import attention_map, attention_transfer, js_div, kd_kl, kd_l1, kd_mse
 
 __all__ = [
     "BNStatsHooks",
@@ -24,6 +24,8 @@ __all__ = [
     "adv_masked_kl",
     "adv_unmasked_kl",
     "agreement_mask",
+    "attention_map",
+    "attention_transfer",
     "batch_entropy",
     "bn_stat_loss",
     "class_balance",

@@ -22,9 +22,12 @@ def adv_masked_kl(s: Tensor, t: Tensor, T: float = 1.0) -> Tensor:
     return -(agreement_mask(s, t) * kd_kl(s, t, T, reduction="sample")).mean()
 
 
-def adv_unmasked_kl(s: Tensor, t: Tensor, T: float = 1.0) -> Tensor:
-    """-KD_T(s, t) (batch mean): the plain adversarial KL of ZSKT and DFQ in the CMI benchmark."""
-    return -kd_kl(s, t, T)
+def adv_unmasked_kl(s: Tensor, t: Tensor, T: float = 1.0, reduction: str = "batchmean") -> Tensor:
+    """-KD_T(s, t): the plain adversarial KL of ZSKT and DFQ (batch mean in the CMI benchmark).
+
+    ``reduction='mean'`` (element mean over B*C) is the original ZSKT code's ``F.kl_div`` default.
+    """
+    return -kd_kl(s, t, T, reduction=reduction)
 
 
 def adv_l1(s: Tensor, t: Tensor) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -63,3 +65,31 @@ def js_div(s: Tensor, t: Tensor, T: float = 1.0) -> Tensor:
     kl_mq = (m * (m.log() - q.log())).sum() / batch
     return 0.5 * kl_mp + 0.5 * kl_mq
 
+
+def attention_map(a: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+    """Spatial attention of a feature map, as ZSKT uses it (Zagoruyko & Komodakis, ICLR 2017): [B, C, H, W] -> [B, H*W].
+
+    The channel mean of a^2, flattened per sample and L2-normalised. With ``size``, the [H, W] map is average-pooled
+    to ``size`` before flattening (to compare feature maps of different resolutions).
+    """
+    q = upcast(a).pow(2).mean(dim=1, keepdim=True)
+    if size is not None and tuple(q.shape[-2:]) != tuple(size):
+        q = F.adaptive_avg_pool2d(q, size)
+    return F.normalize(q.flatten(1), dim=1)
+
+
+def attention_transfer(s_feats: Sequence[Tensor], t_feats: Sequence[Tensor]) -> Tensor:
+    """ZSKT's attention-transfer term (Micaelli & Storkey, NeurIPS 2019): sum_j mean((a(S_j) - a(T_j))^2).
+
+    ``a`` is :func:`attention_map`; the mean runs over batch and positions; the weight (ZSKT: beta = 250) is applied
+    by the caller. A pair of maps of different resolution is compared at the smaller one (ZSKT's WRN groups always
+    match).
+    """
+    if len(s_feats) != len(t_feats) or not s_feats:
+        raise ValueError(f"attention transfer needs matching, non-empty lists, got {len(s_feats)} and {len(t_feats)}")
+    total = None
+    for fs, ft in zip(s_feats, t_feats):
+        size = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
+        term = (attention_map(fs, size) - attention_map(ft, size)).pow(2).mean()
+        total = term if total is None else total + term
+    return total

@@ -141,9 +141,12 @@ def frozen(*models: nn.Module) -> Iterator[None]:
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, env: Env, module: nn.Module | None = None) -> None:
-    """zero_grad, backward, (average grads across ranks for a persistent ``module``), step."""
+    """zero_grad, backward, step; for a persistent ``module`` (one that lives across rounds), gradients and BN
+    statistics are averaged across ranks so that it stays identical on every rank under DDP."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if module is not None:
         env.all_reduce_grads(module)
     optimizer.step()
+    if module is not None:
+        env.average_buffers(module)

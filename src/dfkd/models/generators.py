@@ -1,9 +1,12 @@
-"""DCGAN-style generators of the CMI benchmark: z in R^nz -> images in [0, 1].
+"""DCGAN-style generators of the CMI benchmark (z in R^nz -> images in [0, 1]) and the original papers' generators.
 
 Both generators project z with a linear layer onto a small feature map, then alternate nearest-neighbour x2
 upsampling with conv-BN-LeakyReLU, and end in a 3x3 conv and a sigmoid. Normalisation is applied outside (by the
 :class:`~dfkd.models.Normalized` wrapper of the networks), never inside the generator. Parameter names
 (``l1.0``, ``conv_blocks.N``) follow CMI's ``Generator``/``LargeGenerator``.
+
+The generators of DAFL, DFAD and ZSKT (``dafl``, ``dfad``, ``zskt``) end in an affine-free BatchNorm and emit images
+in the classifiers' normalised input space; :func:`in_unit_range` maps them to [0, 1] for the rest of the library.
 
 Builders have the signature ``fn(nz, ngf, img_size, nc, **kw) -> nn.Module``.
 """
@@ -137,3 +140,146 @@ def init_dcgan_(module: nn.Module) -> nn.Module:
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
     return module
+
+
+# -- the original papers' generators: they end in BatchNorm2d(affine=False) and emit normalised-space images ----------
+
+
+class GeneratorA(nn.Module):
+    """DAFL's and DFAD's "GeneratorA": Linear, BN, then (up x2, conv-BN-LReLU) twice, conv, Tanh, BN.
+
+    The last layer is ``BatchNorm2d(nc, affine=False)``, so each batch comes out with zero mean and unit variance
+    per channel: images in the classifier's normalised input space (wrap with :func:`in_unit_range`). Parameter
+    names (``l1``, ``conv_blocks0..2``) follow the DAFL code.
+
+    Args:
+        nz: Latent size.
+        nc: Image channels.
+        img_size: Output height and width, divisible by 4.
+        ngf: Width of the last hidden stage (the projected map has 2 * ngf channels; 64 in both papers).
+        bn_eps: eps of the two hidden BatchNorms (DAFL passes 0.8 where a momentum was presumably meant).
+    """
+
+    output_space = "normalized"
+
+    def __init__(self, nz: int, nc: int, img_size: int, ngf: int, bn_eps: float):
+        super().__init__()
+        self.init_size = img_size // 4
+        self.l1 = nn.Sequential(nn.Linear(nz, 2 * ngf * self.init_size**2))
+        self.conv_blocks0 = nn.Sequential(nn.BatchNorm2d(2 * ngf))
+        self.conv_blocks1 = nn.Sequential(
+            nn.Conv2d(2 * ngf, 2 * ngf, 3, stride=1, padding=1),
+            nn.BatchNorm2d(2 * ngf, eps=bn_eps),
+            nn.LeakyReLU(0.2),
+        )
+        self.conv_blocks2 = nn.Sequential(
+            nn.Conv2d(2 * ngf, ngf, 3, stride=1, padding=1),
+            nn.BatchNorm2d(ngf, eps=bn_eps),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(ngf, nc, 3, stride=1, padding=1),
+            nn.Tanh(),
+            nn.BatchNorm2d(nc, affine=False),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        out = self.l1(torch.flatten(z, 1))
+        img = self.conv_blocks0(out.view(out.shape[0], -1, self.init_size, self.init_size))
+        img = self.conv_blocks1(nn.functional.interpolate(img, scale_factor=2))
+        return self.conv_blocks2(nn.functional.interpolate(img, scale_factor=2))
+
+
+class ZSKTGenerator(nn.Module):
+    """ZSKT's generator: Linear -> BN -> up to img/2 -> conv-BN-LReLU -> up x2 -> conv-BN-LReLU -> conv -> BN.
+
+    At 32 px the projected map is 10x10 and the first upsampling is x1.6 (10 -> 16), as in the ZSKT code; other sizes
+    scale the same way (``init = img_size * 5 // 16``). The last layer is ``BatchNorm2d(nc, affine=False)``: images in
+    the normalised input space (wrap with :func:`in_unit_range`).
+    """
+
+    output_space = "normalized"
+
+    def __init__(self, nz: int, nc: int, img_size: int, ngf: int):
+        super().__init__()
+        self.init_size = img_size * 5 // 16
+        self.layers = nn.Sequential(
+            nn.Linear(nz, 2 * ngf * self.init_size**2),
+            nn.Unflatten(1, (2 * ngf, self.init_size, self.init_size)),
+            nn.BatchNorm2d(2 * ngf),
+            nn.Upsample(size=(img_size // 2, img_size // 2)),
+            nn.Conv2d(2 * ngf, 2 * ngf, 3, stride=1, padding=1),
+            nn.BatchNorm2d(2 * ngf),
+            nn.LeakyReLU(0.2),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * ngf, ngf, 3, stride=1, padding=1),
+            nn.BatchNorm2d(ngf),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(ngf, nc, 3, stride=1, padding=1),
+            nn.BatchNorm2d(nc, affine=False),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.layers(torch.flatten(z, 1))
+
+
+@GENERATORS.register("dafl")
+def dafl(nz: int, ngf: int, img_size: int, nc: int, **kw: Any) -> nn.Module:
+    """DAFL's GeneratorA (Chen et al. 2019): hidden BatchNorms with eps 0.8; nz 100 (MNIST) / 1000 (CIFAR), ngf 64."""
+    _check("dafl", nz, ngf, img_size, nc, 4, kw)
+    return GeneratorA(nz, nc, img_size, ngf, bn_eps=0.8)
+
+
+@GENERATORS.register("dfad")
+def dfad(nz: int, ngf: int, img_size: int, nc: int, **kw: Any) -> nn.Module:
+    """DFAD's GeneratorA (Fang et al. 2019): DAFL's layout with default BatchNorm eps; nz 256, ngf 64."""
+    _check("dfad", nz, ngf, img_size, nc, 4, kw)
+    return GeneratorA(nz, nc, img_size, ngf, bn_eps=1e-5)
+
+
+@GENERATORS.register("zskt")
+def zskt(nz: int, ngf: int, img_size: int, nc: int, **kw: Any) -> nn.Module:
+    """ZSKT's generator (Micaelli & Storkey 2019): 10x10 projection at 32 px, affine-free BN output; nz 100, ngf 64."""
+    _check("zskt", nz, ngf, img_size, nc, 2, kw)
+    if img_size < 8:
+        raise ConfigError(f"generator 'zskt' needs img_size >= 8, got {img_size}")
+    return ZSKTGenerator(nz, nc, img_size, ngf)
+
+
+class UnitRange(nn.Module):
+    """Images in [0, 1] from a generator that emits normalised-space images: clamp(x_n * std + mean, 0, 1).
+
+    The :class:`~dfkd.models.Normalized` classifiers map such an image back to x_n exactly wherever no clamping
+    happened, so the teacher sees what the original code fed it, except for values outside the valid image range.
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return (self.net(z) * self.std + self.mean).clamp(0.0, 1.0)
+
+
+def in_unit_range(generator: nn.Module, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
+    """``generator`` if it already emits [0, 1] images, else wrapped in :class:`UnitRange` (the original generators).
+
+    Args:
+        generator: A generator; those with ``output_space == "normalized"`` are wrapped.
+        mean: The dataset's per-channel mean (the normalisation the classifiers apply).
+        std: The dataset's per-channel std.
+
+    Example:
+        >>> import torch
+        >>> from dfkd.models.generators import create_generator, in_unit_range
+        >>> g = in_unit_range(create_generator("dfad", nz=8, ngf=4, img_size=16, nc=1), (0.5,), (0.25,))
+        >>> x = g(torch.randn(4, 8))
+        >>> bool(x.min() >= 0 and x.max() <= 1)
+        True
+    """
+    if getattr(generator, "output_space", "unit") == "normalized":
+        return UnitRange(generator, mean, std)
+    return generator

@@ -1,0 +1,207 @@
+"""CMI: Contrastive Model Inversion for Data-Free Knowledge Distillation.
+
+Fang et al., IJCAI 2021 (arXiv 2105.08584). Reference code: ``zju-vipa/CMI@9e79fa9``,
+``datafree/synthesis/contrastive.py`` (CMISynthesizer, MemoryBank, MLPHead), ``datafree_kd.py`` and
+``scripts/cmi/*.sh``; the R34/VGG/WRN-16-2/WRN-40-1 scripts of ``ljrprocc/DataFree@bf3096b``; methods-spec.md §8.
+
+Algorithm (one round = one synthesis batch; the reference runs one round of ``g_steps`` = 200 steps and 400 student
+steps per epoch):
+
+1. Re-initialise the generator G (``reset_model``), draw a new latent z ~ N(0, I) (trainable) and sorted uniform
+   labels y; a fresh Adam over {G, z} (lr_g, betas (0.5, 0.999)). The projection head h persists across rounds.
+2. ``g_steps`` times: x = G(z); global view x_g = flip(crop_pad4(x)), local view x_l = flip(resized_crop(x, scale
+   0.25..1)), both per sample; t = T(x_g) gives L_bn and CE(t, y); s = S(x_g) gives the decision-masked adversarial
+   KL; instance features f_g, f_l = spatial means of the inputs of the hooked teacher layers on each view; up to
+   ``n_neg`` rows [F_l, F_g] from the memory bank; q = h([f_l; F_l]), k = stopgrad h([f_g; F_g]),
+   L_cr = CE(q k^T / cr_T, diagonal);  L = bn L_bn + oh CE + adv L_adv + cr L_cr; track the lowest-L iterate;
+   step (G, z) and h.
+3. The lowest-loss batch goes into the synthetic pool, its [f_l, f_g] into the memory bank; the student trains on
+   random pool batches with crop (pad 4) + flip, KD at temperature T.
+
+Deviations:
+- The memory bank accepts any synthesis batch size, samples across its wrap-around and never returns an empty
+  sample once it holds rows (the reference asserts ``40960 % batch == 0`` and returns no negatives, hence a NaN loss
+  and an untrained pool batch, in the round its pointer wraps to 0; pitfall 16, errata D11). It lives on the device
+  unless it exceeds 4 GiB (the reference keeps it on the CPU); rows are allocated as they arrive.
+- ``cr_reduction: split`` (default) keeps the reference's two means (current rows + cached rows, which doubles the
+  weight of the loss once the bank holds rows); ``mean`` is a single mean over all rows.
+- The pool is in memory on the device (uint8, rounded instead of truncated), starts empty in every run and is saved
+  in the checkpoint; student batches are independent uniform draws (the reference iterates a loader in passes).
+  ``--cmi_init`` (a pre-inverted image folder mixed into the pool) is not supported.
+- The hooked layers are named by ``feature_layers`` (empty = every BatchNorm2d, the reference's default; its
+  ResNet-34 rule, ``layer1..layer4``, is written in the ResNet-34 recipes).
+- Negatives are drawn with torch's generator (the reference uses Python's ``random``).
+- Under DDP the generator, z, pool and bank are per rank (G is re-initialised every round); the persistent head's
+  gradients are averaged across ranks so it stays identical everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from dfkd.config import choice
+from dfkd.data import build_augment
+from dfkd.data.pool import SyntheticPool
+from dfkd.errors import ConfigError, closest
+from dfkd.losses import BNStatsHooks, adv_masked_kl, onehot_ce
+from dfkd.losses.contrastive import ContrastHead, InstanceMeanHooks, MemoryBank, contrastive_loss
+from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen
+from dfkd.methods.registry import METHODS
+from dfkd.models import create_generator, init_dcgan_
+
+
+def feature_modules(teacher: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The teacher layers whose inputs make CMI's instance feature: ``names`` (relative to the network inside the
+    normalising wrapper), or every BatchNorm2d when ``names`` is empty."""
+    net = getattr(teacher, "net", teacher)
+    if not names:
+        return [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    modules = []
+    known = [n for n, _ in net.named_modules() if n]
+    for name in names:
+        try:
+            modules.append(net.get_submodule(name))
+        except AttributeError:
+            raise ConfigError(f"method.feature_layers: the teacher has no layer '{name}'{closest(name, known)}") from None
+    return modules
+
+
+@dataclass
+class CMIConfig(MethodConfig):
+    name: str = "cmi"
+    # generator (G-S), re-initialised every round
+    generator: str = "dcgan"
+    nz: int = 256
+    ngf: int = 64
+    g_steps: int = 200
+    lr_g: float = 1.0e-3
+    betas_g: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    synthesis_batch_size: int | None = None  # null = train.batch_size
+    # inversion loss
+    bn: float = 1.0
+    oh: float = 1.0
+    adv: float = 0.5
+    tau_adv: float = 1.0
+    # contrastive loss
+    cr: float = 0.8
+    cr_T: float = 0.1
+    cr_reduction: str = choice("split", "split", "mean")
+    head_dim: int = 256
+    bank_size: int = 40960  # rows of the feature memory bank
+    n_neg: int = 4096  # bank rows drawn per step
+    feature_layers: list[str] = field(default_factory=list)  # empty = every BatchNorm2d of the teacher
+    pool_size: int | None = None  # images kept; null = all of them (the reference never prunes)
+    # student
+    augment: str = "crop_flip"
+    padding: int = 4
+    T: float = 20.0
+
+
+@METHODS.register("cmi")
+class CMI(Method):
+    name = "cmi"
+    Config = CMIConfig
+
+    def __init__(self, cfg: CMIConfig, ctx: Ctx):
+        super().__init__(cfg, ctx)
+        c, h, w = ctx.info.image_shape
+        dev = ctx.env.device
+        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
+        self.generator = ctx.env.prepare(create_generator(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c))
+        self.bn_hooks = BNStatsHooks(ctx.teacher) if cfg.bn > 0 else None
+        if self.bn_hooks is not None and not self.bn_hooks.layers:
+            raise ValueError("method.bn > 0 needs a teacher with BatchNorm2d layers; set method.bn=0")
+        self.feature_hooks = InstanceMeanHooks(feature_modules(ctx.teacher, cfg.feature_layers))
+        with torch.no_grad(), self.feature_hooks.capture():
+            ctx.teacher(torch.zeros(1, c, h, w, device=dev))
+        dim = self.feature_hooks.features().shape[1]
+        self.head = ctx.env.prepare(ContrastHead(dim, cfg.head_dim))
+        self.opt_head = torch.optim.Adam(self.head.parameters(), lr=cfg.lr_g)
+        self.bank = MemoryBank(2 * dim, cfg.bank_size, dev)
+        self.pool = SyntheticPool((c, h, w), cfg.pool_size, dev)
+        self.global_view = build_augment("crop_flip", padding=4)
+        self.local_view = build_augment("resized_crop_flip", scale=(0.25, 1.0))
+        self.augment = build_augment(cfg.augment, padding=cfg.padding)
+
+    def _teacher_features(self, x: Tensor) -> Tensor:
+        with self.feature_hooks.capture():
+            self.ctx.teacher(x)
+        return self.feature_hooks.features()
+
+    def synthesize(self, prog: Progress) -> dict[str, Tensor]:
+        c, teacher, student, env = self.cfg, self.ctx.teacher, self.ctx.student, self.ctx.env
+        n = self.synthesis_batch_size
+        # Step 1: a fresh generator, latent and optimiser; random sorted labels
+        init_dcgan_(self.generator).train()
+        z = torch.randn(n, c.nz, device=self.device, requires_grad=True)
+        y = torch.randint(0, self.ctx.info.num_classes, (n,), device=self.device).sort().values
+        opt = torch.optim.Adam([{"params": self.generator.parameters()}, {"params": [z]}], c.lr_g, betas=tuple(c.betas_g))
+        best_loss, best_x, best_features = float("inf"), None, None
+        with frozen(student):
+            for _ in range(c.g_steps):
+                # Step 2: two views, the inversion loss on the global one, the contrastive loss across both
+                x = env.images(self.generator(z))
+                x_global, x_local = self.global_view(x), self.local_view(x)
+                with env.autocast():
+                    with self.feature_hooks.capture():
+                        if self.bn_hooks is not None:
+                            with self.bn_hooks.capture():
+                                t = teacher(x_global)
+                            loss_bn = self.bn_hooks.loss()
+                        else:
+                            t = teacher(x_global)
+                            loss_bn = t.new_zeros(())
+                    f_global = self.feature_hooks.features()
+                    loss_oh = onehot_ce(t, y)
+                    loss_adv = adv_masked_kl(student(x_global), t, c.tau_adv) if c.adv > 0 else t.new_zeros(())
+                    f_local = self._teacher_features(x_local)
+                    cached_local, cached_global = self.bank.sample(c.n_neg).chunk(2, dim=1)
+                    proj = self.head(torch.cat([f_local, cached_local, f_global, cached_global]))
+                    q, k = proj.chunk(2)
+                    split = n if c.cr_reduction == "split" else None
+                    loss_cr = contrastive_loss(q, k, c.cr_T, split)
+                    loss = c.bn * loss_bn + c.oh * loss_oh + c.adv * loss_adv + c.cr * loss_cr
+                value = loss.item()
+                if best_x is None or value < best_loss:
+                    best_loss, best_x = value, x.detach().clone()
+                    best_features = torch.cat([f_local, f_global], dim=1).detach()
+                opt.zero_grad(set_to_none=True)
+                self.opt_head.zero_grad(set_to_none=True)
+                loss.backward()
+                env.all_reduce_grads(self.head)
+                opt.step()
+                self.opt_head.step()
+        # Step 3: the best batch into the pool, its features into the bank
+        self.pool.add(best_x)
+        self.bank.add(best_features)
+        self.images_synthesized += n
+        return {
+            "loss_g": loss.detach(),
+            "loss_bn": loss_bn.detach(),
+            "loss_oh": loss_oh.detach(),
+            "loss_adv": loss_adv.detach(),
+            "loss_cr": loss_cr.detach(),
+            "best_loss": torch.tensor(best_loss),
+            "pool_size": torch.tensor(float(len(self.pool))),
+        }
+
+    @torch.no_grad()
+    def next_batch(self, prog: Progress) -> Batch:
+        return Batch(x=self.ctx.env.images(self.augment(self.pool.sample(self.ctx.batch_size))))
+
+    def checkpoint_state(self) -> dict:
+        return {"opt_head": self.opt_head.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.opt_head.load_state_dict(state["opt_head"])
+
+    def preview(self, n: int) -> Tensor | None:
+        return self.pool.latest(n) if len(self.pool) else None
+
+    def close(self) -> None:
+        self.feature_hooks.remove()
+        if self.bn_hooks is not None:
+            self.bn_hooks.remove()

@@ -1,0 +1,158 @@
+"""DAFL: Data-Free Learning of Student Networks.
+
+Chen et al., ICCV 2019 (arXiv 1904.01186). Reference code followed by default: the CMI benchmark's re-implementation,
+which produced the numbers of the seed's tables, github.com/zju-vipa/CMI @ 9e79fa9,
+``datafree/synthesis/generative.py`` (``GenerativeSynthesizer``) and ``datafree_kd.py`` (method ``dafl``). The
+original code (huawei-noah/Efficient-Computing, ``DAFL_train.py``, read in its verbatim copy happen2me/DAFL_train
+@ 13b5fec) is ``step: joint`` with ``generator: dafl``; methods-spec.md §3, §14 and its errata.
+
+The fixed teacher plays the discriminator: G learns to produce images on which the teacher's outputs look like those
+on real data (confident, strongly activated, balanced over classes), and the student imitates the teacher on them.
+
+Algorithm, ``step: alternating`` (the CMI benchmark; one round, ``rounds_per_epoch`` rounds per epoch):
+
+1. Generator step (G train mode, T eval mode), ``g_steps`` times, on a fresh batch x = G(z), z ~ N(0, I):
+   L_G = oh * CE(t, argmax t) + act * (-mean |f_T|) + balance * sum_c p_c log p_c
+   with t = T(x), f_T the teacher's penultimate feature, p the batch-mean softmax of t (natural log).
+2. Student steps (``kd_steps``), each on a fresh batch x = G(z) with G in eval mode:
+   L_S = T^2 * KL(softmax(T(x)/T) || softmax(S(x)/T)), T = 1.
+
+Algorithm, ``step: joint`` (the paper's Alg. 1; one student step per round in its recipes):
+   x = G(z) (G train mode); L_G as above on T(x); L_S = KL(T(x) || S(x.detach())) on the same batch;
+   one update of G and one of S per iteration.
+
+Deviations:
+- The temperature is the config's ``T`` (default 1). The CMI benchmark passes ``--T 20`` but silently uses T = 1
+  (pitfall 2); the default reproduces what it ran.
+- ``step: joint`` runs the generator update inside ``student_loss`` (its own backward and Adam step) and returns the
+  student loss to the engine, which steps the student. The original sums both losses and calls one backward; as the
+  student loss sees only detached images and teacher outputs, the two losses share no gradient and the updates are
+  the same. ``synthesize`` does nothing in this mode, so the generator's time is counted as student time.
+- The original generator (``generator: dafl``) emits normalised-space images; they are mapped to [0, 1] with the
+  dataset's mean and std and clamped to the valid image range (pixels beyond about 2.4 std on CIFAR; the original
+  fed them unclamped, and clamped pixels pass no gradient).
+- Every dataset uses its own normalisation; the original's CIFAR-100 teacher used the CIFAR-10 constants.
+- The teacher's penultimate feature is captured by a forward hook on its classifier (the input of the last linear
+  layer; a LeNet's 120-d conv feature), not by a ``return_features`` forward; same tensor.
+- The activation hook is installed only when ``act != 0``.
+- Under DDP the persistent generator's gradients are all-reduced before each step, so it stays identical on every
+  rank (the references have no distributed path for this method).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dfkd.config import choice
+from dfkd.hooks import InputHook
+from dfkd.losses import activation_loss, class_balance, kd_kl, onehot_ce
+from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.registry import METHODS
+from dfkd.models import classifier_module, create_generator
+from dfkd.models.generators import in_unit_range
+
+
+@dataclass
+class DAFLConfig(MethodConfig):
+    name: str = "dafl"
+    # generator (the CMI benchmark: LargeGenerator, nz 512, PyTorch's default init, Adam betas (0.5, 0.999);
+    # the original: generator dafl, nz 1000 on CIFAR / 100 on MNIST, Adam's default betas)
+    generator: str = "dcgan_large"
+    nz: int = 512
+    ngf: int = 64
+    lr_g: float = 1e-3
+    betas_g: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    g_steps: int = 1  # generator steps per round (alternating only)
+    synthesis_batch_size: int | None = None  # null = train.batch_size (alternating only)
+    # generator loss weights (CMI scripts/dafl; the original: oh 0.05, act 0.01, balance 5 on CIFAR-10)
+    oh: float = 1.0
+    act: float = 0.001
+    balance: float = 20.0
+    T: float = 1.0  # KD temperature of the student loss
+    step: str = choice("alternating", "alternating", "joint")
+    sample_mode: str = choice("eval", "eval", "train")  # generator BN mode for student batches (alternating only)
+
+
+@METHODS.register("dafl")
+class DAFL(Method):
+    name = "dafl"
+    Config = DAFLConfig
+
+    def __init__(self, cfg: DAFLConfig, ctx: Ctx):
+        super().__init__(cfg, ctx)
+        c, h, _ = ctx.info.image_shape
+        generator = create_generator(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c)
+        self.generator = ctx.env.prepare(in_unit_range(generator, ctx.info.mean, ctx.info.std))
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g))
+        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
+        self.feature_hook = InputHook(classifier_module(ctx.teacher)) if cfg.act != 0 else None
+        self.register_buffer("preview_z", torch.randn(64, cfg.nz, device=ctx.env.device))
+        self._joint: tuple[Tensor, Tensor] | None = None  # (student batch, the same images with their graph to G)
+
+    def _generate(self, n: int) -> Tensor:
+        self.images_synthesized += n
+        return self.ctx.env.images(self.generator(torch.randn(n, self.cfg.nz, device=self.device)))
+
+    def _generator_loss(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """L_G on images x (with their graph to G); returns it, the teacher's logits and the terms to log."""
+        c = self.cfg
+        t = self.ctx.teacher(x)
+        loss_oh = onehot_ce(t)
+        loss_act = activation_loss(self.feature_hook.pop()) if self.feature_hook is not None else t.new_zeros(())
+        loss_balance = class_balance(t)
+        loss = c.oh * loss_oh + c.act * loss_act + c.balance * loss_balance
+        logs = {"loss_g": loss.detach(), "loss_oh": loss_oh.detach(), "loss_act": loss_act.detach()}
+        return loss, t, {**logs, "loss_balance": loss_balance.detach()}
+
+    # 1. generator step (alternating)
+    def synthesize(self, prog: Progress) -> dict[str, Tensor]:
+        if self.cfg.step == "joint":  # the generator is stepped in student_loss, on the student's batch
+            return {}
+        self.generator.train()
+        with frozen(self.ctx.student):
+            for _ in range(self.cfg.g_steps):
+                x = self._generate(self.synthesis_batch_size)
+                with self.ctx.env.autocast():
+                    loss, _, logs = self._generator_loss(x)
+                optimizer_step(self.opt_g, loss, self.ctx.env, self.generator)
+        return logs
+
+    # 2. student batches
+    def next_batch(self, prog: Progress) -> Batch:
+        if self.cfg.step == "joint":  # Alg. 1: one batch for both updates, G in train mode, graph kept for L_G
+            self.generator.train()
+            x = self._generate(self.ctx.batch_size)
+            self._joint = (x.detach(), x)
+            return Batch(x=self._joint[0])
+        with torch.no_grad():
+            self.generator.train(self.cfg.sample_mode == "train")
+            return Batch(x=self._generate(self.ctx.batch_size))
+
+    def student_loss(self, batch: Batch, student: torch.nn.Module, prog: Progress) -> dict[str, Tensor]:
+        if self.cfg.step == "alternating":
+            return super().student_loss(batch, student, prog)
+        if self._joint is None or batch.x is not self._joint[0]:
+            raise RuntimeError("DAFL step=joint: student_loss must get the batch of the preceding next_batch")
+        x_graph, self._joint = self._joint[1], None
+        loss_g, t, logs = self._generator_loss(x_graph)
+        optimizer_step(self.opt_g, loss_g, self.ctx.env, self.generator)  # Alg. 1: update G
+        loss = kd_kl(student(batch.x), t.detach(), self.cfg.T)  # Alg. 1: update S (the engine steps it)
+        return {"loss": loss, **logs}
+
+    def checkpoint_state(self) -> dict:
+        return {"opt_g": self.opt_g.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.opt_g.load_state_dict(state["opt_g"])
+
+    @torch.no_grad()
+    def preview(self, n: int) -> Tensor:
+        self.generator.eval()
+        return self.generator(self.preview_z[:n])
+
+    def close(self) -> None:
+        if self.feature_hook is not None:
+            self.feature_hook.remove()

@@ -1,0 +1,127 @@
+"""DFAD: Data-Free Adversarial Distillation.
+
+Fang et al., arXiv 1912.11006 (2019). Reference code followed by default: the benchmark re-implementation of the
+CMI code base, github.com/zju-vipa/CMI @ 9e79fa9, ``datafree/synthesis/generative.py`` (``GenerativeSynthesizer``
+with an L1 criterion) and ``datafree_kd.py`` (method ``dfad``), with the hyperparameters of Fast-Datafree's
+``scripts/dfad_cifar.sh``. The original code (github.com/VainF/Data-Free-Adversarial-Distillation, ``DFAD_cifar.py``
+@ 053861f, ``network/gan.py`` @ b967331) is the recipe ``dfad_original-*``; methods-spec.md §5, §14, errata D5, D12.
+
+A min-max game on the L1 distance between teacher and student logits: the generator looks for images where the
+student is furthest from the teacher, the student closes the gap there.
+
+Algorithm (one round; the engine runs ``rounds_per_epoch`` rounds per epoch):
+
+1. Generator step (G train mode; S eval mode, ``g_student_mode: train`` as in the original), ``g_steps`` times, on a
+   fresh batch x = G(z), z ~ N(0, I):  L_G = -mean |S(x) - T(x)|  (mean over batch and classes).
+2. Student steps (``kd_steps``), each on a fresh batch x = G(z) (G eval mode; ``sample_mode: train`` as in the
+   original):  L_S = mean |S(x) - T(x)|.
+3. Optional step decay of the generator's learning rate (``lr_g_milestones``; the original drops both players' rates
+   x0.1 at its epochs 100 and 200, the student's through ``train.scheduler: multistep``).
+
+Deviations:
+- A round starts with the generator step; the original's iteration starts with its 5 student steps. Over a run this
+  is the same alternation, shifted by one generator step.
+- The original generator (``generator: dfad``) emits normalised-space images; they are mapped to [0, 1] with the
+  dataset's mean and std and clamped to the valid image range (clamped pixels pass no gradient; the original fed
+  them unclamped).
+- The generator's learning-rate decay is a function of the epoch (resumable without scheduler state); the recipe
+  puts the milestones one epoch early to match the original, which steps its schedulers before each epoch
+  (errata D12).
+- Under DDP the persistent generator's gradients are all-reduced before each step, so it stays identical on every
+  rank. With ``g_student_mode: train`` the generator step also updates the student's BatchNorm running statistics,
+  as in the original.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dfkd.config import choice
+from dfkd.losses import adv_l1, kd_l1
+from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.registry import METHODS
+from dfkd.models import create_generator
+from dfkd.models.generators import in_unit_range
+
+
+def step_decay(epoch: int, milestones: list[int], gamma: float) -> float:
+    """Learning-rate factor in force during 0-based ``epoch``: gamma ** (number of milestones <= epoch)."""
+    return gamma ** sum(epoch >= m for m in milestones)
+
+
+@dataclass
+class DFADConfig(MethodConfig):
+    name: str = "dfad"
+    # generator (the benchmark: LargeGenerator, nz 256, PyTorch's default init, Adam betas (0.5, 0.999);
+    # the original: generator dfad, nz 256, Adam's default betas)
+    generator: str = "dcgan_large"
+    nz: int = 256
+    ngf: int = 64
+    lr_g: float = 1e-3
+    betas_g: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    lr_g_milestones: list[int] = field(default_factory=list)  # 0-based epochs where lr_g is multiplied by gamma
+    lr_g_gamma: float = 0.1
+    g_steps: int = 1  # generator steps per round
+    synthesis_batch_size: int | None = None  # null = train.batch_size
+    g_student_mode: str = choice("eval", "eval", "train")  # student BN mode during the generator step
+    sample_mode: str = choice("eval", "eval", "train")  # generator BN mode when drawing student batches
+
+
+@METHODS.register("dfad")
+class DFAD(Method):
+    name = "dfad"
+    Config = DFADConfig
+
+    def __init__(self, cfg: DFADConfig, ctx: Ctx):
+        super().__init__(cfg, ctx)
+        c, h, _ = ctx.info.image_shape
+        generator = create_generator(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c)
+        self.generator = ctx.env.prepare(in_unit_range(generator, ctx.info.mean, ctx.info.std))
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g))
+        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
+        self.register_buffer("preview_z", torch.randn(64, cfg.nz, device=ctx.env.device))
+
+    def _generate(self, n: int) -> Tensor:
+        self.images_synthesized += n
+        return self.ctx.env.images(self.generator(torch.randn(n, self.cfg.nz, device=self.device)))
+
+    # 1. generator step: maximise the teacher-student L1 discrepancy
+    def synthesize(self, prog: Progress) -> dict[str, Tensor]:
+        c, teacher, student = self.cfg, self.ctx.teacher, self.ctx.student
+        lr = c.lr_g * step_decay(prog.epoch, c.lr_g_milestones, c.lr_g_gamma)
+        for group in self.opt_g.param_groups:
+            group["lr"] = lr
+        self.generator.train()
+        with frozen(student):
+            student.train(c.g_student_mode == "train")
+            for _ in range(c.g_steps):
+                x = self._generate(self.synthesis_batch_size)
+                with self.ctx.env.autocast():
+                    loss = adv_l1(student(x), teacher(x))
+                optimizer_step(self.opt_g, loss, self.ctx.env, self.generator)
+        return {"loss_g": loss.detach(), "lr_g": torch.tensor(lr)}
+
+    # 2. student batches and the L1 imitation loss
+    @torch.no_grad()
+    def next_batch(self, prog: Progress) -> Batch:
+        self.generator.train(self.cfg.sample_mode == "train")
+        return Batch(x=self._generate(self.ctx.batch_size))
+
+    def student_loss(self, batch: Batch, student: torch.nn.Module, prog: Progress) -> dict[str, Tensor]:
+        with torch.no_grad():
+            t = self.ctx.teacher(batch.x)
+        return {"loss": kd_l1(student(batch.x), t)}
+
+    def checkpoint_state(self) -> dict:
+        return {"opt_g": self.opt_g.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.opt_g.load_state_dict(state["opt_g"])
+
+    @torch.no_grad()
+    def preview(self, n: int) -> Tensor:
+        self.generator.eval()
+        return self.generator(self.preview_z[:n])

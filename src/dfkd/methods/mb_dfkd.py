@@ -1,0 +1,144 @@
+"""MB-DFKD: Preventing Catastrophic Forgetting and Distribution Mismatch in Knowledge Distillation via Synthetic Data.
+
+Binici et al., WACV 2022 (arXiv 2108.05698). No official code was found; followed here: the re-implementation in
+``gaurav104/LRA@5a5dd67`` (``src/agents/predfkd_memory.py``, ``src/utils/replay_memory_DFKD.py``,
+``src/configs/MB-DFKD.json``), whose novel-generator step is that of the official PRE-DFKD code
+(``kuluhan/PRE-DFKD@0b39f6a`` ``distillation.py``); methods-spec.md §9.
+
+Algorithm (one round = ``g_steps`` generator steps + ``kd_steps`` student steps; the reference runs 36 rounds of 1 + 10
+per epoch):
+
+1. Novel generator step (persistent G, T and S frozen): x = G(z);
+   L_G = oh * CE(T(x), argmax) + ie * sum p_bar log10 p_bar + act * (-mean |f_T|) + adv * (1 - clip(JS_3(S(x), T(x)))),
+   the JS averaged over batch and classes, the teacher detached in it.
+2. Student steps: a fresh novel batch G(z) (B images, G in train mode as in the reference) plus ``replay_batch_size``
+   (B/8) images drawn from the replay memory; L_S = mean |S(x) - T(x)| over the union.
+3. Replay memory: after every ``memory_every``-th epoch (epochs 0, 5, 10, ...) the first B/8 images of the epoch's last
+   novel batch join the memory, which keeps the latest ``memory_size`` images (10 such batches by default).
+
+Deviations:
+- Generator: the library's DCGAN generator (``dcgan`` = CMI's G-S layout, which is the reference's layout) with a
+  sigmoid output in [0, 1] under the teacher's normaliser; the reference ends in tanh + an affine-free BatchNorm in
+  normalised space, uses spectral-norm convolutions with bias and BN eps 0.8. The reference's uniform(-0.08, 0.08)
+  initialisation is kept.
+- The student is frozen in eval mode during the generator step (the reference runs it in train mode there, which
+  updates its BN statistics on the generator's batch).
+- The memory is a uint8 ring of images on the device (the reference keeps float batches on the CPU), sampled
+  uniformly across entries (the reference picks one stored batch per step); it is saved in the checkpoint.
+- The memory holds images of the novel generator only; the paper's real-distribution-matching constraint is not in
+  the re-implementation and not here.
+- Under DDP the novel generator's gradients are averaged across ranks (it persists); each rank keeps its own memory.
+- ``images_synthesized`` counts novel-generator outputs (generator steps and student batches); replayed images
+  were counted when they were generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dfkd.config import choice
+from dfkd.data.pool import SyntheticPool
+from dfkd.hooks import InputHook
+from dfkd.losses import kd_l1
+from dfkd.losses.replay import novel_generator_loss
+from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.registry import METHODS
+from dfkd.models import classifier_module
+from dfkd.models.replay import replay_generator
+
+
+@dataclass
+class MBDFKDConfig(MethodConfig):
+    name: str = "mb_dfkd"
+    # novel generator
+    generator: str = "dcgan"
+    nz: int = 1000
+    ngf: int = 64
+    lr_g: float = 0.02
+    betas_g: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    g_steps: int = 1
+    synthesis_batch_size: int | None = None  # null = train.batch_size
+    oh: float = 1.0
+    ie: float = 5.0
+    act: float = 0.1
+    adv: float = 1.0
+    tau_adv: float = 3.0
+    sample_mode: str = choice("train", "train", "eval")  # generator BN mode when drawing student batches
+    # replay memory
+    replay_batch_size: int | None = None  # images replayed per student step; null = train.batch_size // 8
+    memory_size: int | None = None  # images kept; null = 10 pushes of replay_batch_size
+    memory_every: int = 5  # epochs between pushes
+
+
+@METHODS.register("mb_dfkd")
+class MBDFKD(Method):
+    name = "mb_dfkd"
+    Config = MBDFKDConfig
+
+    def __init__(self, cfg: MBDFKDConfig, ctx: Ctx):
+        super().__init__(cfg, ctx)
+        if cfg.memory_every < 1:
+            raise ValueError(f"method.memory_every must be >= 1, got {cfg.memory_every}")
+        self.generator = ctx.env.prepare(replay_generator(cfg.generator, cfg.nz, cfg.ngf, ctx.info.image_shape))
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g))
+        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
+        self.replay_batch_size = cfg.replay_batch_size or max(1, ctx.batch_size // 8)
+        self.memory = SyntheticPool(ctx.info.image_shape, cfg.memory_size or 10 * self.replay_batch_size, ctx.env.device)
+        self.feature_hook = InputHook(classifier_module(ctx.teacher)) if cfg.act != 0 else None
+        self.register_buffer("preview_z", torch.randn(64, cfg.nz, device=ctx.env.device))
+        self._step_in_round = 0
+
+    def _generate(self, n: int) -> Tensor:
+        self.images_synthesized += n
+        return self.ctx.env.images(self.generator(torch.randn(n, self.cfg.nz, device=self.device)))
+
+    # 1. novel generator step
+    def synthesize(self, prog: Progress) -> dict[str, Tensor]:
+        c, teacher, student = self.cfg, self.ctx.teacher, self.ctx.student
+        self._step_in_round = 0
+        self.generator.train()
+        with frozen(student):
+            for _ in range(c.g_steps):
+                x = self._generate(self.synthesis_batch_size)
+                with self.ctx.env.autocast():
+                    t = teacher(x)
+                    features = self.feature_hook.pop() if self.feature_hook is not None else None
+                    s = student(x) if c.adv != 0 else None
+                    terms = novel_generator_loss(t, s, features, c.oh, c.ie, c.act, c.adv, c.tau_adv)
+                optimizer_step(self.opt_g, terms["loss"], self.ctx.env, self.generator)
+        return {("loss_g" if k == "loss" else k): v.detach() for k, v in terms.items()}
+
+    # 2. a fresh novel batch plus replayed images; 3. the memory update at the end of every memory_every-th epoch
+    @torch.no_grad()
+    def next_batch(self, prog: Progress) -> Batch:
+        k, self._step_in_round = self._step_in_round, self._step_in_round + 1
+        self.generator.train(self.cfg.sample_mode == "train")
+        novel = self._generate(self.ctx.batch_size)
+        x = torch.cat([novel, self.memory.sample(self.replay_batch_size)]) if len(self.memory) else novel
+        end_of_epoch = prog.round == prog.rounds_per_epoch - 1 and k == prog.kd_steps - 1
+        if end_of_epoch and prog.epoch % self.cfg.memory_every == 0:
+            self.memory.add(novel[: self.replay_batch_size])
+        return Batch(x=self.ctx.env.images(x))
+
+    def student_loss(self, batch: Batch, student: torch.nn.Module, prog: Progress) -> dict[str, Tensor]:
+        with torch.no_grad():
+            t = self.ctx.teacher(batch.x)
+        return {"loss": kd_l1(student(batch.x), t), "memory_size": torch.tensor(float(len(self.memory)))}
+
+    def checkpoint_state(self) -> dict:
+        return {"opt_g": self.opt_g.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.opt_g.load_state_dict(state["opt_g"])
+
+    @torch.no_grad()
+    def preview(self, n: int) -> Tensor:
+        self.generator.eval()
+        return self.generator(self.preview_z[:n])
+
+    def close(self) -> None:
+        if self.feature_hook is not None:
+            self.feature_hook.remove()

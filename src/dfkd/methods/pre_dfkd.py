@@ -1,0 +1,191 @@
+"""PRE-DFKD: Robust and Resource-Efficient Data-Free Knowledge Distillation by Generative Pseudo Replay.
+
+Binici et al., AAAI 2022 (arXiv 2201.03019). Official code ``kuluhan/PRE-DFKD@0b39f6a``: ``distillation.py``
+(``train_novel_generator``, ``distill_knowledge``, ``train_memory_generator``), ``main.py`` (loop and settings),
+``networks/generator.py``; methods-spec.md §9.
+
+Algorithm (one round = ``g_steps`` generator steps + ``kd_steps`` student steps; the reference runs 36 rounds of 1 + 10
+per epoch):
+
+1. Novel generator step, as MB-DFKD: x = G(z);
+   L_G = oh * CE(T(x), argmax) + ie * sum p_bar log10 p_bar + act * (-mean |f_T|) + adv * (1 - clip(JS_3(S(x), T(x)))).
+2. Student steps: a fresh novel batch G(z) (B images) plus B/8 pseudo-replay images G_m(z_m) from the memory generator
+   (eval mode), whose latents z_m ~ N(0, I) first take ``replay_z_steps`` Adam steps (lr_g) on
+   ie * sum p_bar log10 p_bar + oh * CE(T(G_m(z_m)), argmax) + MSE(var z_m, 1) + MSE(mean z_m, 0);
+   L_S = mean |S(x) - T(x)| over the union.
+3. Memory update on the first ``memory_steps`` (4) student steps of every round: x = [novel[:B/2]; B/8 fresh
+   pseudo-replay images (G_m in train mode)] (novel[:B/2] alone in the very first round); (z, mu, logvar) = E(x);
+   L_M = |G_m(z) - x| + |T(G_m(z)) - T(x)| + kld * KLD(mu, logvar); one Adam step on G_m and E (lr_memory).
+
+Deviations:
+- Generators: the library's DCGAN generator (``dcgan`` = CMI's G-S layout, the reference's layout) with a sigmoid
+  output in [0, 1] under the teacher's normaliser; the reference ends in tanh + an affine-free BatchNorm in normalised
+  space and uses spectral-norm convolutions (novel generator) and BN eps 0.8. Its uniform(-0.08, 0.08) init is kept.
+  The VAE's image L1 and the encoder's input are computed on normalised images, as the reference's generators emit.
+- The student is frozen in eval mode during the generator step (the reference leaves it in train mode).
+- The latent tuning takes gradients with respect to z only (the reference's backward also fills G_m's gradients,
+  which its next ``zero_grad`` discards).
+- The memory's two Adam optimisers (G_m, E; same learning rate) are one Adam over both (identical updates).
+- The memory update runs inside ``next_batch``, before the student step instead of after it; the student does not
+  enter it, so the updates are the same.
+- Under DDP the novel generator, memory generator and encoder gradients are averaged across ranks (all persist).
+- ``images_synthesized`` counts novel-generator outputs (generator steps and student batches) and the pseudo-replay
+  images that enter student batches (not the VAE's own training inputs and reconstructions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from dfkd.config import choice
+from dfkd.hooks import InputHook
+from dfkd.losses import kd_l1, onehot_ce
+from dfkd.losses.replay import balance_log10, latent_prior_loss, novel_generator_loss, vae_loss
+from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.registry import METHODS
+from dfkd.models import classifier_module
+from dfkd.models.replay import ReplayEncoder, init_uniform_, replay_generator
+
+
+@dataclass
+class PREDFKDConfig(MethodConfig):
+    name: str = "pre_dfkd"
+    # novel generator
+    generator: str = "dcgan"
+    nz: int = 1000
+    ngf: int = 64
+    lr_g: float = 0.02
+    betas_g: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    g_steps: int = 1
+    synthesis_batch_size: int | None = None  # null = train.batch_size
+    oh: float = 1.0
+    ie: float = 5.0
+    act: float = 0.1
+    adv: float = 1.0
+    tau_adv: float = 3.0
+    sample_mode: str = choice("train", "train", "eval")  # novel generator BN mode when drawing student batches
+    # generative replay memory (a VAE: memory generator of the novel generator's layout + encoder)
+    latent_dim: int = 1000
+    lr_memory: float = 5.0e-4  # lr_g / 40 in the reference
+    replay_batch_size: int | None = None  # pseudo-replay images per student step; null = train.batch_size // 8
+    replay_z_steps: int = 1  # Adam steps on the replay latents
+    memory_steps: int = 4  # student steps per round that also train the memory
+    kld: float = 1.0e-5
+
+
+@METHODS.register("pre_dfkd")
+class PREDFKD(Method):
+    name = "pre_dfkd"
+    Config = PREDFKDConfig
+
+    def __init__(self, cfg: PREDFKDConfig, ctx: Ctx):
+        super().__init__(cfg, ctx)
+        shape, env = ctx.info.image_shape, ctx.env
+        self.generator = env.prepare(replay_generator(cfg.generator, cfg.nz, cfg.ngf, shape))
+        # The generative memory (a VAE: decoder = memory generator, plus encoder), stepped and synchronised as one.
+        self.memory = nn.ModuleDict({
+            "generator": env.prepare(replay_generator(cfg.generator, cfg.latent_dim, cfg.ngf, shape)),
+            "encoder": env.prepare(init_uniform_(ReplayEncoder(shape[0], shape[1], cfg.latent_dim, cfg.ngf))),
+        })  # fmt: skip
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g))
+        self.opt_memory = torch.optim.Adam(self.memory.parameters(), lr=cfg.lr_memory)
+        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
+        self.replay_batch_size = cfg.replay_batch_size or max(1, ctx.batch_size // 8)
+        self.feature_hook = InputHook(classifier_module(ctx.teacher)) if cfg.act != 0 else None
+        self.register_buffer("preview_z", torch.randn(64, cfg.nz, device=env.device))
+        self.register_buffer("mean", torch.tensor(ctx.info.mean, device=env.device).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(ctx.info.std, device=env.device).view(1, -1, 1, 1), persistent=False)
+        self._step_in_round = 0
+        self._memory_log: dict[str, Tensor] = {}
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+    def _generate(self, n: int) -> Tensor:
+        self.images_synthesized += n
+        return self.ctx.env.images(self.generator(torch.randn(n, self.cfg.nz, device=self.device)))
+
+    def _pseudo_replay(self, n: int, train_mode: bool) -> Tensor:
+        """Step 2's replay: latents tuned toward confident, balanced teacher outputs, then decoded (no gradient)."""
+        c, teacher = self.cfg, self.ctx.teacher
+        self.memory.generator.train(train_mode)
+        z = torch.randn(n, c.latent_dim, device=self.device, requires_grad=True)
+        opt_z = torch.optim.Adam([z], lr=c.lr_g)
+        for _ in range(c.replay_z_steps):
+            with self.ctx.env.autocast():
+                t = teacher(self.ctx.env.images(self.memory.generator(z)))
+                loss = c.ie * balance_log10(t) + c.oh * onehot_ce(t) + latent_prior_loss(z)
+            (z.grad,) = torch.autograd.grad(loss, [z])
+            opt_z.step()
+        with torch.no_grad():
+            return self.ctx.env.images(self.memory.generator(z))
+
+    def _train_memory(self, novel: Tensor, first_round: bool) -> None:
+        """Step 3: one VAE step on half the novel batch and fresh pseudo-replay images."""
+        c, teacher = self.cfg, self.ctx.teacher
+        x = novel[: self.ctx.batch_size // 2]
+        if not first_round:
+            x = torch.cat([x, self._pseudo_replay(self.replay_batch_size, train_mode=True)])
+        self.memory.train()
+        with self.ctx.env.autocast():
+            with torch.no_grad():
+                t = teacher(x)
+            z, mu, logvar = self.memory.encoder(self._normalize(x))
+            x_rec = self.ctx.env.images(self.memory.generator(z))
+            terms = vae_loss(self._normalize(x_rec), self._normalize(x), teacher(x_rec), t, mu, logvar, c.kld)
+        optimizer_step(self.opt_memory, terms["loss"], self.ctx.env, self.memory)
+        self._memory_log = {f"memory/{k}": v.detach() for k, v in terms.items()}
+
+    # 1. novel generator step
+    def synthesize(self, prog: Progress) -> dict[str, Tensor]:
+        c, teacher, student = self.cfg, self.ctx.teacher, self.ctx.student
+        self._step_in_round = 0
+        self.generator.train()
+        with frozen(student):
+            for _ in range(c.g_steps):
+                x = self._generate(self.synthesis_batch_size)
+                with self.ctx.env.autocast():
+                    t = teacher(x)
+                    features = self.feature_hook.pop() if self.feature_hook is not None else None
+                    s = student(x) if c.adv != 0 else None
+                    terms = novel_generator_loss(t, s, features, c.oh, c.ie, c.act, c.adv, c.tau_adv)
+                optimizer_step(self.opt_g, terms["loss"], self.ctx.env, self.generator)
+        return {("loss_g" if k == "loss" else k): v.detach() for k, v in terms.items()}
+
+    # 2. a fresh novel batch plus pseudo-replay; 3. the memory update on the round's first memory_steps steps
+    def next_batch(self, prog: Progress) -> Batch:
+        k, self._step_in_round = self._step_in_round, self._step_in_round + 1
+        with torch.no_grad():
+            self.generator.train(self.cfg.sample_mode == "train")
+            novel = self._generate(self.ctx.batch_size)
+        replay = self._pseudo_replay(self.replay_batch_size, train_mode=False)
+        self.images_synthesized += replay.shape[0]
+        if k < self.cfg.memory_steps:
+            self._train_memory(novel, first_round=prog.epoch == 0 and prog.round == 0)
+        return Batch(x=torch.cat([novel, replay]))
+
+    def student_loss(self, batch: Batch, student: nn.Module, prog: Progress) -> dict[str, Tensor]:
+        with torch.no_grad():
+            t = self.ctx.teacher(batch.x)
+        out = {"loss": kd_l1(student(batch.x), t), **self._memory_log}
+        self._memory_log = {}
+        return out
+
+    def checkpoint_state(self) -> dict:
+        return {"opt_g": self.opt_g.state_dict(), "opt_memory": self.opt_memory.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_memory.load_state_dict(state["opt_memory"])
+
+    @torch.no_grad()
+    def preview(self, n: int) -> Tensor:
+        self.generator.eval()
+        return self.generator(self.preview_z[:n])
+
+    def close(self) -> None:
+        if self.feature_hook is not None:
+            self.feature_hook.remove()
