@@ -160,3 +160,17 @@ def test_console_script_prints_no_traceback(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip() == "dfkd: error: unknown config key 'train.epohcs' (did you mean 'train.epochs'?)"
+
+
+def test_bench_runs_a_suite_and_reuses_finished_runs(capsys, data_root, teacher_run, tmp_path):
+    args = ["bench", "fashion-mnist", "--methods", "cudfkd", "--teacher", str(teacher_run), "--out", str(tmp_path),
+            f"data.root={data_root}", *TINY_DISTILL, "train.epochs=1"]  # fmt: skip
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert "| cudfkd |" in out and (tmp_path / "table.md").read_text().strip() == out.strip()
+    stamp = (tmp_path / "cudfkd-lenet5_bn-lenet5_half" / "summary.json").stat().st_mtime
+    code, out2, _ = run(capsys, *args)
+    assert code == 0 and out2 == out
+    assert (tmp_path / "cudfkd-lenet5_bn-lenet5_half" / "summary.json").stat().st_mtime == stamp
+    code, _, err = run(capsys, "bench", "fashion-mnist", "--methods", "cudfkdd", "--teacher", str(teacher_run))
+    assert_one_line_error(code, err, "no recipe for method 'cudfkdd' (did you mean 'cudfkd'?)")

@@ -160,3 +160,9 @@ def test_teacher_training_resumes(data_root, tmp_path, monkeypatch):
     monkeypatch.setattr(rundir_module.RunDir, "append_metrics", original)
     resumed = dfkd.train_teacher(load_config("train-teacher", base[0], over), resume=True)
     assert resumed["top1_last"] == full["top1_last"] and resumed["epochs"] == 2
+
+
+def test_bf16_autocast_runs_on_cpu(data_root, teacher_run, tmp_path):
+    summary = dfkd.distill(distill_cfg(data_root, teacher_run, tmp_path / "bf16", "train.epochs=1",
+                                       "engine.precision=bf16", "engine.channels_last=true"))  # fmt: skip
+    assert summary["device"].endswith("bf16") and summary["student_top1_last"] is not None

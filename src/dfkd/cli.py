@@ -1,4 +1,4 @@
-"""The ``dfkd`` command line: train-teacher, distill, eval, list, demo.
+"""The ``dfkd`` command line: train-teacher, distill, eval, list, bench, demo.
 
 Settings come from a recipe (``--config NAME|PATH``) plus ``key=value`` overrides. Bad input ends with a one-line
 ``dfkd: error: ...`` on stderr and exit status 2, never a traceback.
@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   dfkd distill --resume runs/cudfkd
   dfkd eval --weights runs/cudfkd --teacher runs/teacher
   dfkd list recipes
+  dfkd bench fashion-mnist --methods cudfkd,dafl
 """
 
 
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list methods, models, datasets or recipes")
     p.add_argument("what", choices=["methods", "models", "datasets", "recipes"])
+
+    p = sub.add_parser("bench", help="run a suite of recipes against one teacher and print the result table")
+    p.add_argument("suite", help="fashion-mnist | fashion-mnist-resnet")
+    p.add_argument("--out", metavar="DIR", help="where the runs go (default: runs/bench-SUITE); finished runs are reused")
+    p.add_argument("--methods", metavar="A,B", help="only these methods (default: every method with a recipe)")
+    p.add_argument("--teacher", metavar="RUN", help="an existing teacher run or checkpoint (default: train one)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every distillation, e.g. train.epochs=2")
 
     p = sub.add_parser("demo", help="train a Fashion-MNIST teacher, distill it data-free with CuDFKD, compare")
     p.add_argument("--out", metavar="DIR", help="where the three runs go (default: runs/demo-TIMESTAMP)")
@@ -220,6 +228,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dfkd.bench import run_suite
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    out = args.out or f"runs/bench-{args.suite}"
+    _write(run_suite(args.suite, out, methods, args.teacher, list(args.overrides)))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dfkd.demo import run_demo
 
@@ -232,5 +249,6 @@ COMMANDS = {
     "distill": cmd_distill,
     "eval": cmd_eval,
     "list": cmd_list,
+    "bench": cmd_bench,
     "demo": cmd_demo,
 }
