@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import make_fashion_like
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
@@ -33,47 +30,6 @@ def fixture_path(name: str) -> Path:
 @pytest.fixture(scope="session")
 def reference_values() -> dict:
     return json.loads(fixture_path("cudfkd-reference-values.json").read_text())
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` (uint8) as an IDX file, gzipped when the name ends in .gz."""
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    if path.suffix == ".gz":
-        data = gzip.compress(data)
-    path.write_bytes(data)
-
-
-def make_fashion_like(root: Path, n_train: int = 512, n_test: int = 256, seed: int = 0) -> Path:
-    """A learnable 10-class problem written as Fashion-MNIST IDX files: each class is a bright block at its own place.
-
-    Small enough for seconds-long end-to-end runs, structured enough that a LeNet learns it well above chance.
-    """
-    rng = np.random.default_rng(seed)
-    folder = root / "fashion-mnist"
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        labels = np.arange(n) % 10
-        rng.shuffle(labels)
-        images = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
-        for i, y in enumerate(labels):
-            r, c = divmod(int(y), 5)
-            images[i, 4 + r * 10 : 4 + r * 10 + 8, 1 + c * 5 : 1 + c * 5 + 5] = 220
-        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
-        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
-    return root
-
-
-TINY_DISTILL = [
-    "method.nz=16",
-    "method.ngf=4",
-    "train.batch_size=32",
-    "train.rounds_per_epoch=2",
-    "train.kd_steps=2",
-    "eval.window_start=0",
-    "engine.progress=false",
-    "engine.device=cpu",
-]
 
 
 @pytest.fixture(scope="session")

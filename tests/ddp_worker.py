@@ -28,10 +28,22 @@ def main() -> None:
     cfg = dfkd.load_config(
         "distill",
         "fashion-mnist/cudfkd-lenet5_bn-lenet5_half",
-        [f"data.root={data_root}", f"teacher.weights={teacher_run}", f"out={out}/run", "method.nz=16",
-         "method.ngf=4", "train.batch_size=16", "train.rounds_per_epoch=2", "train.kd_steps=2", "train.epochs=1",
-         "eval.window_start=0", "engine.progress=false", "engine.device=cpu", "method.adv=1.0"],
-    )  # fmt: skip
+        [
+            f"data.root={data_root}",
+            f"teacher.weights={teacher_run}",
+            f"out={out}/run",
+            "method.nz=16",
+            "method.ngf=4",
+            "train.batch_size=16",
+            "train.rounds_per_epoch=2",
+            "train.kd_steps=2",
+            "train.epochs=1",
+            "eval.window_start=0",
+            "engine.progress=false",
+            "engine.device=cpu",
+            "method.adv=1.0",
+        ],
+    )
     dfkd.distill(cfg, student=student)
     torch.save(student.state_dict(), dump / f"student{rank}.pt")
 

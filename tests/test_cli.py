@@ -8,10 +8,9 @@ import sys
 
 import pytest
 import torch
+from helpers import TINY_DISTILL
 
 from dfkd.cli import main
-
-from conftest import TINY_DISTILL
 
 DEMO = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"
 
@@ -31,8 +30,17 @@ def assert_one_line_error(code, err, fragment):
 
 
 def distill_args(data_root, teacher_run, out, *extra):
-    return ["distill", "--config", DEMO, f"data.root={data_root}", f"teacher.weights={teacher_run}", f"out={out}",
-            *TINY_DISTILL, "train.epochs=1", *extra]  # fmt: skip
+    return [
+        "distill",
+        "--config",
+        DEMO,
+        f"data.root={data_root}",
+        f"teacher.weights={teacher_run}",
+        f"out={out}",
+        *TINY_DISTILL,
+        "train.epochs=1",
+        *extra,
+    ]
 
 
 def test_help_and_list(capsys):
@@ -40,8 +48,12 @@ def test_help_and_list(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     assert "distill" in capsys.readouterr().out
-    for what, expected in [("methods", "cudfkd"), ("models", "wrn40_2"), ("datasets", "fashion-mnist-32x3"),
-                           ("recipes", "cifar10/cudfkd-resnet34-resnet18")]:  # fmt: skip
+    for what, expected in [
+        ("methods", "cudfkd"),
+        ("models", "wrn40_2"),
+        ("datasets", "fashion-mnist-32x3"),
+        ("recipes", "cifar10/cudfkd-resnet34-resnet18"),
+    ]:
         code, out, _ = run(capsys, "list", what)
         assert code == 0 and expected in out
 
@@ -50,8 +62,9 @@ def test_end_to_end_train_distill_eval(capsys, data_root, teacher_run, tmp_path)
     code, out, err = run(capsys, *distill_args(data_root, teacher_run, tmp_path / "d"))
     assert code == 0, err
     assert "student top-1" in out and "epoch 1/1" in err
-    code, out, err = run(capsys, "eval", "--weights", str(tmp_path / "d"), "--teacher", str(teacher_run),
-                         f"data.root={data_root}")  # fmt: skip
+    code, out, err = run(
+        capsys, "eval", "--weights", str(tmp_path / "d"), "--teacher", str(teacher_run), f"data.root={data_root}"
+    )
     assert code == 0, err
     assert "top-1" in out and "agreement" in out
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
@@ -62,10 +75,16 @@ def test_end_to_end_train_distill_eval(capsys, data_root, teacher_run, tmp_path)
     "argv, fragment",
     [
         (["distill", "--config", "no/such-recipe"], "unknown recipe 'no/such-recipe'"),
-        (["distill", "--config", DEMO, "train.epoch=2"], "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+        (
+            ["distill", "--config", DEMO, "train.epoch=2"],
+            "unknown config key 'train.epoch' (did you mean 'train.epochs'?)",
+        ),
         (["distill", "--config", DEMO, "train.epochs=two"], "train.epochs: expected an integer, got 'two'"),
         (["distill", "--config", DEMO, "out=/tmp/x"], "teacher.weights is not set"),
-        (["train-teacher", "--config", "teachers/cifar10-resnet34", "data.root=/nonexistent"], "cifar-10-python.tar.gz"),
+        (
+            ["train-teacher", "--config", "teachers/cifar10-resnet34", "data.root=/nonexistent"],
+            "cifar-10-python.tar.gz",
+        ),
         (["distill", "--resume", "/nonexistent/run"], "nothing to resume in /nonexistent/run"),
         (["eval", "--weights", "/nonexistent.pt", "data.name=fashion-mnist-32"], "/nonexistent.pt does not exist"),
         (["distill", "--config", DEMO, "--bogus"], "unrecognized arguments: --bogus"),
@@ -83,8 +102,16 @@ def test_bad_input_is_one_line(capsys, argv, fragment):
 
 
 def test_missing_dataset_says_where_it_looked(capsys, tmp_path, teacher_run):
-    code, _, err = run(capsys, "distill", "--config", DEMO, f"data.root={tmp_path}", "data.name=cifar10",
-                       f"teacher.weights={teacher_run}", f"out={tmp_path / 'o'}")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "distill",
+        "--config",
+        DEMO,
+        f"data.root={tmp_path}",
+        "data.name=cifar10",
+        f"teacher.weights={teacher_run}",
+        f"out={tmp_path / 'o'}",
+    )
     assert_one_line_error(code, err, str(tmp_path))
     assert "DFKD_DATA" in err
 
@@ -156,15 +183,28 @@ def test_divergence_through_the_cli(capsys, data_root, teacher_run, tmp_path):
 def test_console_script_prints_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dfkd", "distill", "--config", DEMO, "train.epohcs=3"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "dfkd: error: unknown config key 'train.epohcs' (did you mean 'train.epochs'?)"
 
 
 def test_bench_runs_a_suite_and_reuses_finished_runs(capsys, data_root, teacher_run, tmp_path):
-    args = ["bench", "fashion-mnist", "--methods", "cudfkd", "--teacher", str(teacher_run), "--out", str(tmp_path),
-            f"data.root={data_root}", *TINY_DISTILL, "train.epochs=1"]  # fmt: skip
+    args = [
+        "bench",
+        "fashion-mnist",
+        "--methods",
+        "cudfkd",
+        "--teacher",
+        str(teacher_run),
+        "--out",
+        str(tmp_path),
+        f"data.root={data_root}",
+        *TINY_DISTILL,
+        "train.epochs=1",
+    ]
     code, out, err = run(capsys, *args)
     assert code == 0, err
     assert "| cudfkd |" in out and (tmp_path / "table.md").read_text().strip() == out.strip()

@@ -104,7 +104,11 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 
 
 def test_parse_overrides_values():
-    assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=null", "e="]) == {"a": {"b": 1, "c": [1, 2]}, "d": None, "e": None}
+    assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=null", "e="]) == {
+        "a": {"b": 1, "c": [1, 2]},
+        "d": None,
+        "e": None,
+    }
 
 
 def test_list_coercion_and_optional():

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import TINY_DISTILL
 from torch import nn
 
 import dfkd
@@ -13,29 +14,56 @@ from dfkd import load_config
 from dfkd.engine import rundir as rundir_module
 from dfkd.errors import DfkdError, DivergedError
 
-from conftest import TINY_DISTILL
-
 DEMO = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"
 
 
 def distill_cfg(data_root, teacher_run, out, *extra):
     return load_config(
-        "distill", DEMO, [f"data.root={data_root}", f"teacher.weights={teacher_run}", f"out={out}", *TINY_DISTILL, *extra]
+        "distill",
+        DEMO,
+        [f"data.root={data_root}", f"teacher.weights={teacher_run}", f"out={out}", *TINY_DISTILL, *extra],
     )
 
 
 def test_distill_writes_a_complete_run_dir(data_root, teacher_run, tmp_path):
     out = tmp_path / "run"
     summary = dfkd.distill(distill_cfg(data_root, teacher_run, out, "train.epochs=2"))
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "ckpt/last.pt", "ckpt/best.pt", "accuracy.png",
-                 "samples/epoch_002.png", "log.txt"):  # fmt: skip
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "ckpt/last.pt",
+        "ckpt/best.pt",
+        "accuracy.png",
+        "samples/epoch_002.png",
+        "log.txt",
+    ):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert {"eval/top1", "eval/agreement", "eval/prob_loyalty", "eval/prob_loyalty_reference", "train/loss",
-            "synth/loss_g", "time/synth_seconds"} <= set(rows[0])  # fmt: skip
-    required = {"method", "teacher_top1", "student_top1_best", "student_top1_last", "agreement", "mu", "var",
-                "synth_seconds", "student_seconds", "total_seconds", "images_synthesized", "peak_memory_bytes"}  # fmt: skip
+    assert {
+        "eval/top1",
+        "eval/agreement",
+        "eval/prob_loyalty",
+        "eval/prob_loyalty_reference",
+        "train/loss",
+        "synth/loss_g",
+        "time/synth_seconds",
+    } <= set(rows[0])
+    required = {
+        "method",
+        "teacher_top1",
+        "student_top1_best",
+        "student_top1_last",
+        "agreement",
+        "mu",
+        "var",
+        "synth_seconds",
+        "student_seconds",
+        "total_seconds",
+        "images_synthesized",
+        "peak_memory_bytes",
+    }
     assert required <= set(summary)
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["method"] == "cudfkd" and summary["student_steps"] == 2 * 2 * 2
@@ -48,8 +76,9 @@ def test_distill_writes_a_complete_run_dir(data_root, teacher_run, tmp_path):
     ckpt = torch.load(out / "ckpt" / "last.pt", weights_only=True)
     assert ckpt["arch"] == "lenet5_half" and ckpt["epoch"] == 2
     # the distilled student is an ordinary checkpoint for `dfkd eval`
-    result = dfkd.evaluate_weights(load_config("eval", None, [f"model.weights={out}", f"teacher.weights={teacher_run}",
-                                                              f"data.root={data_root}"]))  # fmt: skip
+    result = dfkd.evaluate_weights(
+        load_config("eval", None, [f"model.weights={out}", f"teacher.weights={teacher_run}", f"data.root={data_root}"])
+    )
     assert result["arch"] == "lenet5_half" and result["dataset"] == "fashion-mnist-32"
     assert result["top1"] == pytest.approx(summary["student_top1_best"])
 
@@ -144,8 +173,13 @@ def test_any_module_can_be_the_teacher(data_root, teacher_run, tmp_path):
 
 def test_teacher_training_resumes(data_root, tmp_path, monkeypatch):
     base = ["teachers/fashion-mnist-32-lenet5_half"]
-    over = [f"data.root={data_root}", f"out={tmp_path / 't'}", "train.epochs=2", "train.batch_size=64",
-            "engine.progress=false"]  # fmt: skip
+    over = [
+        f"data.root={data_root}",
+        f"out={tmp_path / 't'}",
+        "train.epochs=2",
+        "train.batch_size=64",
+        "engine.progress=false",
+    ]
     full = dfkd.train_teacher(load_config("train-teacher", base[0], over))
     original = rundir_module.RunDir.append_metrics
 
@@ -163,6 +197,14 @@ def test_teacher_training_resumes(data_root, tmp_path, monkeypatch):
 
 
 def test_bf16_autocast_runs_on_cpu(data_root, teacher_run, tmp_path):
-    summary = dfkd.distill(distill_cfg(data_root, teacher_run, tmp_path / "bf16", "train.epochs=1",
-                                       "engine.precision=bf16", "engine.channels_last=true"))  # fmt: skip
+    summary = dfkd.distill(
+        distill_cfg(
+            data_root,
+            teacher_run,
+            tmp_path / "bf16",
+            "train.epochs=1",
+            "engine.precision=bf16",
+            "engine.channels_last=true",
+        )
+    )
     assert summary["device"].endswith("bf16") and summary["student_top1_last"] is not None

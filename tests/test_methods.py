@@ -19,8 +19,19 @@ from dfkd.models import Normalized
 INFO = DatasetInfo("tiny", 4, (3, 16, 16), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), tuple("abcd"), "16x16 test images")
 
 # Keep every method tiny: these keys are shrunk wherever a method's Config has them.
-TINY = {"nz": 8, "ngf": 4, "synthesis_batch_size": 8, "g_steps": 2, "bank_size": 64, "n_neg": 16, "memory_size": 64,
-        "pool_size": 64, "head_dim": 8, "latent_dim": 8, "replay_batch_size": 4}  # fmt: skip
+TINY = {
+    "nz": 8,
+    "ngf": 4,
+    "synthesis_batch_size": 8,
+    "g_steps": 2,
+    "bank_size": 64,
+    "n_neg": 16,
+    "memory_size": 64,
+    "pool_size": 64,
+    "head_dim": 8,
+    "latent_dim": 8,
+    "replay_batch_size": 4,
+}
 
 
 class TinyNet(nn.Module):
@@ -29,10 +40,16 @@ class TinyNet(nn.Module):
     def __init__(self, width: int = 8):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.fc = nn.Linear(2 * width, INFO.num_classes)
 
     def forward(self, x):
@@ -116,10 +133,15 @@ def test_state_survives_a_checkpoint_round_trip(name):
     run_rounds(method, student)
     buffer = io.BytesIO()
     torch.save(
-        {"method": method.state_dict(), "extra": method.checkpoint_state(), "student": student.state_dict(),
-         "rng": torch.get_rng_state(), "images": method.images_synthesized},
+        {
+            "method": method.state_dict(),
+            "extra": method.checkpoint_state(),
+            "student": student.state_dict(),
+            "rng": torch.get_rng_state(),
+            "images": method.images_synthesized,
+        },
         buffer,
-    )  # fmt: skip
+    )
     run_rounds(method, student, start_round=2)
     expected = copy.deepcopy(student.state_dict())
 

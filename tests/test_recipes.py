@@ -32,9 +32,13 @@ def test_supervised_recipe_builds(name):
 def tiny_bn_teacher(info):
     c = info.image_shape[0]
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(c, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, info.num_classes),
-    )  # fmt: skip
+        torch.nn.Conv2d(c, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, info.num_classes),
+    )
     return Normalized(net, info.mean, info.std).eval().requires_grad_(False)
 
 

@@ -17,7 +17,7 @@ from dfkd.engine.evaluate import evaluate_weights
 from dfkd.engine.supervised import train_teacher
 from dfkd.errors import DfkdError
 from dfkd.methods import METHODS, Batch, Ctx, Method, MethodConfig, Progress
-from dfkd.models import create_model, create_generator
+from dfkd.models import create_generator, create_model
 
 __version__ = "0.1.0"
 

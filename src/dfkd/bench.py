@@ -45,8 +45,9 @@ SUITES = {
 def suite_recipes(suite: Suite, methods: list[str] | None) -> list[str]:
     available = set(recipe_names())
     prefix, suffix = suite.pattern.split("{method}")
-    found = sorted(name[len(prefix) : -len(suffix)] for name in available if name.startswith(prefix) and
-                   name.endswith(suffix))  # fmt: skip
+    found = sorted(
+        name[len(prefix) : -len(suffix)] for name in available if name.startswith(prefix) and name.endswith(suffix)
+    )
     for method in methods or []:
         if method not in found:
             raise ConfigError(f"the suite has no recipe for method '{method}'{closest(method, found)}")
@@ -59,9 +60,12 @@ def _finished(path: Path) -> dict | None:
 
 
 def run_suite(
-    name: str, out: str | Path, methods: list[str] | None = None, teacher: str | None = None,
+    name: str,
+    out: str | Path,
+    methods: list[str] | None = None,
+    teacher: str | None = None,
     overrides: list[str] | None = None,
-) -> str:  # fmt: skip
+) -> str:
     """Run (or complete) the suite ``name`` into ``out``; return the markdown table."""
     if name not in SUITES:
         raise ConfigError(f"unknown bench suite '{name}'{closest(name, SUITES)}; suites: {', '.join(SUITES)}")
@@ -93,20 +97,44 @@ def _num(value, fmt: str = ".2f") -> str:
 
 
 def format_table(title: str, rows: list[tuple[str, dict]]) -> str:
-    header = ("method", "best %", "last %", "μ", "σ²", "agree %", "steps", "images", "img/s", "synth", "student",
-              "total", "peak mem")  # fmt: skip
+    header = (
+        "method",
+        "best %",
+        "last %",
+        "μ",
+        "σ²",
+        "agree %",
+        "steps",
+        "images",
+        "img/s",
+        "synth",
+        "student",
+        "total",
+        "peak mem",
+    )
     lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _recipe, s in rows:
         busy = s["synth_seconds"] + s["student_seconds"]
         cells = (
-            s["method"], _num(s["student_top1_best"]), _num(s["student_top1_last"]), _num(s["mu"]), _num(s["var"]),
-            _num(s["agreement"]), f"{s['student_steps']:,}", f"{s['images_synthesized']:,}",
-            _num(s["images_synthesized"] / busy if busy else None, ".0f"), format_seconds(s["synth_seconds"]),
-            format_seconds(s["student_seconds"]), format_seconds(s["total_seconds"]),
+            s["method"],
+            _num(s["student_top1_best"]),
+            _num(s["student_top1_last"]),
+            _num(s["mu"]),
+            _num(s["var"]),
+            _num(s["agreement"]),
+            f"{s['student_steps']:,}",
+            f"{s['images_synthesized']:,}",
+            _num(s["images_synthesized"] / busy if busy else None, ".0f"),
+            format_seconds(s["synth_seconds"]),
+            format_seconds(s["student_seconds"]),
+            format_seconds(s["total_seconds"]),
             f"{s['peak_memory_bytes'] / 2**30:.2f} GiB",
-        )  # fmt: skip
+        )
         lines.append("| " + " | ".join(cells) + " |")
     teacher = {s["teacher_top1"] for _, s in rows}
     if rows:
-        lines += ["", f"Teacher top-1: {', '.join(f'{t:.2f}%' for t in sorted(teacher))}; device: {rows[0][1]['device']}."]
+        lines += [
+            "",
+            f"Teacher top-1: {', '.join(f'{t:.2f}%' for t in sorted(teacher))}; device: {rows[0][1]['device']}.",
+        ]
     return "\n".join(lines)

@@ -62,17 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", "-w", required=True, metavar="CKPT", help="a checkpoint file or a run directory")
     p.add_argument("--arch", metavar="NAME", help="architecture (default: the one recorded in the checkpoint)")
     p.add_argument("--teacher", metavar="CKPT", help="also report agreement with this teacher")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.name=fashion-mnist-32 engine.device=cpu")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. data.name=fashion-mnist-32 engine.device=cpu"
+    )
 
     p = sub.add_parser("list", help="list methods, models, datasets or recipes")
     p.add_argument("what", choices=["methods", "models", "datasets", "recipes"])
 
     p = sub.add_parser("bench", help="run a suite of recipes against one teacher and print the result table")
     p.add_argument("suite", help="fashion-mnist | fashion-mnist-resnet")
-    p.add_argument("--out", metavar="DIR", help="where the runs go (default: runs/bench-SUITE); finished runs are reused")
+    p.add_argument(
+        "--out", metavar="DIR", help="where the runs go (default: runs/bench-SUITE); finished runs are reused"
+    )
     p.add_argument("--methods", metavar="A,B", help="only these methods (default: every method with a recipe)")
     p.add_argument("--teacher", metavar="RUN", help="an existing teacher run or checkpoint (default: train one)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every distillation, e.g. train.epochs=2")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="applied to every distillation, e.g. train.epochs=2"
+    )
 
     p = sub.add_parser("demo", help="train a Fashion-MNIST teacher, distill it data-free with CuDFKD, compare")
     p.add_argument("--out", metavar="DIR", help="where the three runs go (default: runs/demo-TIMESTAMP)")
@@ -158,8 +164,10 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
     cfg = _load("train-teacher", args)
     summary = train_teacher(cfg, resume=bool(args.resume), overwrite=args.overwrite)
-    _write(f"{summary['model']} on {summary['dataset']}: test top-1 {summary['top1_best']:.2f}% "
-           f"(epoch {summary['best_epoch']}); weights: {summary['weights']}")  # fmt: skip
+    _write(
+        f"{summary['model']} on {summary['dataset']}: test top-1 {summary['top1_best']:.2f}% "
+        f"(epoch {summary['best_epoch']}); weights: {summary['weights']}"
+    )
     return 0
 
 
@@ -169,8 +177,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     cfg = _load("distill", args)
     s = distill(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     _write(
-        f"{s['method']}: {s['teacher']} -> {s['student']} on {s['dataset']}: student top-1 {s['student_top1_best']:.2f}% "
-        f"best / {s['student_top1_last']:.2f}% last (teacher {s['teacher_top1']:.2f}%), agreement {s['agreement']:.2f}%, "
+        f"{s['method']}: {s['teacher']} -> {s['student']} on {s['dataset']}: "
+        f"student top-1 {s['student_top1_best']:.2f}% best / {s['student_top1_last']:.2f}% last "
+        f"(teacher {s['teacher_top1']:.2f}%), agreement {s['agreement']:.2f}%, "
         f"{s['images_synthesized']:,} images synthesised in {s['total_seconds']:.0f}s; run dir {s['run_dir']}"
     )
     return 0
@@ -189,8 +198,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     r = evaluate_weights(cfg)
     line = f"{r['arch']} on {r['dataset']} ({r['images']} test images): top-1 {r['top1']:.2f}%"
     if "agreement" in r:
-        line += (f", teacher top-1 {r['teacher_top1']:.2f}%, agreement {r['agreement']:.2f}%, "
-                 f"prob. loyalty {r['prob_loyalty']:.4f} (reference form {r['prob_loyalty_reference']:.4f})")  # fmt: skip
+        line += (
+            f", teacher top-1 {r['teacher_top1']:.2f}%, agreement {r['agreement']:.2f}%, "
+            f"prob. loyalty {r['prob_loyalty']:.4f} (reference form {r['prob_loyalty_reference']:.4f})"
+        )
     _write(line)
     return 0
 

@@ -383,7 +383,6 @@ def load_config(kind: RunKind, recipe: str | None = None, overrides: list[str] |
         >>> cfg.train.epochs
         2
     """
-    schema = SCHEMAS[kind]
     data: dict = {}
     if recipe is not None:
         path = find_recipe(recipe)

@@ -37,7 +37,9 @@ def run_demo(out: str | None = None, smoke: bool = False) -> str:
     extra = SMOKE if smoke else {"teacher": [], "distill": [], "reference": []}
 
     log.info("[1/3] training the teacher on real Fashion-MNIST")
-    teacher = train_teacher(load_config("train-teacher", TEACHER_RECIPE, [f"out={root / 'teacher'}", *extra["teacher"]]))
+    teacher = train_teacher(
+        load_config("train-teacher", TEACHER_RECIPE, [f"out={root / 'teacher'}", *extra["teacher"]])
+    )
     log.info("[2/3] distilling the student with CuDFKD, without the training images")
     cfg = load_config(
         "distill", DISTILL_RECIPE, [f"out={root / 'cudfkd'}", f"teacher.weights={root / 'teacher'}", *extra["distill"]]
@@ -53,14 +55,28 @@ def run_demo(out: str | None = None, smoke: bool = False) -> str:
 def format_table(teacher: dict, student: dict, reference: dict, seconds: float, root: Path) -> str:
     rows = [
         ("model", "data", "top-1 %", "wall time", "images synthesised"),
-        (f"teacher {teacher['model']}", "real", f"{teacher['top1_best']:.2f}", format_seconds(teacher["total_seconds"]),
-         "-"),
-        (f"student {student['student']} (CuDFKD)", "none (data-free)",
-         f"{student['student_top1_best']:.2f} (last {student['student_top1_last']:.2f})",
-         format_seconds(student["total_seconds"]), f"{student['images_synthesized']:,}"),
-        (f"student {reference['model']}", "real", f"{reference['top1_best']:.2f}",
-         format_seconds(reference["total_seconds"]), "-"),
-    ]  # fmt: skip
+        (
+            f"teacher {teacher['model']}",
+            "real",
+            f"{teacher['top1_best']:.2f}",
+            format_seconds(teacher["total_seconds"]),
+            "-",
+        ),
+        (
+            f"student {student['student']} (CuDFKD)",
+            "none (data-free)",
+            f"{student['student_top1_best']:.2f} (last {student['student_top1_last']:.2f})",
+            format_seconds(student["total_seconds"]),
+            f"{student['images_synthesized']:,}",
+        ),
+        (
+            f"student {reference['model']}",
+            "real",
+            f"{reference['top1_best']:.2f}",
+            format_seconds(reference["total_seconds"]),
+            "-",
+        ),
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

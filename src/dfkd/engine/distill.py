@@ -103,9 +103,14 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
     teacher_top1 = top1_percent(teacher_logits, test_y)
     log.info(
         "%s: %s -> %s on %s | teacher top-1 %.2f%% | device %s | run dir %s",
-        cfg.method.name, _arch_name(cfg.teacher.arch, teacher_module), _arch_name(cfg.student.arch, student_module),
-        info.name, teacher_top1, env.describe(), run.path,
-    )  # fmt: skip
+        cfg.method.name,
+        _arch_name(cfg.teacher.arch, teacher_module),
+        _arch_name(cfg.student.arch, student_module),
+        info.name,
+        teacher_top1,
+        env.describe(),
+        run.path,
+    )
 
     t = cfg.train
     steps_per_epoch = t.rounds_per_epoch * t.kd_steps
@@ -178,10 +183,16 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
         remaining = (time.perf_counter() - loop_started) / max(1, done) * (t.epochs - epoch - 1)
         log.info(
             "epoch %d/%d | top-1 %.2f%% (best %.2f%%) | agree %.2f%% | loss %.4g | synth %s, student %s | eta %s",
-            epoch + 1, t.epochs, metrics["top1"], state["best_top1"], metrics["agreement"],
-            losses.get("train/loss", float("nan")), format_seconds(timers["synth_seconds"]),
-            format_seconds(timers["student_seconds"]), format_seconds(remaining),
-        )  # fmt: skip
+            epoch + 1,
+            t.epochs,
+            metrics["top1"],
+            state["best_top1"],
+            metrics["agreement"],
+            losses.get("train/loss", float("nan")),
+            format_seconds(timers["synth_seconds"]),
+            format_seconds(timers["student_seconds"]),
+            format_seconds(remaining),
+        )
     bar.close()
 
     timers["total_seconds"] += loop_started - started  # set-up of this process: data, networks, teacher eval
@@ -191,9 +202,12 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
     method.close()
     log.info(
         "done: student top-1 %.2f%% best / %.2f%% last (teacher %.2f%%) in %s; summary in %s",
-        summary["student_top1_best"], summary["student_top1_last"], teacher_top1,
-        format_seconds(summary["total_seconds"]), run.path / "summary.json",
-    )  # fmt: skip
+        summary["student_top1_best"],
+        summary["student_top1_last"],
+        teacher_top1,
+        format_seconds(summary["total_seconds"]),
+        run.path / "summary.json",
+    )
     return summary
 
 
@@ -266,11 +280,13 @@ def _pictures(run: RunDir, method: Method, history: list[dict], teacher_top1: fl
         save_grid(run.path / "samples" / f"epoch_{history[-1]['epoch']:03d}.png", samples)
     plot_curves(
         run.path / "accuracy.png",
-        {f"student ({cfg.student.arch})": [row["eval/top1"] for row in history],
-         "agreement with teacher": [row.get("eval/agreement") for row in history]},
+        {
+            f"student ({cfg.student.arch})": [row["eval/top1"] for row in history],
+            "agreement with teacher": [row.get("eval/agreement") for row in history],
+        },
         title=f"{cfg.method.name}: {cfg.teacher.arch} -> {cfg.student.arch} on {cfg.data.name}",
         references={"teacher": teacher_top1},
-    )  # fmt: skip
+    )
 
 
 def _summary(cfg, env: Env, state, method: Method, teacher_top1, teacher_module, student_module, path: Path) -> dict:

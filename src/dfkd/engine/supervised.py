@@ -59,9 +59,15 @@ def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool,
     scheduler = build_scheduler(optimizer, t, t.epochs)
     augment = build_augment(t.augment, padding=t.padding)
     loader = TensorLoader(
-        train_x, train_y, t.batch_size, shuffle=True, drop_last=True, augment=augment,
-        rank=env.rank, world_size=env.world_size,
-    )  # fmt: skip
+        train_x,
+        train_y,
+        t.batch_size,
+        shuffle=True,
+        drop_last=True,
+        augment=augment,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
     if len(loader) == 0:
         raise ConfigError(f"train.batch_size={t.batch_size} is larger than the training set ({loader.num_samples})")
 
@@ -81,9 +87,13 @@ def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool,
     run.write_metrics(history)
     log.info(
         "training %s on %s (%d images) for %d epochs | device %s | run dir %s",
-        cfg.model.arch if module is None else type(module).__name__, info.name, loader.num_samples, t.epochs,
-        env.describe(), run.path,
-    )  # fmt: skip
+        cfg.model.arch if module is None else type(module).__name__,
+        info.name,
+        loader.num_samples,
+        t.epochs,
+        env.describe(),
+        run.path,
+    )
     bar = progress_bar(t.epochs * len(loader), epoch0 * len(loader), cfg.engine.progress and env.is_main, "train")
     env.reset_peak_memory()
     loop_started = time.perf_counter()
@@ -150,15 +160,21 @@ def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool,
         eta = (time.perf_counter() - loop_started) / done * (t.epochs - epoch - 1)
         log.info(
             "epoch %d/%d | test top-1 %.2f%% (best %.2f%%) | train loss %.4f | eta %s",
-            epoch + 1, t.epochs, top1, best[0], losses["train/loss"], format_seconds(eta),
-        )  # fmt: skip
+            epoch + 1,
+            t.epochs,
+            top1,
+            best[0],
+            losses["train/loss"],
+            format_seconds(eta),
+        )
     bar.close()
     timers["total_seconds"] += loop_started - started
     if env.is_main:
         plot_curves(
-            run.path / "accuracy.png", {cfg.model.arch: [r["eval/top1"] for r in history]},
+            run.path / "accuracy.png",
+            {cfg.model.arch: [r["eval/top1"] for r in history]},
             title=f"{cfg.model.arch} on {info.name} (real data)",
-        )  # fmt: skip
+        )
     summary = {
         "model": cfg.model.arch if module is None else type(module).__name__,
         "dataset": info.name,
