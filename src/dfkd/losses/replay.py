@@ -52,9 +52,13 @@ def novel_generator_loss(
 
 
 def latent_prior_loss(z: Tensor) -> Tensor:
-    """MSE(var_b(z), 1) + MSE(mean_b(z), 0): keeps tuned replay latents near N(0, I) (variance unbiased, per dim)."""
+    """MSE(var_b(z), 1) + MSE(mean_b(z), 0): keeps tuned replay latents near N(0, I).
+
+    The variance is per latent dimension and unbiased, as in the reference; a single latent has no spread, and its
+    (population) variance 0 is used instead of NaN.
+    """
     z = upcast(z)
-    var, mean = z.var(dim=0), z.mean(dim=0)
+    var, mean = z.var(dim=0, correction=1 if z.shape[0] > 1 else 0), z.mean(dim=0)
     return F.mse_loss(var, torch.ones_like(var)) + F.mse_loss(mean, torch.zeros_like(mean))
 
 
