@@ -49,7 +49,8 @@ def test_head_projects_to_unit_vectors():
 
 
 def test_instance_mean_hooks_record_input_means_only_while_capturing():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6))
+    layers = [nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6)]
+    net = nn.Sequential(*layers)
     net.eval()
     hooks = InstanceMeanHooks([net[1], net[4]])
     x = torch.randn(2, 3, 5, 5)

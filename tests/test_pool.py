@@ -45,7 +45,8 @@ def test_add_quantises_to_uint8_and_sample_returns_those_levels():
     assert torch.equal(pool.rows(), to_uint8(x))
     out = pool.sample(6)
     assert out.dtype == torch.float32 and not out.requires_grad and 0 <= out.min() and out.max() <= 1
-    assert torch.equal(torch.sort((out * 255).round().flatten()).values, torch.sort(to_uint8(x).float().flatten()).values)
+    levels = torch.sort((out * 255).round().flatten()).values
+    assert torch.equal(levels, torch.sort(to_uint8(x).float().flatten()).values)
 
 
 def test_capacity_replaces_the_oldest_images_across_the_wrap():

@@ -242,3 +242,15 @@ def test_pre_dfkd_replays_every_step_and_trains_its_memory_on_the_first_steps_of
     assert set(out) >= {"loss", "memory/loss", "memory/kld"} and all(torch.isfinite(v) for v in out.values())
     assert set(method.student_loss(Batch(x=batches[-1]), method.ctx.student, prog)) == {"loss"}
     assert method.images_synthesized == 2 * 8 + 4 * (8 + 2)  # 2 generator steps (synth 8) + 4 student batches
+
+
+def test_cmi_default_feature_layers_follow_the_reference_rule():
+    from dfkd.methods.cmi import feature_modules
+    from dfkd.models import create_model
+
+    resnet = create_model("resnet18", 10, 3)
+    assert feature_modules(Normalized(resnet, INFO.mean, INFO.std), []) == [
+        resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+    ]  # fmt: skip
+    tiny = make_teacher()
+    assert feature_modules(tiny, []) == [m for m in tiny.modules() if isinstance(m, torch.nn.BatchNorm2d)]

@@ -103,7 +103,7 @@ def contrastive_loss(q: Tensor, k: Tensor, T: float, n_current: int | None = Non
 
 
 class MemoryBank(RingStore):
-    """CMI's feature memory: one row ``[f_local, f_global]`` per image of past best batches, a ring of ``capacity`` rows.
+    """CMI's feature memory: a ring of ``capacity`` rows ``[f_local, f_global]``, one per image of past best batches.
 
     Unlike the reference's bank it accepts any batch size (no ``capacity % batch == 0`` assertion), samples from
     every filled row across the wrap-around (so it is never empty once anything was added), and lives on the device
@@ -127,7 +127,7 @@ class MemoryBank(RingStore):
         self.append(rows)
 
     def sample(self, n: int) -> Tensor:
-        """Up to ``n`` distinct rows drawn uniformly from the filled part, on the training device (``[0, dim]`` if empty)."""
+        """Up to ``n`` distinct rows drawn uniformly from the filled rows, on the training device (none if empty)."""
         if len(self) == 0:
             return torch.zeros(0, *self.row_shape, device=self.device)
         return self.storage.index_select(0, self.random_index(n)).to(self.device, non_blocking=True)

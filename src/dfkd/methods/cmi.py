@@ -28,8 +28,8 @@ Deviations:
 - The pool is in memory on the device (uint8, rounded instead of truncated), starts empty in every run and is saved
   in the checkpoint; student batches are independent uniform draws (the reference iterates a loader in passes).
   ``--cmi_init`` (a pre-inverted image folder mixed into the pool) is not supported.
-- The hooked layers are named by ``feature_layers`` (empty = every BatchNorm2d, the reference's default; its
-  ResNet-34 rule, ``layer1..layer4``, is written in the ResNet-34 recipes).
+- The hooked layers are named by ``feature_layers``; empty applies the reference's rule (the inputs of
+  ``layer1..layer4`` for its ResNet-34 teacher, of every BatchNorm2d otherwise) to any ResNet-staged teacher.
 - Negatives are drawn with torch's generator (the reference uses Python's ``random``).
 - Under DDP the generator, z, pool and bank are per rank (G is re-initialised every round); the persistent head's
   gradients are averaged across ranks so it stays identical everywhere.
@@ -52,20 +52,31 @@ from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen
 from dfkd.methods.registry import METHODS
 from dfkd.models import create_generator, init_dcgan_
 
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
 
 def feature_modules(teacher: nn.Module, names: list[str]) -> list[nn.Module]:
-    """The teacher layers whose inputs make CMI's instance feature: ``names`` (relative to the network inside the
-    normalising wrapper), or every BatchNorm2d when ``names`` is empty."""
+    """The teacher layers whose inputs make CMI's instance feature.
+
+    ``names`` are module names inside the normalising wrapper. Empty means the reference's rule: the four stages of
+    a ResNet (``layer1..layer4``, which the reference uses for its ResNet-34 teacher), every BatchNorm2d otherwise.
+    """
     net = getattr(teacher, "net", teacher)
     if not names:
-        return [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+        if all(isinstance(getattr(net, stage, None), nn.Module) for stage in RESNET_STAGES):
+            return [getattr(net, stage) for stage in RESNET_STAGES]
+        bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not bns:
+            raise ConfigError("the teacher has no BatchNorm2d layer: name CMI's layers in method.feature_layers")
+        return bns
     modules = []
     known = [n for n, _ in net.named_modules() if n]
     for name in names:
         try:
             modules.append(net.get_submodule(name))
         except AttributeError:
-            raise ConfigError(f"method.feature_layers: the teacher has no layer '{name}'{closest(name, known)}") from None
+            hint = closest(name, known)
+            raise ConfigError(f"method.feature_layers: the teacher has no layer '{name}'{hint}") from None
     return modules
 
 
@@ -92,7 +103,7 @@ class CMIConfig(MethodConfig):
     head_dim: int = 256
     bank_size: int = 40960  # rows of the feature memory bank
     n_neg: int = 4096  # bank rows drawn per step
-    feature_layers: list[str] = field(default_factory=list)  # empty = every BatchNorm2d of the teacher
+    feature_layers: list[str] = field(default_factory=list)  # empty = ResNet stages, else every BatchNorm2d
     pool_size: int | None = None  # images kept; null = all of them (the reference never prunes)
     # student
     augment: str = "crop_flip"
@@ -138,7 +149,7 @@ class CMI(Method):
         init_dcgan_(self.generator).train()
         z = torch.randn(n, c.nz, device=self.device, requires_grad=True)
         y = torch.randint(0, self.ctx.info.num_classes, (n,), device=self.device).sort().values
-        opt = torch.optim.Adam([{"params": self.generator.parameters()}, {"params": [z]}], c.lr_g, betas=tuple(c.betas_g))
+        opt = torch.optim.Adam([*self.generator.parameters(), z], c.lr_g, betas=tuple(c.betas_g))
         best_loss, best_x, best_features = float("inf"), None, None
         with frozen(student):
             for _ in range(c.g_steps):

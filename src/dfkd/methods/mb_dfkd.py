@@ -86,7 +86,8 @@ class MBDFKD(Method):
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g))
         self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
         self.replay_batch_size = cfg.replay_batch_size or max(1, ctx.batch_size // 8)
-        self.memory = SyntheticPool(ctx.info.image_shape, cfg.memory_size or 10 * self.replay_batch_size, ctx.env.device)
+        memory_size = cfg.memory_size or 10 * self.replay_batch_size
+        self.memory = SyntheticPool(ctx.info.image_shape, memory_size, ctx.env.device)
         self.feature_hook = InputHook(classifier_module(ctx.teacher)) if cfg.act != 0 else None
         self.register_buffer("preview_z", torch.randn(64, cfg.nz, device=ctx.env.device))
         self._step_in_round = 0

@@ -115,10 +115,11 @@ class PREDFKD(Method):
         z = torch.randn(n, c.latent_dim, device=self.device, requires_grad=True)
         opt_z = torch.optim.Adam([z], lr=c.lr_g)
         for _ in range(c.replay_z_steps):
-            with self.ctx.env.autocast():
-                t = teacher(self.ctx.env.images(self.memory.generator(z)))
-                loss = c.ie * balance_log10(t) + c.oh * onehot_ce(t) + latent_prior_loss(z)
-            (z.grad,) = torch.autograd.grad(loss, [z])
+            with torch.enable_grad():  # even if the caller runs without gradients
+                with self.ctx.env.autocast():
+                    t = teacher(self.ctx.env.images(self.memory.generator(z)))
+                    loss = c.ie * balance_log10(t) + c.oh * onehot_ce(t) + latent_prior_loss(z)
+                (z.grad,) = torch.autograd.grad(loss, [z])
             opt_z.step()
         with torch.no_grad():
             return self.ctx.env.images(self.memory.generator(z))
@@ -130,13 +131,14 @@ class PREDFKD(Method):
         if not first_round:
             x = torch.cat([x, self._pseudo_replay(self.replay_batch_size, train_mode=True)])
         self.memory.train()
-        with self.ctx.env.autocast():
-            with torch.no_grad():
-                t = teacher(x)
-            z, mu, logvar = self.memory.encoder(self._normalize(x))
-            x_rec = self.ctx.env.images(self.memory.generator(z))
-            terms = vae_loss(self._normalize(x_rec), self._normalize(x), teacher(x_rec), t, mu, logvar, c.kld)
-        optimizer_step(self.opt_memory, terms["loss"], self.ctx.env, self.memory)
+        with torch.enable_grad():
+            with self.ctx.env.autocast():
+                with torch.no_grad():
+                    t = teacher(x)
+                z, mu, logvar = self.memory.encoder(self._normalize(x))
+                x_rec = self.ctx.env.images(self.memory.generator(z))
+                terms = vae_loss(self._normalize(x_rec), self._normalize(x), teacher(x_rec), t, mu, logvar, c.kld)
+            optimizer_step(self.opt_memory, terms["loss"], self.ctx.env, self.memory)
         self._memory_log = {f"memory/{k}": v.detach() for k, v in terms.items()}
 
     # 1. novel generator step
