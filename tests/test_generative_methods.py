@@ -384,7 +384,7 @@ def test_dfq_generator_loss_terms_and_bn_requirement():
     expected = logs["loss_bn"] + logs["loss_oh"] + logs["loss_adv"] + 20.0 * logs["loss_balance"]
     assert torch.allclose(logs["loss_g"], expected, atol=1e-5)
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="BatchNorm2d"):
+    with pytest.raises(ConfigError, match="BatchNorm2d"):
         build("dfq", teacher=make_teacher(plain))
 
 

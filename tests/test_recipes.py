@@ -51,9 +51,10 @@ def test_distill_recipe_builds_and_runs_one_round(name):
     create_model(cfg.teacher.arch, info.num_classes, info.image_shape[0])
     student = Normalized(create_model("tiny_cnn", info.num_classes, info.image_shape[0]), info.mean, info.std)
     # the recipe's method, unchanged except for batch sizes small enough for a CPU test
-    overrides = {"synthesis_batch_size": 4} if hasattr(cfg.method, "synthesis_batch_size") else {}
-    for key, value in overrides.items():
-        setattr(cfg.method, key, value)
+    # (and a two-step synthesis round: inversion recipes run hundreds of steps per round)
+    for key, value in {"synthesis_batch_size": 4, "g_steps": 2}.items():
+        if hasattr(cfg.method, key):
+            setattr(cfg.method, key, value)
     ctx = Ctx(tiny_bn_teacher(info), student, info, Env(torch.device("cpu")), batch_size=4)
     method = METHODS.get(cfg.method.name)(cfg.method, ctx)
     prog = Progress(0, 0, 0, cfg.train.epochs, cfg.train.rounds_per_epoch, cfg.train.kd_steps)

@@ -8,7 +8,7 @@ import importlib
 import pkgutil
 import sys
 
-from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.base import Batch, Ctx, GeneratorMethod, Method, MethodConfig, Progress, frozen, optimizer_step
 from dfkd.methods.registry import METHODS
 
 _INFRASTRUCTURE = {"base", "registry"}
@@ -16,7 +16,17 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "Batch", "Ctx", "Method", "MethodConfig", "Progress", "frozen", "optimizer_step"]
+__all__ = [
+    "METHODS",
+    "Batch",
+    "Ctx",
+    "GeneratorMethod",
+    "Method",
+    "MethodConfig",
+    "Progress",
+    "frozen",
+    "optimizer_step",
+]
 
 
 def method_names() -> list[str]:

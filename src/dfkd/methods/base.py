@@ -23,7 +23,11 @@ from torch import Tensor, nn
 
 from dfkd.data import DatasetInfo
 from dfkd.engine.env import Env
-from dfkd.losses import kd_kl
+from dfkd.errors import ConfigError
+from dfkd.hooks import InputHook
+from dfkd.losses import BNStatsHooks, kd_kl
+from dfkd.models import classifier_module, create_generator, init_dcgan_
+from dfkd.models.generators import in_unit_range
 
 
 @dataclass
@@ -84,6 +88,7 @@ class Method(nn.Module):
         # Synthetic images this method has emitted: every generator output for online generators (generator steps
         # and student batches), the images added to the pool for inversion / pool methods. Saved with checkpoints.
         self.images_synthesized = 0
+        self._hooks: list = []
 
     @property
     def device(self) -> torch.device:
@@ -118,7 +123,87 @@ class Method(nn.Module):
         return None
 
     def close(self) -> None:
-        """Remove hooks the method put on the teacher or student."""
+        """Remove the hooks the method put on the teacher or student (those made through :meth:`track`)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+    def track(self, hook):
+        """Register a hook object (anything with ``remove()``) for removal by :meth:`close`; returns it."""
+        self._hooks.append(hook)
+        return hook
+
+    def bn_statistics(self, weight: float) -> BNStatsHooks | None:
+        """BN-statistics hooks on the teacher when the BN-loss ``weight`` is non-zero, else None."""
+        if weight == 0:
+            return None
+        hooks = BNStatsHooks(self.ctx.teacher)
+        if not hooks.layers:
+            hooks.remove()
+            raise ConfigError("method.bn > 0 needs a teacher with BatchNorm2d layers; set method.bn=0")
+        return self.track(hooks)
+
+    def penultimate_features(self, weight: float) -> InputHook | None:
+        """A hook on the teacher's classifier input (its penultimate feature) when ``weight`` is non-zero."""
+        return self.track(InputHook(classifier_module(self.ctx.teacher))) if weight != 0 else None
+
+    def teacher_with_bn(self, x: Tensor, bn_hooks: BNStatsHooks | None) -> tuple[Tensor, Tensor]:
+        """Teacher logits on ``x`` and the BN-statistics loss of that forward (zero without hooks)."""
+        if bn_hooks is None:
+            t = self.ctx.teacher(x)
+            return t, t.new_zeros((), dtype=torch.float32)
+        with bn_hooks.capture():
+            t = self.ctx.teacher(x)
+        return t, bn_hooks.loss()
+
+
+class GeneratorMethod(Method):
+    """A method with one persistent generator trained online against the teacher (DAFL, ZSKT, DFAD, DFQ, MB-DFKD,
+    PRE-DFKD, CuDFKD).
+
+    Builds the generator from ``cfg.generator``/``nz``/``ngf`` (its images in [0, 1]) with its Adam optimiser
+    (``lr_g``, ``betas_g``), draws fresh images, serves student batches from it (generator BatchNorm in
+    ``cfg.sample_mode``), keeps a fixed latent batch for the sample grid and saves the optimiser with checkpoints.
+    """
+
+    def __init__(self, cfg: Any, ctx: Ctx, generator: nn.Module | None = None, init: bool = False):
+        super().__init__(cfg, ctx)
+        if generator is None:
+            c, h, _ = ctx.info.image_shape
+            generator = create_generator(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c)
+        if init:
+            init_dcgan_(generator)
+        self.generator = ctx.env.prepare(in_unit_range(generator, ctx.info.mean, ctx.info.std))
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g))
+        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
+        self.register_buffer("preview_z", torch.randn(64, cfg.nz, device=ctx.env.device))
+
+    def sample_z(self, n: int) -> Tensor:
+        return torch.randn(n, self.cfg.nz, device=self.device)
+
+    def generate(self, z: Tensor | int) -> Tensor:
+        """Images from latents ``z`` (or from ``z`` fresh latents), counted as synthesised."""
+        z = self.sample_z(z) if isinstance(z, int) else z
+        self.images_synthesized += z.shape[0]
+        return self.ctx.env.images(self.generator(z))
+
+    @torch.no_grad()
+    def next_batch(self, prog: Progress) -> Batch:
+        """A fresh batch from the generator, its BatchNorm in ``cfg.sample_mode`` (running statistics by default)."""
+        self.generator.train(self.cfg.sample_mode == "train")
+        return Batch(x=self.generate(self.ctx.batch_size))
+
+    def checkpoint_state(self) -> dict:
+        return {"opt_g": self.opt_g.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.opt_g.load_state_dict(state["opt_g"])
+
+    @torch.no_grad()
+    def preview(self, n: int) -> Tensor:
+        self.generator.eval()
+        return self.generator(self.preview_z[:n])
 
 
 @contextmanager

@@ -46,7 +46,7 @@ from dfkd.config import choice
 from dfkd.data import build_augment
 from dfkd.data.pool import SyntheticPool
 from dfkd.errors import ConfigError, closest
-from dfkd.losses import BNStatsHooks, adv_masked_kl, onehot_ce
+from dfkd.losses import adv_masked_kl, onehot_ce
 from dfkd.losses.contrastive import ContrastHead, InstanceMeanHooks, MemoryBank, contrastive_loss
 from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen
 from dfkd.methods.registry import METHODS
@@ -122,10 +122,8 @@ class CMI(Method):
         dev = ctx.env.device
         self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
         self.generator = ctx.env.prepare(create_generator(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c))
-        self.bn_hooks = BNStatsHooks(ctx.teacher) if cfg.bn > 0 else None
-        if self.bn_hooks is not None and not self.bn_hooks.layers:
-            raise ValueError("method.bn > 0 needs a teacher with BatchNorm2d layers; set method.bn=0")
-        self.feature_hooks = InstanceMeanHooks(feature_modules(ctx.teacher, cfg.feature_layers))
+        self.bn_hooks = self.bn_statistics(cfg.bn)
+        self.feature_hooks = self.track(InstanceMeanHooks(feature_modules(ctx.teacher, cfg.feature_layers)))
         with torch.no_grad(), self.feature_hooks.capture():
             ctx.teacher(torch.zeros(1, c, h, w, device=dev))
         dim = self.feature_hooks.features().shape[1]
@@ -143,7 +141,7 @@ class CMI(Method):
         return self.feature_hooks.features()
 
     def synthesize(self, prog: Progress) -> dict[str, Tensor]:
-        c, teacher, student, env = self.cfg, self.ctx.teacher, self.ctx.student, self.ctx.env
+        c, student, env = self.cfg, self.ctx.student, self.ctx.env
         n = self.synthesis_batch_size
         # Step 1: a fresh generator, latent and optimiser; random sorted labels
         init_dcgan_(self.generator).train()
@@ -158,13 +156,7 @@ class CMI(Method):
                 x_global, x_local = self.global_view(x), self.local_view(x)
                 with env.autocast():
                     with self.feature_hooks.capture():
-                        if self.bn_hooks is not None:
-                            with self.bn_hooks.capture():
-                                t = teacher(x_global)
-                            loss_bn = self.bn_hooks.loss()
-                        else:
-                            t = teacher(x_global)
-                            loss_bn = t.new_zeros(())
+                        t, loss_bn = self.teacher_with_bn(x_global, self.bn_hooks)
                     f_global = self.feature_hooks.features()
                     loss_oh = onehot_ce(t, y)
                     loss_adv = adv_masked_kl(student(x_global), t, c.tau_adv) if c.adv > 0 else t.new_zeros(())
@@ -211,8 +203,3 @@ class CMI(Method):
 
     def preview(self, n: int) -> Tensor | None:
         return self.pool.latest(n) if len(self.pool) else None
-
-    def close(self) -> None:
-        self.feature_hooks.remove()
-        if self.bn_hooks is not None:
-            self.bn_hooks.remove()

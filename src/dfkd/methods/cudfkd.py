@@ -41,21 +41,9 @@ import torch
 from torch import Tensor
 
 from dfkd.config import choice
-from dfkd.hooks import InputHook
-from dfkd.losses import (
-    BNStatsHooks,
-    activation_loss,
-    adv_js,
-    adv_masked_kl,
-    batch_entropy,
-    kd_kl,
-    kd_l1,
-    kd_mse,
-    onehot_ce,
-)
-from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.losses import activation_loss, adv_js, adv_masked_kl, batch_entropy, kd_kl, kd_l1, kd_mse, onehot_ce
+from dfkd.methods.base import Batch, Ctx, GeneratorMethod, MethodConfig, Progress, frozen, optimizer_step
 from dfkd.methods.registry import METHODS
-from dfkd.models import classifier_module, create_generator, init_dcgan_
 
 # -- the curriculum as pure functions (golden-tested against the reference) ------------------------------------------
 
@@ -130,33 +118,17 @@ class CuDFKDConfig(MethodConfig):
 
 
 @METHODS.register("cudfkd")
-class CuDFKD(Method):
+class CuDFKD(GeneratorMethod):
     name = "cudfkd"
     Config = CuDFKDConfig
 
     def __init__(self, cfg: CuDFKDConfig, ctx: Ctx):
-        super().__init__(cfg, ctx)
-        c, h, w = ctx.info.image_shape
-        self.generator = create_generator(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c)
-        init_dcgan_(self.generator)  # reset_model, once: the generator persists for the whole run
-        self.generator = ctx.env.prepare(self.generator)
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g))
-        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
-        self.bn_hooks = BNStatsHooks(ctx.teacher) if cfg.bn > 0 else None
-        if cfg.bn > 0 and not self.bn_hooks.layers:
-            raise ValueError("method.bn > 0 needs a teacher with BatchNorm2d layers; set method.bn=0")
-        self.feature_hook = InputHook(classifier_module(ctx.teacher)) if cfg.act != 0 else None
+        super().__init__(cfg, ctx, init=True)  # reset_model, once: the generator persists for the whole run
+        self.bn_hooks = self.bn_statistics(cfg.bn)
+        self.feature_hook = self.penultimate_features(cfg.act)
         self.lambda_slope = (
             cfg.lambda_slope if cfg.lambda_slope is not None else (1e-4 if ctx.info.name == "cifar10" else 2e-5)
         )
-        self.register_buffer("preview_z", torch.randn(64, cfg.nz, device=ctx.env.device))
-
-    def _z(self, n: int) -> Tensor:
-        return torch.randn(n, self.cfg.nz, device=self.device)
-
-    def _generate(self, n: int) -> Tensor:
-        self.images_synthesized += n
-        return self.ctx.env.images(self.generator(self._z(n)))
 
     def adv_weight(self, prog: Progress) -> float:
         if self.cfg.curr_option == "none":  # the reference gates the ramp on the curriculum being on
@@ -166,20 +138,14 @@ class CuDFKD(Method):
 
     # 1. generator step
     def synthesize(self, prog: Progress) -> dict[str, Tensor]:
-        c, teacher, student = self.cfg, self.ctx.teacher, self.ctx.student
+        c, student = self.cfg, self.ctx.student
         adv = self.adv_weight(prog)
         self.generator.train()
         with frozen(student):
             for _ in range(c.g_steps):
-                x = self._generate(self.synthesis_batch_size)
+                x = self.generate(self.synthesis_batch_size)
                 with self.ctx.env.autocast():
-                    if self.bn_hooks is not None:
-                        with self.bn_hooks.capture():
-                            t = teacher(x)
-                        loss_bn = self.bn_hooks.loss()
-                    else:
-                        t = teacher(x)
-                        loss_bn = t.new_zeros(())
+                    t, loss_bn = self.teacher_with_bn(x, self.bn_hooks)
                     entropy = batch_entropy(t, c.ent_T if c.ent_T is not None else c.T)
                     loss_oh = onehot_ce(t)
                     loss_act = activation_loss(self.feature_hook.pop()) if self.feature_hook else t.new_zeros(())
@@ -199,19 +165,13 @@ class CuDFKD(Method):
             "adv_weight": torch.tensor(adv),
         }
 
-    # 2. student batches: fresh generator samples, BN in running-statistics mode
-    @torch.no_grad()
-    def next_batch(self, prog: Progress) -> Batch:
-        self.generator.train(self.cfg.sample_mode == "train")
-        return Batch(x=self._generate(self.ctx.batch_size))
-
     def _difficulty(self, s: Tensor, t: Tensor, per_sample: bool) -> Tensor:
         reduction = "sample" if per_sample else ("batchmean" if self.cfg.loss == "kl" else "mean")
         if self.cfg.loss == "kl":
             return kd_kl(s, t, self.cfg.T, reduction=reduction)
         return (kd_l1 if self.cfg.loss == "l1" else kd_mse)(s, t, reduction=reduction)
 
-    # 2'. the self-paced student loss
+    # 2. the self-paced student loss (student batches: fresh generator samples, BN in running-statistics mode)
     def student_loss(self, batch: Batch, student: torch.nn.Module, prog: Progress) -> dict[str, Tensor]:
         with torch.no_grad():
             t = self.ctx.teacher(batch.x)
@@ -222,19 +182,3 @@ class CuDFKD(Method):
         v = spl_weight(difficulty.detach(), lam, c.curr_option)
         loss = (v * difficulty).mean()
         return {"loss": loss, "difficulty": difficulty.detach().mean(), "spl_weight": v.mean(), "lambda": lam}
-
-    def checkpoint_state(self) -> dict:
-        return {"opt_g": self.opt_g.state_dict()}
-
-    def load_checkpoint_state(self, state: dict) -> None:
-        self.opt_g.load_state_dict(state["opt_g"])
-
-    @torch.no_grad()
-    def preview(self, n: int) -> Tensor:
-        self.generator.eval()
-        return self.generator(self.preview_z[:n])
-
-    def close(self) -> None:
-        for hooks in (self.bn_hooks, self.feature_hook):
-            if hooks is not None:
-                hooks.remove()

@@ -47,12 +47,9 @@ import torch
 from torch import Tensor
 
 from dfkd.config import choice
-from dfkd.hooks import InputHook
 from dfkd.losses import activation_loss, class_balance, kd_kl, onehot_ce
-from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.base import Batch, Ctx, GeneratorMethod, MethodConfig, Progress, frozen, optimizer_step
 from dfkd.methods.registry import METHODS
-from dfkd.models import classifier_module, create_generator
-from dfkd.models.generators import in_unit_range
 
 
 @dataclass
@@ -77,24 +74,14 @@ class DAFLConfig(MethodConfig):
 
 
 @METHODS.register("dafl")
-class DAFL(Method):
+class DAFL(GeneratorMethod):
     name = "dafl"
     Config = DAFLConfig
 
     def __init__(self, cfg: DAFLConfig, ctx: Ctx):
         super().__init__(cfg, ctx)
-        c, h, _ = ctx.info.image_shape
-        generator = create_generator(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c)
-        self.generator = ctx.env.prepare(in_unit_range(generator, ctx.info.mean, ctx.info.std))
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g))
-        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
-        self.feature_hook = InputHook(classifier_module(ctx.teacher)) if cfg.act != 0 else None
-        self.register_buffer("preview_z", torch.randn(64, cfg.nz, device=ctx.env.device))
+        self.feature_hook = self.penultimate_features(cfg.act)
         self._joint: tuple[Tensor, Tensor] | None = None  # (student batch, the same images with their graph to G)
-
-    def _generate(self, n: int) -> Tensor:
-        self.images_synthesized += n
-        return self.ctx.env.images(self.generator(torch.randn(n, self.cfg.nz, device=self.device)))
 
     def _generator_loss(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """L_G on images x (with their graph to G); returns it, the teacher's logits and the terms to log."""
@@ -114,7 +101,7 @@ class DAFL(Method):
         self.generator.train()
         with frozen(self.ctx.student):
             for _ in range(self.cfg.g_steps):
-                x = self._generate(self.synthesis_batch_size)
+                x = self.generate(self.synthesis_batch_size)
                 with self.ctx.env.autocast():
                     loss, _, logs = self._generator_loss(x)
                 optimizer_step(self.opt_g, loss, self.ctx.env, self.generator)
@@ -124,12 +111,10 @@ class DAFL(Method):
     def next_batch(self, prog: Progress) -> Batch:
         if self.cfg.step == "joint":  # Alg. 1: one batch for both updates, G in train mode, graph kept for L_G
             self.generator.train()
-            x = self._generate(self.ctx.batch_size)
+            x = self.generate(self.ctx.batch_size)
             self._joint = (x.detach(), x)
             return Batch(x=self._joint[0])
-        with torch.no_grad():
-            self.generator.train(self.cfg.sample_mode == "train")
-            return Batch(x=self._generate(self.ctx.batch_size))
+        return super().next_batch(prog)
 
     def student_loss(self, batch: Batch, student: torch.nn.Module, prog: Progress) -> dict[str, Tensor]:
         if self.cfg.step == "alternating":
@@ -141,18 +126,3 @@ class DAFL(Method):
         optimizer_step(self.opt_g, loss_g, self.ctx.env, self.generator)  # Alg. 1: update G
         loss = kd_kl(student(batch.x), t.detach(), self.cfg.T)  # Alg. 1: update S (the engine steps it)
         return {"loss": loss, **logs}
-
-    def checkpoint_state(self) -> dict:
-        return {"opt_g": self.opt_g.state_dict()}
-
-    def load_checkpoint_state(self, state: dict) -> None:
-        self.opt_g.load_state_dict(state["opt_g"])
-
-    @torch.no_grad()
-    def preview(self, n: int) -> Tensor:
-        self.generator.eval()
-        return self.generator(self.preview_z[:n])
-
-    def close(self) -> None:
-        if self.feature_hook is not None:
-            self.feature_hook.remove()

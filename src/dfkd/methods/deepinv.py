@@ -39,7 +39,7 @@ from torch import Tensor
 from dfkd.config import choice
 from dfkd.data import build_augment
 from dfkd.data.pool import SyntheticPool
-from dfkd.losses import BNStatsHooks, js_div, onehot_ce, tv_l1, tv_l2
+from dfkd.losses import js_div, onehot_ce, tv_l1, tv_l2
 from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen
 from dfkd.methods.registry import METHODS
 
@@ -90,9 +90,7 @@ class DeepInversion(Method):
         super().__init__(cfg, ctx)
         c, h, w = ctx.info.image_shape
         self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
-        self.bn_hooks = BNStatsHooks(ctx.teacher) if cfg.bn > 0 else None
-        if self.bn_hooks is not None and not self.bn_hooks.layers:
-            raise ValueError("method.bn > 0 needs a teacher with BatchNorm2d layers; set method.bn=0")
+        self.bn_hooks = self.bn_statistics(cfg.bn)
         self.augment = build_augment(cfg.augment, padding=cfg.padding)
         self.pool = SyntheticPool((c, h, w), cfg.pool_size, ctx.env.device)
         dev = ctx.env.device
@@ -108,16 +106,10 @@ class DeepInversion(Method):
 
     def inversion_loss(self, v: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Step 2's objective for pixels ``v`` (normalised space) and labels ``y``, on one jittered view."""
-        c, teacher = self.cfg, self.ctx.teacher
+        c = self.cfg
         x = self._to01(jitter_and_flip(v, c.jitter, c.flip))
         with self.ctx.env.autocast():
-            if self.bn_hooks is not None:
-                with self.bn_hooks.capture():
-                    t = teacher(x)
-                loss_bn = self.bn_hooks.loss()
-            else:
-                t = teacher(x)
-                loss_bn = t.new_zeros((), dtype=torch.float32)
+            t, loss_bn = self.teacher_with_bn(x, self.bn_hooks)
             loss_oh = onehot_ce(t, y)
             loss_adv = -js_div(self.ctx.student(x), t, c.tau_adv) if c.adv > 0 else torch.zeros_like(loss_oh)
         loss_tv = (tv_l1 if c.tv_type == "l1" else tv_l2)(v)
@@ -157,7 +149,3 @@ class DeepInversion(Method):
 
     def preview(self, n: int) -> Tensor | None:
         return self.pool.latest(n) if len(self.pool) else None
-
-    def close(self) -> None:
-        if self.bn_hooks is not None:
-            self.bn_hooks.remove()

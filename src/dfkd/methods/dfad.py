@@ -41,10 +41,8 @@ from torch import Tensor
 
 from dfkd.config import choice
 from dfkd.losses import adv_l1, kd_l1
-from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.base import Batch, GeneratorMethod, MethodConfig, Progress, frozen, optimizer_step
 from dfkd.methods.registry import METHODS
-from dfkd.models import create_generator
-from dfkd.models.generators import in_unit_range
 
 
 def step_decay(epoch: int, milestones: list[int], gamma: float) -> float:
@@ -71,22 +69,9 @@ class DFADConfig(MethodConfig):
 
 
 @METHODS.register("dfad")
-class DFAD(Method):
+class DFAD(GeneratorMethod):
     name = "dfad"
     Config = DFADConfig
-
-    def __init__(self, cfg: DFADConfig, ctx: Ctx):
-        super().__init__(cfg, ctx)
-        c, h, _ = ctx.info.image_shape
-        generator = create_generator(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c)
-        self.generator = ctx.env.prepare(in_unit_range(generator, ctx.info.mean, ctx.info.std))
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g))
-        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
-        self.register_buffer("preview_z", torch.randn(64, cfg.nz, device=ctx.env.device))
-
-    def _generate(self, n: int) -> Tensor:
-        self.images_synthesized += n
-        return self.ctx.env.images(self.generator(torch.randn(n, self.cfg.nz, device=self.device)))
 
     # 1. generator step: maximise the teacher-student L1 discrepancy
     def synthesize(self, prog: Progress) -> dict[str, Tensor]:
@@ -98,30 +83,14 @@ class DFAD(Method):
         with frozen(student):
             student.train(c.g_student_mode == "train")
             for _ in range(c.g_steps):
-                x = self._generate(self.synthesis_batch_size)
+                x = self.generate(self.synthesis_batch_size)
                 with self.ctx.env.autocast():
                     loss = adv_l1(student(x), teacher(x))
                 optimizer_step(self.opt_g, loss, self.ctx.env, self.generator)
         return {"loss_g": loss.detach(), "lr_g": torch.tensor(lr)}
 
-    # 2. student batches and the L1 imitation loss
-    @torch.no_grad()
-    def next_batch(self, prog: Progress) -> Batch:
-        self.generator.train(self.cfg.sample_mode == "train")
-        return Batch(x=self._generate(self.ctx.batch_size))
-
+    # 2. the L1 imitation loss, on fresh generator batches
     def student_loss(self, batch: Batch, student: torch.nn.Module, prog: Progress) -> dict[str, Tensor]:
         with torch.no_grad():
             t = self.ctx.teacher(batch.x)
         return {"loss": kd_l1(student(batch.x), t)}
-
-    def checkpoint_state(self) -> dict:
-        return {"opt_g": self.opt_g.state_dict()}
-
-    def load_checkpoint_state(self, state: dict) -> None:
-        self.opt_g.load_state_dict(state["opt_g"])
-
-    @torch.no_grad()
-    def preview(self, n: int) -> Tensor:
-        self.generator.eval()
-        return self.generator(self.preview_z[:n])

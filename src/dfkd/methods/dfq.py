@@ -29,15 +29,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from dfkd.config import choice
-from dfkd.losses import BNStatsHooks, adv_unmasked_kl, class_balance, onehot_ce
-from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.losses import adv_unmasked_kl, class_balance, onehot_ce
+from dfkd.methods.base import Ctx, GeneratorMethod, MethodConfig, Progress, frozen, optimizer_step
 from dfkd.methods.registry import METHODS
-from dfkd.models import create_generator
-from dfkd.models.generators import in_unit_range
 
 
 @dataclass
@@ -62,41 +59,23 @@ class DFQConfig(MethodConfig):
 
 
 @METHODS.register("dfq")
-class DFQ(Method):
+class DFQ(GeneratorMethod):
     name = "dfq"
     Config = DFQConfig
 
     def __init__(self, cfg: DFQConfig, ctx: Ctx):
         super().__init__(cfg, ctx)
-        c, h, _ = ctx.info.image_shape
-        generator = create_generator(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c)
-        self.generator = ctx.env.prepare(in_unit_range(generator, ctx.info.mean, ctx.info.std))
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g))
-        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
-        self.bn_hooks = BNStatsHooks(ctx.teacher) if cfg.bn > 0 else None
-        if self.bn_hooks is not None and not self.bn_hooks.layers:
-            raise ValueError("method.bn > 0 needs a teacher with BatchNorm2d layers; set method.bn=0")
-        self.register_buffer("preview_z", torch.randn(64, cfg.nz, device=ctx.env.device))
-
-    def _generate(self, n: int) -> Tensor:
-        self.images_synthesized += n
-        return self.ctx.env.images(self.generator(torch.randn(n, self.cfg.nz, device=self.device)))
+        self.bn_hooks = self.bn_statistics(cfg.bn)
 
     # 1. generator step
     def synthesize(self, prog: Progress) -> dict[str, Tensor]:
-        c, teacher, student = self.cfg, self.ctx.teacher, self.ctx.student
+        c, student = self.cfg, self.ctx.student
         self.generator.train()
         with frozen(student):
             for _ in range(c.g_steps):
-                x = self._generate(self.synthesis_batch_size)
+                x = self.generate(self.synthesis_batch_size)
                 with self.ctx.env.autocast():
-                    if self.bn_hooks is not None:
-                        with self.bn_hooks.capture():
-                            t = teacher(x)
-                        loss_bn = self.bn_hooks.loss()
-                    else:
-                        t = teacher(x)
-                        loss_bn = t.new_zeros(())
+                    t, loss_bn = self.teacher_with_bn(x, self.bn_hooks)
                     loss_oh = onehot_ce(t)
                     loss_adv = adv_unmasked_kl(student(x), t, c.T) if c.adv > 0 else t.new_zeros(())
                     loss_balance = class_balance(t)
@@ -109,24 +88,3 @@ class DFQ(Method):
             "loss_adv": loss_adv.detach(),
             "loss_balance": loss_balance.detach(),
         }
-
-    # 2. student batches: fresh generator samples (the student loss is the inherited KL at temperature T)
-    @torch.no_grad()
-    def next_batch(self, prog: Progress) -> Batch:
-        self.generator.train(self.cfg.sample_mode == "train")
-        return Batch(x=self._generate(self.ctx.batch_size))
-
-    def checkpoint_state(self) -> dict:
-        return {"opt_g": self.opt_g.state_dict()}
-
-    def load_checkpoint_state(self, state: dict) -> None:
-        self.opt_g.load_state_dict(state["opt_g"])
-
-    @torch.no_grad()
-    def preview(self, n: int) -> Tensor:
-        self.generator.eval()
-        return self.generator(self.preview_z[:n])
-
-    def close(self) -> None:
-        if self.bn_hooks is not None:
-            self.bn_hooks.remove()

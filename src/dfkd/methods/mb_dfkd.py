@@ -41,12 +41,10 @@ from torch import Tensor
 
 from dfkd.config import choice
 from dfkd.data.pool import SyntheticPool
-from dfkd.hooks import InputHook
 from dfkd.losses import kd_l1
 from dfkd.losses.replay import novel_generator_loss
-from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.base import Batch, Ctx, GeneratorMethod, MethodConfig, Progress, frozen, optimizer_step
 from dfkd.methods.registry import METHODS
-from dfkd.models import classifier_module
 from dfkd.models.replay import replay_generator
 
 
@@ -74,27 +72,19 @@ class MBDFKDConfig(MethodConfig):
 
 
 @METHODS.register("mb_dfkd")
-class MBDFKD(Method):
+class MBDFKD(GeneratorMethod):
     name = "mb_dfkd"
     Config = MBDFKDConfig
 
     def __init__(self, cfg: MBDFKDConfig, ctx: Ctx):
-        super().__init__(cfg, ctx)
         if cfg.memory_every < 1:
             raise ValueError(f"method.memory_every must be >= 1, got {cfg.memory_every}")
-        self.generator = ctx.env.prepare(replay_generator(cfg.generator, cfg.nz, cfg.ngf, ctx.info.image_shape))
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g))
-        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
+        super().__init__(cfg, ctx, generator=replay_generator(cfg.generator, cfg.nz, cfg.ngf, ctx.info.image_shape))
         self.replay_batch_size = cfg.replay_batch_size or max(1, ctx.batch_size // 8)
         memory_size = cfg.memory_size or 10 * self.replay_batch_size
         self.memory = SyntheticPool(ctx.info.image_shape, memory_size, ctx.env.device)
-        self.feature_hook = InputHook(classifier_module(ctx.teacher)) if cfg.act != 0 else None
-        self.register_buffer("preview_z", torch.randn(64, cfg.nz, device=ctx.env.device))
+        self.feature_hook = self.penultimate_features(cfg.act)
         self._step_in_round = 0
-
-    def _generate(self, n: int) -> Tensor:
-        self.images_synthesized += n
-        return self.ctx.env.images(self.generator(torch.randn(n, self.cfg.nz, device=self.device)))
 
     # 1. novel generator step
     def synthesize(self, prog: Progress) -> dict[str, Tensor]:
@@ -103,7 +93,7 @@ class MBDFKD(Method):
         self.generator.train()
         with frozen(student):
             for _ in range(c.g_steps):
-                x = self._generate(self.synthesis_batch_size)
+                x = self.generate(self.synthesis_batch_size)
                 with self.ctx.env.autocast():
                     t = teacher(x)
                     features = self.feature_hook.pop() if self.feature_hook is not None else None
@@ -117,7 +107,7 @@ class MBDFKD(Method):
     def next_batch(self, prog: Progress) -> Batch:
         k, self._step_in_round = self._step_in_round, self._step_in_round + 1
         self.generator.train(self.cfg.sample_mode == "train")
-        novel = self._generate(self.ctx.batch_size)
+        novel = self.generate(self.ctx.batch_size)
         x = torch.cat([novel, self.memory.sample(self.replay_batch_size)]) if len(self.memory) else novel
         end_of_epoch = prog.round == prog.rounds_per_epoch - 1 and k == prog.kd_steps - 1
         if end_of_epoch and prog.epoch % self.cfg.memory_every == 0:
@@ -128,18 +118,3 @@ class MBDFKD(Method):
         with torch.no_grad():
             t = self.ctx.teacher(batch.x)
         return {"loss": kd_l1(student(batch.x), t), "memory_size": torch.tensor(float(len(self.memory)))}
-
-    def checkpoint_state(self) -> dict:
-        return {"opt_g": self.opt_g.state_dict()}
-
-    def load_checkpoint_state(self, state: dict) -> None:
-        self.opt_g.load_state_dict(state["opt_g"])
-
-    @torch.no_grad()
-    def preview(self, n: int) -> Tensor:
-        self.generator.eval()
-        return self.generator(self.preview_z[:n])
-
-    def close(self) -> None:
-        if self.feature_hook is not None:
-            self.feature_hook.remove()

@@ -41,12 +41,10 @@ import torch
 from torch import Tensor, nn
 
 from dfkd.config import choice
-from dfkd.hooks import InputHook
 from dfkd.losses import kd_l1, onehot_ce
 from dfkd.losses.replay import balance_log10, latent_prior_loss, novel_generator_loss, vae_loss
-from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.base import Batch, Ctx, GeneratorMethod, MethodConfig, Progress, frozen, optimizer_step
 from dfkd.methods.registry import METHODS
-from dfkd.models import classifier_module
 from dfkd.models.replay import ReplayEncoder, init_uniform_, replay_generator
 
 
@@ -77,25 +75,21 @@ class PREDFKDConfig(MethodConfig):
 
 
 @METHODS.register("pre_dfkd")
-class PREDFKD(Method):
+class PREDFKD(GeneratorMethod):
     name = "pre_dfkd"
     Config = PREDFKDConfig
 
     def __init__(self, cfg: PREDFKDConfig, ctx: Ctx):
-        super().__init__(cfg, ctx)
         shape, env = ctx.info.image_shape, ctx.env
-        self.generator = env.prepare(replay_generator(cfg.generator, cfg.nz, cfg.ngf, shape))
+        super().__init__(cfg, ctx, generator=replay_generator(cfg.generator, cfg.nz, cfg.ngf, shape))
         # The generative memory (a VAE: decoder = memory generator, plus encoder), stepped and synchronised as one.
         self.memory = nn.ModuleDict({
             "generator": env.prepare(replay_generator(cfg.generator, cfg.latent_dim, cfg.ngf, shape)),
             "encoder": env.prepare(init_uniform_(ReplayEncoder(shape[0], shape[1], cfg.latent_dim, cfg.ngf))),
         })  # fmt: skip
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g))
         self.opt_memory = torch.optim.Adam(self.memory.parameters(), lr=cfg.lr_memory)
-        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
         self.replay_batch_size = cfg.replay_batch_size or max(1, ctx.batch_size // 8)
-        self.feature_hook = InputHook(classifier_module(ctx.teacher)) if cfg.act != 0 else None
-        self.register_buffer("preview_z", torch.randn(64, cfg.nz, device=env.device))
+        self.feature_hook = self.penultimate_features(cfg.act)
         self.register_buffer("mean", torch.tensor(ctx.info.mean, device=env.device).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(ctx.info.std, device=env.device).view(1, -1, 1, 1), persistent=False)
         self._step_in_round = 0
@@ -103,10 +97,6 @@ class PREDFKD(Method):
 
     def _normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
-
-    def _generate(self, n: int) -> Tensor:
-        self.images_synthesized += n
-        return self.ctx.env.images(self.generator(torch.randn(n, self.cfg.nz, device=self.device)))
 
     def _pseudo_replay(self, n: int, train_mode: bool) -> Tensor:
         """Step 2's replay: latents tuned toward confident, balanced teacher outputs, then decoded (no gradient)."""
@@ -148,7 +138,7 @@ class PREDFKD(Method):
         self.generator.train()
         with frozen(student):
             for _ in range(c.g_steps):
-                x = self._generate(self.synthesis_batch_size)
+                x = self.generate(self.synthesis_batch_size)
                 with self.ctx.env.autocast():
                     t = teacher(x)
                     features = self.feature_hook.pop() if self.feature_hook is not None else None
@@ -162,7 +152,7 @@ class PREDFKD(Method):
         k, self._step_in_round = self._step_in_round, self._step_in_round + 1
         with torch.no_grad():
             self.generator.train(self.cfg.sample_mode == "train")
-            novel = self._generate(self.ctx.batch_size)
+            novel = self.generate(self.ctx.batch_size)
         replay = self._pseudo_replay(self.replay_batch_size, train_mode=False)
         self.images_synthesized += replay.shape[0]
         if k < self.cfg.memory_steps:
@@ -177,17 +167,8 @@ class PREDFKD(Method):
         return out
 
     def checkpoint_state(self) -> dict:
-        return {"opt_g": self.opt_g.state_dict(), "opt_memory": self.opt_memory.state_dict()}
+        return {**super().checkpoint_state(), "opt_memory": self.opt_memory.state_dict()}
 
     def load_checkpoint_state(self, state: dict) -> None:
-        self.opt_g.load_state_dict(state["opt_g"])
+        super().load_checkpoint_state(state)
         self.opt_memory.load_state_dict(state["opt_memory"])
-
-    @torch.no_grad()
-    def preview(self, n: int) -> Tensor:
-        self.generator.eval()
-        return self.generator(self.preview_z[:n])
-
-    def close(self) -> None:
-        if self.feature_hook is not None:
-            self.feature_hook.remove()

@@ -56,10 +56,9 @@ from torch import Tensor, nn
 from dfkd.config import choice
 from dfkd.errors import ConfigError
 from dfkd.losses import adv_unmasked_kl, attention_transfer, kd_kl
-from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.base import Batch, Ctx, GeneratorMethod, MethodConfig, Progress, frozen, optimizer_step
 from dfkd.methods.registry import METHODS
-from dfkd.models import Normalized, create_generator
-from dfkd.models.generators import in_unit_range
+from dfkd.models import Normalized
 
 log = logging.getLogger(__name__)
 
@@ -169,19 +168,14 @@ class ZSKTConfig(MethodConfig):
 
 
 @METHODS.register("zskt")
-class ZSKT(Method):
+class ZSKT(GeneratorMethod):
     name = "zskt"
     Config = ZSKTConfig
 
     def __init__(self, cfg: ZSKTConfig, ctx: Ctx):
         super().__init__(cfg, ctx)
-        c, h, _ = ctx.info.image_shape
-        generator = create_generator(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c)
-        self.generator = ctx.env.prepare(in_unit_range(generator, ctx.info.mean, ctx.info.std))
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g))
         if cfg.grad_clip_g:  # after the DDP all-reduce of optimizer_step, right before Adam's step
             self.opt_g.register_step_pre_hook(self._clip_generator)
-        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
         self.t_hooks = self.s_hooks = None
         if cfg.beta > 0:
             t_layers, s_layers = cfg.at_teacher_layers, cfg.at_student_layers
@@ -193,19 +187,12 @@ class ZSKT(Method):
             if not t_layers:
                 t_layers, s_layers = attention_layers(ctx.teacher, ctx.student, ctx.info.image_shape, ctx.env.device)
                 log.info("zskt: attention transfer between teacher %s and student %s", t_layers, s_layers)
-            self.t_hooks, self.s_hooks = OutputHooks(ctx.teacher, t_layers), OutputHooks(ctx.student, s_layers)
-        self.register_buffer("preview_z", torch.randn(64, cfg.nz, device=ctx.env.device))
+            self.t_hooks = self.track(OutputHooks(ctx.teacher, t_layers))
+            self.s_hooks = self.track(OutputHooks(ctx.student, s_layers))
         self._round: tuple[Tensor, Tensor, list[Tensor]] | None = None  # loader=shared: images, teacher logits, maps
 
     def _clip_generator(self, *_args) -> None:
         nn.utils.clip_grad_norm_(self.generator.parameters(), self.cfg.grad_clip_g)
-
-    def _z(self, n: int) -> Tensor:
-        return torch.randn(n, self.cfg.nz, device=self.device)
-
-    def _generate(self, z: Tensor) -> Tensor:
-        self.images_synthesized += z.shape[0]
-        return self.ctx.env.images(self.generator(z))
 
     def _teacher(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Teacher logits on x (no gradient) and, with attention transfer, its hooked feature maps."""
@@ -227,11 +214,11 @@ class ZSKT(Method):
             group["lr"] = lr
         self._round = None
         n = self.synthesis_batch_size
-        z = self._z(n) if c.loader == "shared" else None  # the learnable loader's z, kept for n_G + n_S steps
+        z = self.sample_z(n) if c.loader == "shared" else None  # the learnable loader's z, kept for n_G + n_S steps
         self.generator.train()
         with frozen(student):
             for _ in range(c.g_steps):
-                x = self._generate(z if z is not None else self._z(n))
+                x = self.generate(z if z is not None else n)
                 with self.ctx.env.autocast():
                     loss_adv = adv_unmasked_kl(student(x), teacher(x), c.T, reduction=c.kl_reduction)
                     loss = c.adv * loss_adv
@@ -239,18 +226,16 @@ class ZSKT(Method):
         if c.loader == "shared":  # the round's student batch, from the just-updated generator
             with torch.no_grad():
                 self.generator.train(c.sample_mode == "train")
-                x = self._generate(z)
+                x = self.generate(z)
             with self.ctx.env.autocast():
                 self._round = (x, *self._teacher(x))
         return {"loss_g": loss.detach(), "loss_adv": loss_adv.detach(), "lr_g": torch.tensor(lr)}
 
     # 2. student batches
-    @torch.no_grad()
     def next_batch(self, prog: Progress) -> Batch:
         if self._round is not None:
             return Batch(x=self._round[0])
-        self.generator.train(self.cfg.sample_mode == "train")
-        return Batch(x=self._generate(self._z(self.ctx.batch_size)))
+        return super().next_batch(prog)
 
     def student_loss(self, batch: Batch, student: torch.nn.Module, prog: Progress) -> dict[str, Tensor]:
         c = self.cfg
@@ -267,19 +252,3 @@ class ZSKT(Method):
         loss_kd = kd_kl(s, t, c.T, reduction=c.kl_reduction)
         loss_at = attention_transfer(s_maps, t_maps) if c.beta > 0 else loss_kd.new_zeros(())
         return {"loss": loss_kd + c.beta * loss_at, "loss_kd": loss_kd.detach(), "loss_at": loss_at.detach()}
-
-    def checkpoint_state(self) -> dict:
-        return {"opt_g": self.opt_g.state_dict()}
-
-    def load_checkpoint_state(self, state: dict) -> None:
-        self.opt_g.load_state_dict(state["opt_g"])
-
-    @torch.no_grad()
-    def preview(self, n: int) -> Tensor:
-        self.generator.eval()
-        return self.generator(self.preview_z[:n])
-
-    def close(self) -> None:
-        for hooks in (self.t_hooks, self.s_hooks):
-            if hooks is not None:
-                hooks.remove()
