@@ -24,7 +24,7 @@ from dfkd.data import dataset_info
 from dfkd.engine.common import build_model, default_out, freeze, load_split_on_device, progress_bar
 from dfkd.engine.env import Env, setup_env
 from dfkd.engine.evaluate import predict, student_metrics
-from dfkd.engine.meters import Meters, first_non_finite, format_seconds
+from dfkd.engine.meters import Meters, Stopwatch, first_non_finite, format_seconds
 from dfkd.engine.optim import build_optimizer, build_scheduler
 from dfkd.engine.rundir import RunDir
 from dfkd.engine.seed import rng_state, seed_everything, set_rng_state
@@ -123,16 +123,18 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
         epoch_started = time.perf_counter()
         prog.epoch = epoch
         meters = Meters()
+        # Synthesis time is every moment spent producing images (the method's synthesis round and the student
+        # batches it generates); student time is the student's forward, backward and optimiser step.
+        watch = Stopwatch(env.device)
+        watch.start()
         for rnd in range(t.rounds_per_epoch):
             prog.round = rnd
-            tick = time.perf_counter()
             meters.update(method.synthesize(prog), "synth/")
-            env.synchronize()
-            tock = time.perf_counter()
-            timers["synth_seconds"] += tock - tick
+            watch.lap("synth")
             student_ddp.train()
             for _ in range(t.kd_steps):
                 batch = method.next_batch(prog)
+                watch.lap("synth")
                 with env.autocast():
                     out = method.student_loss(batch, student_ddp, prog)
                 optimizer.zero_grad(set_to_none=True)
@@ -142,9 +144,11 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
                 optimizer.step()
                 meters.update(out, "train/")
                 prog.step += 1
+                watch.lap("student")
             bar.update(t.kd_steps)
-            env.synchronize()
-            timers["student_seconds"] += time.perf_counter() - tock
+        booked = watch.totals()
+        timers["synth_seconds"] += booked.get("synth", 0.0)
+        timers["student_seconds"] += booked.get("student", 0.0)
 
         losses = meters.means()
         bad = first_non_finite(losses)
@@ -320,7 +324,7 @@ def _summary(cfg, env: Env, state, method: Method, teacher_top1, teacher_module,
         "student_seconds": timers["student_seconds"],
         "eval_seconds": timers["eval_seconds"],
         "total_seconds": timers["total_seconds"],
-        "student_steps_per_second": student_steps / timers["student_seconds"] if timers["student_seconds"] else None,
+        "student_steps_per_second": student_steps / busy if busy else None,
         "images_per_second": images / busy if busy else None,
         "peak_memory_bytes": env.peak_memory_bytes(),
         "device": env.describe(),

@@ -8,7 +8,17 @@ import importlib
 import pkgutil
 import sys
 
-from dfkd.methods.base import Batch, Ctx, GeneratorMethod, Method, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.base import (
+    Batch,
+    Ctx,
+    GeneratorConfig,
+    GeneratorMethod,
+    Method,
+    MethodConfig,
+    Progress,
+    frozen,
+    optimizer_step,
+)
 from dfkd.methods.registry import METHODS
 
 _INFRASTRUCTURE = {"base", "registry"}
@@ -20,6 +30,7 @@ __all__ = [
     "METHODS",
     "Batch",
     "Ctx",
+    "GeneratorConfig",
     "GeneratorMethod",
     "Method",
     "MethodConfig",

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from dfkd.config import choice
 from dfkd.data import DatasetInfo
 from dfkd.engine.env import Env
 from dfkd.errors import ConfigError
@@ -156,6 +157,20 @@ class Method(nn.Module):
         with bn_hooks.capture():
             t = self.ctx.teacher(x)
         return t, bn_hooks.loss()
+
+
+@dataclass
+class GeneratorConfig(MethodConfig):
+    """The knobs of a persistent online generator (:class:`GeneratorMethod`); methods override the defaults."""
+
+    generator: str = "dcgan_large"  # a registered generator (CMI's LargeGenerator)
+    nz: int = 256
+    ngf: int = 64
+    lr_g: float = 1e-3
+    betas_g: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    g_steps: int = 1  # generator steps per round
+    synthesis_batch_size: int | None = None  # generator-step batch; null = train.batch_size
+    sample_mode: str = choice("eval", "eval", "train")  # generator BatchNorm mode when drawing student batches
 
 
 class GeneratorMethod(Method):

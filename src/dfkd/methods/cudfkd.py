@@ -42,7 +42,15 @@ from torch import Tensor
 
 from dfkd.config import choice
 from dfkd.losses import activation_loss, adv_js, adv_masked_kl, batch_entropy, kd_kl, kd_l1, kd_mse, onehot_ce
-from dfkd.methods.base import Batch, Ctx, GeneratorMethod, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.base import (
+    Batch,
+    Ctx,
+    GeneratorConfig,
+    GeneratorMethod,
+    Progress,
+    frozen,
+    optimizer_step,
+)
 from dfkd.methods.registry import METHODS
 
 # -- the curriculum as pure functions (golden-tested against the reference) ------------------------------------------
@@ -84,16 +92,11 @@ def adv_weight(epoch: int, epochs: int, adv0: float, grad_adv: float, begin: flo
 
 
 @dataclass
-class CuDFKDConfig(MethodConfig):
+class CuDFKDConfig(GeneratorConfig):
     name: str = "cudfkd"
     # generator (G-Cu = the CMI LargeGenerator at nz 512 for CIFAR)
-    generator: str = "dcgan_large"
     nz: int = 512
-    ngf: int = 64
-    lr_g: float = 1e-3
     betas_g: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    g_steps: int = 1  # generator steps per round
-    synthesis_batch_size: int | None = None  # null = train.batch_size
     # generator loss
     lmda_ent: float = -20.0
     oh: float = 1.0
@@ -114,7 +117,6 @@ class CuDFKDConfig(MethodConfig):
     spl_granularity: str = choice("batch", "batch", "sample")
     lambda_0: float = 2.0
     lambda_slope: float | None = None  # null = 1e-4 on cifar10, else 2e-5 (the reference's rule)
-    sample_mode: str = choice("eval", "eval", "train")  # generator BN mode when drawing student batches
 
 
 @METHODS.register("cudfkd")

@@ -41,36 +41,37 @@ Deviations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from dfkd.config import choice
 from dfkd.losses import activation_loss, class_balance, kd_kl, onehot_ce
-from dfkd.methods.base import Batch, Ctx, GeneratorMethod, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.base import (
+    Batch,
+    Ctx,
+    GeneratorConfig,
+    GeneratorMethod,
+    Progress,
+    frozen,
+    optimizer_step,
+)
 from dfkd.methods.registry import METHODS
 
 
 @dataclass
-class DAFLConfig(MethodConfig):
+class DAFLConfig(GeneratorConfig):
     name: str = "dafl"
     # generator (the CMI benchmark: LargeGenerator, nz 512, PyTorch's default init, Adam betas (0.5, 0.999);
     # the original: generator dafl, nz 1000 on CIFAR / 100 on MNIST, Adam's default betas)
-    generator: str = "dcgan_large"
     nz: int = 512
-    ngf: int = 64
-    lr_g: float = 1e-3
-    betas_g: list[float] = field(default_factory=lambda: [0.5, 0.999])
-    g_steps: int = 1  # generator steps per round (alternating only)
-    synthesis_batch_size: int | None = None  # null = train.batch_size (alternating only)
     # generator loss weights (CMI scripts/dafl; the original: oh 0.05, act 0.01, balance 5 on CIFAR-10)
     oh: float = 1.0
     act: float = 0.001
     balance: float = 20.0
     T: float = 1.0  # KD temperature of the student loss
     step: str = choice("alternating", "alternating", "joint")
-    sample_mode: str = choice("eval", "eval", "train")  # generator BN mode for student batches (alternating only)
 
 
 @METHODS.register("dafl")

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from dfkd.config import choice
 from dfkd.losses import adv_l1, kd_l1
-from dfkd.methods.base import Batch, GeneratorMethod, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.base import Batch, GeneratorConfig, GeneratorMethod, Progress, frozen, optimizer_step
 from dfkd.methods.registry import METHODS
 
 
@@ -51,21 +51,13 @@ def step_decay(epoch: int, milestones: list[int], gamma: float) -> float:
 
 
 @dataclass
-class DFADConfig(MethodConfig):
+class DFADConfig(GeneratorConfig):
     name: str = "dfad"
     # generator (the benchmark: LargeGenerator, nz 256, PyTorch's default init, Adam betas (0.5, 0.999);
     # the original: generator dfad, nz 256, Adam's default betas)
-    generator: str = "dcgan_large"
-    nz: int = 256
-    ngf: int = 64
-    lr_g: float = 1e-3
-    betas_g: list[float] = field(default_factory=lambda: [0.5, 0.999])
     lr_g_milestones: list[int] = field(default_factory=list)  # 0-based epochs where lr_g is multiplied by gamma
     lr_g_gamma: float = 0.1
-    g_steps: int = 1  # generator steps per round
-    synthesis_batch_size: int | None = None  # null = train.batch_size
     g_student_mode: str = choice("eval", "eval", "train")  # student BN mode during the generator step
-    sample_mode: str = choice("eval", "eval", "train")  # generator BN mode when drawing student batches
 
 
 @METHODS.register("dfad")

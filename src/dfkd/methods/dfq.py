@@ -27,27 +27,19 @@ Deviations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor
 
-from dfkd.config import choice
 from dfkd.losses import adv_unmasked_kl, class_balance, onehot_ce
-from dfkd.methods.base import Ctx, GeneratorMethod, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.base import Ctx, GeneratorConfig, GeneratorMethod, Progress, frozen, optimizer_step
 from dfkd.methods.registry import METHODS
 
 
 @dataclass
-class DFQConfig(MethodConfig):
+class DFQConfig(GeneratorConfig):
     name: str = "dfq"
     # generator (the CMI benchmark: LargeGenerator, nz 256, PyTorch's default init, Adam betas (0.5, 0.999))
-    generator: str = "dcgan_large"
-    nz: int = 256
-    ngf: int = 64
-    lr_g: float = 1e-3
-    betas_g: list[float] = field(default_factory=lambda: [0.5, 0.999])
-    g_steps: int = 1  # generator steps per round
-    synthesis_batch_size: int | None = None  # null = train.batch_size
     # generator loss weights (CMI scripts/dfq)
     bn: float = 1.0
     oh: float = 1.0
@@ -55,7 +47,6 @@ class DFQConfig(MethodConfig):
     balance: float = 20.0
     # KD temperature of the student loss and of the adversarial KL
     T: float = 1.0
-    sample_mode: str = choice("eval", "eval", "train")  # generator BN mode when drawing student batches
 
 
 @METHODS.register("dfq")

@@ -43,22 +43,27 @@ from dfkd.config import choice
 from dfkd.data.pool import SyntheticPool
 from dfkd.losses import kd_l1
 from dfkd.losses.replay import novel_generator_loss
-from dfkd.methods.base import Batch, Ctx, GeneratorMethod, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.base import (
+    Batch,
+    Ctx,
+    GeneratorConfig,
+    GeneratorMethod,
+    Progress,
+    frozen,
+    optimizer_step,
+)
 from dfkd.methods.registry import METHODS
 from dfkd.models.replay import replay_generator
 
 
 @dataclass
-class MBDFKDConfig(MethodConfig):
+class MBDFKDConfig(GeneratorConfig):
     name: str = "mb_dfkd"
     # novel generator
     generator: str = "dcgan"
     nz: int = 1000
-    ngf: int = 64
     lr_g: float = 0.02
     betas_g: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    g_steps: int = 1
-    synthesis_batch_size: int | None = None  # null = train.batch_size
     oh: float = 1.0
     ie: float = 5.0
     act: float = 0.1

@@ -43,22 +43,27 @@ from torch import Tensor, nn
 from dfkd.config import choice
 from dfkd.losses import kd_l1, onehot_ce
 from dfkd.losses.replay import balance_log10, latent_prior_loss, novel_generator_loss, vae_loss
-from dfkd.methods.base import Batch, Ctx, GeneratorMethod, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.base import (
+    Batch,
+    Ctx,
+    GeneratorConfig,
+    GeneratorMethod,
+    Progress,
+    frozen,
+    optimizer_step,
+)
 from dfkd.methods.registry import METHODS
 from dfkd.models.replay import ReplayEncoder, init_uniform_, replay_generator
 
 
 @dataclass
-class PREDFKDConfig(MethodConfig):
+class PREDFKDConfig(GeneratorConfig):
     name: str = "pre_dfkd"
     # novel generator
     generator: str = "dcgan"
     nz: int = 1000
-    ngf: int = 64
     lr_g: float = 0.02
     betas_g: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    g_steps: int = 1
-    synthesis_batch_size: int | None = None  # null = train.batch_size
     oh: float = 1.0
     ie: float = 5.0
     act: float = 0.1

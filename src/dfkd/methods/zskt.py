@@ -56,7 +56,15 @@ from torch import Tensor, nn
 from dfkd.config import choice
 from dfkd.errors import ConfigError
 from dfkd.losses import adv_unmasked_kl, attention_transfer, kd_kl
-from dfkd.methods.base import Batch, Ctx, GeneratorMethod, MethodConfig, Progress, frozen, optimizer_step
+from dfkd.methods.base import (
+    Batch,
+    Ctx,
+    GeneratorConfig,
+    GeneratorMethod,
+    Progress,
+    frozen,
+    optimizer_step,
+)
 from dfkd.methods.registry import METHODS
 from dfkd.models import Normalized
 
@@ -142,19 +150,12 @@ def attention_layers(teacher: nn.Module, student: nn.Module, image_shape, device
 
 
 @dataclass
-class ZSKTConfig(MethodConfig):
+class ZSKTConfig(GeneratorConfig):
     name: str = "zskt"
     # generator (the CMI benchmark: LargeGenerator, nz 256, PyTorch's default init, Adam betas (0.5, 0.999);
     # the original: generator zskt, nz 100, Adam's default betas, cosine annealing, grad-norm clipping at 5)
-    generator: str = "dcgan_large"
-    nz: int = 256
-    ngf: int = 64
-    lr_g: float = 1e-3
-    betas_g: list[float] = field(default_factory=lambda: [0.5, 0.999])
     lr_g_schedule: str = choice("constant", "constant", "cosine")
     grad_clip_g: float | None = None  # max global grad norm of the generator; null = no clipping
-    g_steps: int = 1  # n_G: generator steps per round
-    synthesis_batch_size: int | None = None  # null = train.batch_size; with loader=shared also the student batch
     loader: str = choice("fresh", "fresh", "shared")
     adv: float = 1.0  # weight of the generator's adversarial KL
     # the KL of both players: temperature and reduction (batchmean = the benchmark; mean = element mean, the original)
@@ -164,7 +165,6 @@ class ZSKTConfig(MethodConfig):
     beta: float = 0.0
     at_teacher_layers: list[str] = field(default_factory=list)  # module names in the teacher; empty = default stages
     at_student_layers: list[str] = field(default_factory=list)  # the matching student modules, same count
-    sample_mode: str = choice("eval", "eval", "train")  # generator BN mode when drawing student batches
 
 
 @METHODS.register("zskt")
