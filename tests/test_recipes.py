@@ -16,6 +16,23 @@ DISTILL = [name for name in RECIPES if "method" in read_yaml(find_recipe(name))]
 SUPERVISED = [name for name in RECIPES if name not in DISTILL]
 
 
+LENET_SUITE = [
+    name for name in DISTILL if name.startswith("fashion-mnist/") and name.endswith("-lenet5_bn-lenet5_half")
+]
+
+
+@pytest.mark.parametrize("name", LENET_SUITE)
+def test_fashion_mnist_lenet_recipes_share_the_demo_budget(name):
+    """The `dfkd bench fashion-mnist` table compares every method on the same student-step budget."""
+    reference = load_config("distill", "fashion-mnist/cudfkd-lenet5_bn-lenet5_half")
+    cfg = load_config("distill", name)
+    steps = cfg.train.epochs * cfg.train.rounds_per_epoch * cfg.train.kd_steps
+    assert steps == reference.train.epochs * reference.train.rounds_per_epoch * reference.train.kd_steps
+    assert cfg.train.batch_size == reference.train.batch_size
+    assert (cfg.data.name, cfg.teacher.arch, cfg.student.arch) == ("fashion-mnist-32", "lenet5_bn", "lenet5_half")
+    assert cfg.eval.window_start == reference.eval.window_start
+
+
 def test_there_are_recipes_of_both_kinds():
     assert len(DISTILL) >= 5 and len(SUPERVISED) >= 5
 
