@@ -34,83 +34,44 @@ Deviations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from dfkd.config import choice
 from dfkd.data.pool import SyntheticPool
 from dfkd.losses import kd_l1
-from dfkd.losses.replay import novel_generator_loss
-from dfkd.methods.base import (
-    Batch,
-    Ctx,
-    GeneratorConfig,
-    GeneratorMethod,
-    Progress,
-    frozen,
-    optimizer_step,
-)
+from dfkd.methods._novel import NovelGeneratorConfig, NovelGeneratorMethod
+from dfkd.methods.base import Batch, Ctx, Progress
 from dfkd.methods.registry import METHODS
-from dfkd.models.replay import replay_generator
 
 
 @dataclass
-class MBDFKDConfig(GeneratorConfig):
+class MBDFKDConfig(NovelGeneratorConfig):
     name: str = "mb_dfkd"
-    # novel generator
-    generator: str = "dcgan"
-    nz: int = 1000
-    lr_g: float = 0.02
-    betas_g: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    oh: float = 1.0
-    ie: float = 5.0
-    act: float = 0.1
-    adv: float = 1.0
-    tau_adv: float = 3.0
-    sample_mode: str = choice("train", "train", "eval")  # generator BN mode when drawing student batches
     # replay memory
-    replay_batch_size: int | None = None  # images replayed per student step; null = train.batch_size // 8
     memory_size: int | None = None  # images kept; null = 10 pushes of replay_batch_size
     memory_every: int = 5  # epochs between pushes
 
 
 @METHODS.register("mb_dfkd")
-class MBDFKD(GeneratorMethod):
+class MBDFKD(NovelGeneratorMethod):
     name = "mb_dfkd"
     Config = MBDFKDConfig
 
     def __init__(self, cfg: MBDFKDConfig, ctx: Ctx):
         if cfg.memory_every < 1:
             raise ValueError(f"method.memory_every must be >= 1, got {cfg.memory_every}")
-        super().__init__(cfg, ctx, generator=replay_generator(cfg.generator, cfg.nz, cfg.ngf, ctx.info.image_shape))
-        self.replay_batch_size = cfg.replay_batch_size or max(1, ctx.batch_size // 8)
+        super().__init__(cfg, ctx)
         memory_size = cfg.memory_size or 10 * self.replay_batch_size
         self.memory = SyntheticPool(ctx.info.image_shape, memory_size, ctx.env.device)
-        self.feature_hook = self.penultimate_features(cfg.act)
-        self._step_in_round = 0
 
-    # 1. novel generator step
-    def synthesize(self, prog: Progress) -> dict[str, Tensor]:
-        c, teacher, student = self.cfg, self.ctx.teacher, self.ctx.student
-        self._step_in_round = 0
-        self.generator.train()
-        with frozen(student):
-            for _ in range(c.g_steps):
-                x = self.generate(self.synthesis_batch_size)
-                with self.ctx.env.autocast():
-                    t = teacher(x)
-                    features = self.feature_hook.pop() if self.feature_hook is not None else None
-                    s = student(x) if c.adv != 0 else None
-                    terms = novel_generator_loss(t, s, features, c.oh, c.ie, c.act, c.adv, c.tau_adv)
-                optimizer_step(self.opt_g, terms["loss"], self.ctx.env, self.generator)
-        return {("loss_g" if k == "loss" else k): v.detach() for k, v in terms.items()}
+    # 1. the novel generator step: NovelGeneratorMethod.synthesize
 
     # 2. a fresh novel batch plus replayed images; 3. the memory update at the end of every memory_every-th epoch
     @torch.no_grad()
     def next_batch(self, prog: Progress) -> Batch:
-        k, self._step_in_round = self._step_in_round, self._step_in_round + 1
+        k = self.next_round_step()
         self.generator.train(self.cfg.sample_mode == "train")
         novel = self.generate(self.ctx.batch_size)
         x = torch.cat([novel, self.memory.sample(self.replay_batch_size)]) if len(self.memory) else novel

@@ -35,69 +35,46 @@ Deviations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from dfkd.config import choice
 from dfkd.losses import kd_l1, onehot_ce
-from dfkd.losses.replay import balance_log10, latent_prior_loss, novel_generator_loss, vae_loss
-from dfkd.methods.base import (
-    Batch,
-    Ctx,
-    GeneratorConfig,
-    GeneratorMethod,
-    Progress,
-    frozen,
-    optimizer_step,
-)
+from dfkd.losses.replay import balance_log10, latent_prior_loss, vae_loss
+from dfkd.methods._novel import NovelGeneratorConfig, NovelGeneratorMethod
+from dfkd.methods.base import Batch, Ctx, Progress, optimizer_step
 from dfkd.methods.registry import METHODS
 from dfkd.models.replay import ReplayEncoder, init_uniform_, replay_generator
 
 
 @dataclass
-class PREDFKDConfig(GeneratorConfig):
+class PREDFKDConfig(NovelGeneratorConfig):
     name: str = "pre_dfkd"
-    # novel generator
-    generator: str = "dcgan"
-    nz: int = 1000
-    lr_g: float = 0.02
-    betas_g: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    oh: float = 1.0
-    ie: float = 5.0
-    act: float = 0.1
-    adv: float = 1.0
-    tau_adv: float = 3.0
-    sample_mode: str = choice("train", "train", "eval")  # novel generator BN mode when drawing student batches
     # generative replay memory (a VAE: memory generator of the novel generator's layout + encoder)
     latent_dim: int = 1000
     lr_memory: float = 5.0e-4  # lr_g / 40 in the reference
-    replay_batch_size: int | None = None  # pseudo-replay images per student step; null = train.batch_size // 8
     replay_z_steps: int = 1  # Adam steps on the replay latents
     memory_steps: int = 4  # student steps per round that also train the memory
     kld: float = 1.0e-5
 
 
 @METHODS.register("pre_dfkd")
-class PREDFKD(GeneratorMethod):
+class PREDFKD(NovelGeneratorMethod):
     name = "pre_dfkd"
     Config = PREDFKDConfig
 
     def __init__(self, cfg: PREDFKDConfig, ctx: Ctx):
         shape, env = ctx.info.image_shape, ctx.env
-        super().__init__(cfg, ctx, generator=replay_generator(cfg.generator, cfg.nz, cfg.ngf, shape))
+        super().__init__(cfg, ctx)
         # The generative memory (a VAE: decoder = memory generator, plus encoder), stepped and synchronised as one.
         self.memory = nn.ModuleDict({
             "generator": env.prepare(replay_generator(cfg.generator, cfg.latent_dim, cfg.ngf, shape)),
             "encoder": env.prepare(init_uniform_(ReplayEncoder(shape[0], shape[1], cfg.latent_dim, cfg.ngf))),
         })  # fmt: skip
         self.opt_memory = torch.optim.Adam(self.memory.parameters(), lr=cfg.lr_memory)
-        self.replay_batch_size = cfg.replay_batch_size or max(1, ctx.batch_size // 8)
-        self.feature_hook = self.penultimate_features(cfg.act)
         self.register_buffer("mean", torch.tensor(ctx.info.mean, device=env.device).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(ctx.info.std, device=env.device).view(1, -1, 1, 1), persistent=False)
-        self._step_in_round = 0
         self._memory_log: dict[str, Tensor] = {}
 
     def _normalize(self, x: Tensor) -> Tensor:
@@ -136,25 +113,11 @@ class PREDFKD(GeneratorMethod):
             optimizer_step(self.opt_memory, terms["loss"], self.ctx.env, self.memory)
         self._memory_log = {f"memory/{k}": v.detach() for k, v in terms.items()}
 
-    # 1. novel generator step
-    def synthesize(self, prog: Progress) -> dict[str, Tensor]:
-        c, teacher, student = self.cfg, self.ctx.teacher, self.ctx.student
-        self._step_in_round = 0
-        self.generator.train()
-        with frozen(student):
-            for _ in range(c.g_steps):
-                x = self.generate(self.synthesis_batch_size)
-                with self.ctx.env.autocast():
-                    t = teacher(x)
-                    features = self.feature_hook.pop() if self.feature_hook is not None else None
-                    s = student(x) if c.adv != 0 else None
-                    terms = novel_generator_loss(t, s, features, c.oh, c.ie, c.act, c.adv, c.tau_adv)
-                optimizer_step(self.opt_g, terms["loss"], self.ctx.env, self.generator)
-        return {("loss_g" if k == "loss" else k): v.detach() for k, v in terms.items()}
+    # 1. the novel generator step: NovelGeneratorMethod.synthesize
 
     # 2. a fresh novel batch plus pseudo-replay; 3. the memory update on the round's first memory_steps steps
     def next_batch(self, prog: Progress) -> Batch:
-        k, self._step_in_round = self._step_in_round, self._step_in_round + 1
+        k = self.next_round_step()
         with torch.no_grad():
             self.generator.train(self.cfg.sample_mode == "train")
             novel = self.generate(self.ctx.batch_size)
