@@ -38,11 +38,9 @@ class NovelGeneratorMethod(GeneratorMethod):
         super().__init__(cfg, ctx, generator=replay_generator(cfg.generator, cfg.nz, cfg.ngf, ctx.info.image_shape))
         self.replay_batch_size = cfg.replay_batch_size or max(1, ctx.batch_size // 8)
         self.feature_hook = self.penultimate_features(cfg.act)
-        self._step_in_round = 0
 
     def synthesize(self, prog: Progress) -> dict[str, Tensor]:
         c, teacher, student = self.cfg, self.ctx.teacher, self.ctx.student
-        self._step_in_round = 0
         self.generator.train()
         with frozen(student):
             for _ in range(c.g_steps):
@@ -54,8 +52,3 @@ class NovelGeneratorMethod(GeneratorMethod):
                     terms = novel_generator_loss(t, s, features, c.oh, c.ie, c.act, c.adv, c.tau_adv)
                 optimizer_step(self.opt_g, terms["loss"], self.ctx.env, self.generator)
         return {("loss_g" if k == "loss" else k): v.detach() for k, v in terms.items()}
-
-    def next_round_step(self) -> int:
-        """The index of this student step within the round (0 after each synthesis step)."""
-        k, self._step_in_round = self._step_in_round, self._step_in_round + 1
-        return k

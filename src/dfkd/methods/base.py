@@ -55,6 +55,11 @@ class Progress:
     def total_steps(self) -> int:
         return self.epochs * self.rounds_per_epoch * self.kd_steps
 
+    @property
+    def step_in_round(self) -> int:
+        """The index of the student step about to be taken within its round (0 right after a synthesis step)."""
+        return self.step % self.kd_steps
+
 
 @dataclass
 class Ctx:

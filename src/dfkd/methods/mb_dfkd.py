@@ -71,7 +71,7 @@ class MBDFKD(NovelGeneratorMethod):
     # 2. a fresh novel batch plus replayed images; 3. the memory update at the end of every memory_every-th epoch
     @torch.no_grad()
     def next_batch(self, prog: Progress) -> Batch:
-        k = self.next_round_step()
+        k = prog.step_in_round
         self.generator.train(self.cfg.sample_mode == "train")
         novel = self.generate(self.ctx.batch_size)
         x = torch.cat([novel, self.memory.sample(self.replay_batch_size)]) if len(self.memory) else novel

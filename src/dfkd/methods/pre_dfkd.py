@@ -117,7 +117,7 @@ class PREDFKD(NovelGeneratorMethod):
 
     # 2. a fresh novel batch plus pseudo-replay; 3. the memory update on the round's first memory_steps steps
     def next_batch(self, prog: Progress) -> Batch:
-        k = self.next_round_step()
+        k = prog.step_in_round
         with torch.no_grad():
             self.generator.train(self.cfg.sample_mode == "train")
             novel = self.generate(self.ctx.batch_size)
