@@ -151,7 +151,11 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(data_root, teacher_
     with pytest.raises(DivergedError, match=r"diverged: .* in epoch 2; .*last good checkpoint: epoch 1"):
         dfkd.distill(cfg, teacher=NaNAfter(net, calls=1 + 2 * 3 + 2))
     assert torch.load(out / "ckpt" / "last.pt", weights_only=True)["epoch"] == 1
-    assert len(_metrics(out)) == 1 and not (out / "summary.json").exists()
+    assert len(_metrics(out)) == 1
+    # the run is recorded as what it is: a diverged run, never one that looks finished and fine
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "in epoch 2" in summary["status_reason"]
+    assert summary["epochs"] == 1 and summary["student_top1_last"] == _metrics(out)[0]["eval/top1"]
 
 
 def test_any_module_can_be_the_teacher(data_root, teacher_run, tmp_path):
@@ -179,6 +183,7 @@ def test_teacher_training_resumes(data_root, tmp_path, monkeypatch):
         "train.epochs=2",
         "train.batch_size=64",
         "engine.progress=false",
+        "data.val_size=64",
     ]
     full = dfkd.train_teacher(load_config("train-teacher", base[0], over))
     original = rundir_module.RunDir.append_metrics

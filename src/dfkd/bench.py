@@ -1,14 +1,17 @@
 """``dfkd bench``: run a suite of recipes against one teacher and tabulate the results.
 
-A suite names a teacher recipe and the distillation recipes to compare; every run goes to ``OUT/<recipe>``. A run
-that already finished is reused, an interrupted one is resumed, so re-running the command completes a table rather
-than repeating it. The table (markdown) is printed and written to ``OUT/table.md``.
+A suite names a teacher recipe and the distillation recipes to compare; every run goes to ``OUT/<recipe>`` (with
+``--seeds``, ``OUT/<recipe>/seed<N>``). A run that already finished is reused, an interrupted one is resumed, so
+re-running the command completes a table rather than repeating it. The table (markdown) is printed and written to
+``OUT/table.md``; a run that collapsed or diverged is marked in it, and with seeds every row is a mean ± std over the
+seeds with the number of failed seeds beside it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +19,9 @@ from dfkd.config import load_config, recipe_names
 from dfkd.engine.distill import distill
 from dfkd.engine.meters import format_seconds
 from dfkd.engine.supervised import train_teacher
-from dfkd.errors import ConfigError, closest
+from dfkd.errors import ConfigError, DivergedError, closest
+from dfkd.images import plot_seed_curves
+from dfkd.sysinfo import cpu_model
 
 log = logging.getLogger("dfkd")
 
@@ -65,12 +70,18 @@ def run_suite(
     methods: list[str] | None = None,
     teacher: str | None = None,
     overrides: list[str] | None = None,
+    seeds: list[int] | None = None,
 ) -> str:
-    """Run (or complete) the suite ``name`` into ``out``; return the markdown table."""
+    """Run (or complete) the suite ``name`` into ``out``; return the markdown table.
+
+    Without ``seeds`` each recipe runs once (at its own ``engine.seed``) into ``OUT/<recipe>``; with seeds, each
+    recipe runs once per seed into ``OUT/<recipe>/seed<N>`` and its row is the mean ± std over the seeds.
+    """
     if name not in SUITES:
         raise ConfigError(f"unknown bench suite '{name}'{closest(name, SUITES)}; suites: {', '.join(SUITES)}")
     suite, root = SUITES[name], Path(out)
     overrides = list(overrides or [])
+    recipes = suite_recipes(suite, methods)
     if teacher is None:
         teacher_dir = root / "teacher"
         if _finished(teacher_dir) is None:
@@ -78,27 +89,108 @@ def run_suite(
             resume = (teacher_dir / "ckpt" / "last.pt").is_file()
             train_teacher(load_config("train-teacher", suite.teacher, [f"out={teacher_dir}"]), resume=resume)
         teacher = str(teacher_dir)
-    rows = []
-    for recipe in suite_recipes(suite, methods):
-        run = root / recipe.split("/")[-1]
-        summary = _finished(run)
-        if summary is None:
-            log.info("bench: %s", recipe)
-            cfg = load_config("distill", recipe, [f"teacher.weights={teacher}", f"out={run}", *overrides])
-            summary = distill(cfg, resume=(run / "ckpt" / "last.pt").is_file())
-        rows.append((recipe, summary))
-    table = format_table(suite.description, rows)
+    if not seeds:
+        rows = []
+        for recipe in recipes:
+            summary = run_once(recipe, root / recipe.split("/")[-1], [f"teacher.weights={teacher}", *overrides])
+            rows.append((recipe, summary))
+        table = format_table(suite.description, rows)
+    else:
+        cells = []
+        for recipe in recipes:
+            cell = root / recipe.split("/")[-1]
+            summaries = run_seeds(recipe, cell, seeds, [f"teacher.weights={teacher}", *overrides])
+            cells.append((recipe, summaries))
+        table = format_seed_table(suite.description, cells)
+    root.mkdir(parents=True, exist_ok=True)
     (root / "table.md").write_text(table + "\n")
     return table
+
+
+def run_once(recipe: str, run: Path, overrides: list[str]) -> dict:
+    """One distillation into ``run``: reused when it finished, resumed when it was interrupted.
+
+    A run that diverged has written its summary (status ``diverged``) and is reported, not retried.
+    """
+    summary = _finished(run)
+    if summary is None:
+        log.info("bench: %s -> %s", recipe, run)
+        cfg = load_config("distill", recipe, [*overrides, f"out={run}"])
+        try:
+            summary = distill(cfg, resume=(run / "ckpt" / "last.pt").is_file())
+        except DivergedError as exc:
+            log.warning("bench: %s", exc)
+            summary = _finished(run)
+            if summary is None:
+                raise
+    return summary
+
+
+def run_seeds(recipe: str, cell: Path, seeds: list[int], overrides: list[str]) -> list[dict]:
+    """``recipe`` once per seed into ``cell/seed<N>``; writes ``cell/seeds.json`` and ``cell/accuracy.png``."""
+    summaries = [run_once(recipe, cell / f"seed{seed}", [*overrides, f"engine.seed={seed}"]) for seed in seeds]
+    aggregate = aggregate_seeds(summaries)
+    cell.mkdir(parents=True, exist_ok=True)
+    (cell / "seeds.json").write_text(json.dumps({"aggregate": aggregate, "runs": summaries}, indent=2) + "\n")
+    curves = {f"seed {s.get('seed')}": _curve(s) for s in summaries}
+    plot_seed_curves(cell / "accuracy.png", curves, title=f"{recipe}: {len(seeds)} seeds")
+    return summaries
+
+
+def _curve(summary: dict) -> list[float]:
+    path = Path(summary["run_dir"]) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row["eval/top1"] for row in rows]
+
+
+AGGREGATED = ("student_top1_best", "student_top1_last", "agreement", "mu", "var")
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value) of the non-None values."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None, None
+    mean = math.fsum(xs) / len(xs)
+    std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return mean, std
+
+
+def aggregate_seeds(summaries: list[dict]) -> dict:
+    """Mean ± std over seeds of best and last top-1, agreement and the curve's μ/σ², and the failed seeds.
+
+    Every seed counts in the means, collapsed and diverged ones included (leaving them out would hide them).
+    """
+    out: dict = {"seeds": [s.get("seed") for s in summaries], "n": len(summaries)}
+    for key in AGGREGATED:
+        mean, std = mean_std([s.get(key) for s in summaries])
+        out[key] = {"mean": mean, "std": std}
+    statuses = [s.get("status", "ok") for s in summaries]
+    out["collapsed"] = statuses.count("collapsed")
+    out["diverged"] = statuses.count("diverged")
+    out["failed_seeds"] = [s.get("seed") for s, st in zip(summaries, statuses) if st != "ok"]
+    return out
 
 
 def _num(value, fmt: str = ".2f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _pm(stat: dict) -> str:
+    return "-" if stat["mean"] is None else f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+
+
+def status_cell(summary: dict) -> str:
+    status = summary.get("status", "ok")
+    return status if status == "ok" else f"**{status.upper()}**"
+
+
 def format_table(title: str, rows: list[tuple[str, dict]]) -> str:
     header = (
         "method",
+        "status",
         "best %",
         "last %",
         "μ",
@@ -117,6 +209,7 @@ def format_table(title: str, rows: list[tuple[str, dict]]) -> str:
         busy = s["synth_seconds"] + s["student_seconds"]
         cells = (
             s["method"],
+            status_cell(s),
             _num(s["student_top1_best"]),
             _num(s["student_top1_last"]),
             _num(s["mu"]),
@@ -131,10 +224,59 @@ def format_table(title: str, rows: list[tuple[str, dict]]) -> str:
             f"{s['peak_memory_bytes'] / 2**30:.2f} GiB",
         )
         lines.append("| " + " | ".join(cells) + " |")
-    teacher = {s["teacher_top1"] for _, s in rows}
-    if rows:
-        lines += [
-            "",
-            f"Teacher top-1: {', '.join(f'{t:.2f}%' for t in sorted(teacher))}; device: {rows[0][1]['device']}.",
-        ]
+    lines += _footer([s for _, s in rows])
     return "\n".join(lines)
+
+
+def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
+    """One row per recipe (mean ± std over its seeds, failed seeds counted), then every seed's own row."""
+    header = ("method", "seeds", "failed", "best %", "last %", "agree %", "μ", "σ²", "total per seed")
+    lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _recipe, summaries in cells:
+        agg = aggregate_seeds(summaries)
+        failed = agg["collapsed"] + agg["diverged"]
+        failed_cell = f"**{failed}/{agg['n']}** (seeds {', '.join(map(str, agg['failed_seeds']))})" if failed else "0"
+        total = mean_std([s["total_seconds"] for s in summaries])[0]
+        row = (
+            summaries[0]["method"],
+            ",".join(str(s) for s in agg["seeds"]),
+            failed_cell,
+            _pm(agg["student_top1_best"]),
+            _pm(agg["student_top1_last"]),
+            _pm(agg["agreement"]),
+            _pm(agg["mu"]),
+            _pm(agg["var"]),
+            format_seconds(total) if total is not None else "-",
+        )
+        lines.append("| " + " | ".join(row) + " |")
+    header = ("method", "seed", "status", "best %", "last %", "agree %", "μ", "σ²", "images", "total")
+    lines += ["", "Per seed:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _recipe, summaries in cells:
+        for s in summaries:
+            row = (
+                s["method"],
+                str(s.get("seed")),
+                status_cell(s),
+                _num(s["student_top1_best"]),
+                _num(s["student_top1_last"]),
+                _num(s["agreement"]),
+                _num(s["mu"]),
+                _num(s["var"]),
+                f"{s['images_synthesized']:,}",
+                format_seconds(s["total_seconds"]),
+            )
+            lines.append("| " + " | ".join(row) + " |")
+    lines += _footer([s for _, summaries in cells for s in summaries])
+    return "\n".join(lines)
+
+
+def _footer(summaries: list[dict]) -> list[str]:
+    if not summaries:
+        return []
+    teacher = {s["teacher_top1"] for s in summaries}
+    split = {s.get("eval_split", "test") for s in summaries}
+    return [
+        "",
+        f"Teacher top-1: {', '.join(f'{t:.2f}%' for t in sorted(teacher))}; evaluated on: {', '.join(sorted(split))}; "
+        f"device: {summaries[0]['device']}; CPU: {cpu_model()}.",
+    ]

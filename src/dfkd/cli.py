@@ -56,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     run_command("train-teacher", "train a network on real data (a teacher, or the real-data student reference)")
-    run_command("distill", "distill a teacher into a student without its training data")
+    p = run_command("distill", "distill a teacher into a student without its training data")
+    p.add_argument(
+        "--seeds",
+        metavar="A,B",
+        help="run once per seed into OUT/seed<N> and report mean ± std (finished seeds are reused)",
+    )
 
     p = sub.add_parser("eval", help="top-1 of a checkpoint on the test set (and agreement with a teacher)")
     p.add_argument("--weights", "-w", required=True, metavar="CKPT", help="a checkpoint file or a run directory")
@@ -76,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--methods", metavar="A,B", help="only these methods (default: every method with a recipe)")
     p.add_argument("--teacher", metavar="RUN", help="an existing teacher run or checkpoint (default: train one)")
+    p.add_argument("--seeds", metavar="A,B", help="run every recipe once per seed; rows become mean ± std")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="applied to every distillation, e.g. train.epochs=2"
     )
@@ -83,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a Fashion-MNIST teacher, distill it data-free with CuDFKD, compare")
     p.add_argument("--out", metavar="DIR", help="where the three runs go (default: runs/demo-TIMESTAMP)")
     p.add_argument("--smoke", action="store_true", help="a one-minute version with tiny budgets (for checks)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="the seed of all three runs (default 0); printed with the result"
+    )
     return parser
 
 
@@ -171,11 +180,43 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``0,1,2`` or a range ``0-4`` (or both: ``0-2,7``) -> a list of distinct seeds in order."""
+    seeds: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            low, sep, high = part.partition("-")
+            values = range(int(low), int(high) + 1) if sep and low else [int(part)]
+            seeds += [v for v in values if v not in seeds]
+    except ValueError:
+        raise ConfigError(f"--seeds takes integers like 0,1,2 or 0-4, got '{text}'") from None
+    if not seeds:
+        raise ConfigError(f"--seeds names no seed: '{text}'; give e.g. 0,1,2")
+    return seeds
+
+
+def _status_line(s: dict) -> str | None:
+    """The failure line of a collapsed or diverged run, else None."""
+    if s.get("status", "ok") == "ok":
+        return None
+    return (
+        f"FAILED ({s['status']}): {s.get('status_reason')}; this run's accuracy is not a result. Run dir {s['run_dir']}"
+    )
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from dfkd.engine.distill import distill
 
+    if args.seeds:
+        return _distill_seeds(args)
     cfg = _load("distill", args)
     s = distill(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    failure = _status_line(s)
+    if failure:
+        _write(failure)
+        return 1
     _write(
         f"{s['method']}: {s['teacher']} -> {s['student']} on {s['dataset']}: "
         f"student top-1 {s['student_top1_best']:.2f}% best / {s['student_top1_last']:.2f}% last "
@@ -183,6 +224,35 @@ def cmd_distill(args: argparse.Namespace) -> int:
         f"{s['images_synthesized']:,} images synthesised in {s['total_seconds']:.0f}s; run dir {s['run_dir']}"
     )
     return 0
+
+
+def _distill_seeds(args: argparse.Namespace) -> int:
+    from dfkd.bench import aggregate_seeds, run_seeds
+
+    if args.resume or args.overwrite:
+        raise ConfigError(
+            "--seeds reuses finished seeds and resumes interrupted ones by itself: drop --resume/--overwrite"
+        )
+    seeds = parse_seeds(args.seeds)
+    cfg = _load("distill", args)  # validates the recipe and the overrides once, before any run starts
+    if not cfg.out:
+        raise ConfigError("--seeds needs out=DIR: each seed runs into DIR/seed<N>")
+    overrides = [o for o in args.overrides if o.partition("=")[0].strip() != "out"]
+    summaries = run_seeds(args.config, Path(cfg.out), seeds, overrides)
+    agg = aggregate_seeds(summaries)
+    for s in summaries:
+        _write(
+            f"seed {s['seed']}: {s.get('status', 'ok')}, best {s['student_top1_best']:.2f}%, "
+            f"last {s['student_top1_last']:.2f}%"
+        )
+    best, last, agree = agg["student_top1_best"], agg["student_top1_last"], agg["agreement"]
+    failed = agg["collapsed"] + agg["diverged"]
+    _write(
+        f"{summaries[0]['method']} over {agg['n']} seeds: best {best['mean']:.2f} ± {best['std']:.2f}%, "
+        f"last {last['mean']:.2f} ± {last['std']:.2f}%, agreement {agree['mean']:.2f} ± {agree['std']:.2f}%; "
+        f"failed seeds: {failed}/{agg['n']}; details in {Path(cfg.out) / 'seeds.json'}"
+    )
+    return 1 if failed else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -243,16 +313,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from dfkd.bench import run_suite
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    seeds = parse_seeds(args.seeds) if args.seeds else None
     out = args.out or f"runs/bench-{args.suite}"
-    _write(run_suite(args.suite, out, methods, args.teacher, list(args.overrides)))
+    _write(run_suite(args.suite, out, methods, args.teacher, list(args.overrides), seeds))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from dfkd.demo import run_demo
 
-    _write(run_demo(args.out, smoke=args.smoke))
-    return 0
+    ok, text = run_demo(args.out, smoke=args.smoke, seed=args.seed)
+    _write(text)
+    return 0 if ok else 1
 
 
 COMMANDS = {

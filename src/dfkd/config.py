@@ -37,6 +37,9 @@ def choice(default: Any, *choices: Any) -> Any:
 class DataConfig:
     name: str = "fashion-mnist-32"  # a registered dataset (`dfkd list datasets`)
     root: str | None = None  # where the files are; also searched: $DFKD_DATA, /usr/share/datasets
+    # Images held out of the training split as a validation slice (a fixed permutation, the same in every run):
+    # training then uses the rest, and eval.split=val evaluates on the slice. 0 = no slice.
+    val_size: int = 0
 
 
 @dataclass
@@ -77,6 +80,8 @@ class DistillTrainConfig(OptimConfig):
     batch_size: int = 256  # student batch
     rounds_per_epoch: int = 40  # synthesis rounds per epoch (the reference's ep_steps // kd_steps)
     kd_steps: int = 10  # student steps after each synthesis round
+    # Linear learning-rate warm-up over the first N student steps (on top of the epoch schedule); 0 = none.
+    warmup_steps: int = 0
 
 
 @dataclass
@@ -90,6 +95,9 @@ class SupervisedTrainConfig(OptimConfig):
 @dataclass
 class EvalConfig:
     batch_size: int = 1000
+    # Where per-epoch accuracy (and best-checkpoint selection) is measured: the test set, or the validation slice
+    # held out of the training split (data.val_size > 0) for tuning without looking at the test set.
+    split: str = choice("test", "test", "val")
     # Window of epochs (0-based, end exclusive) over which mu and var of the accuracy curve are taken
     # (CuDFKD's robustness metric; the authors use epochs 80..end).
     window_start: int = 80
@@ -105,6 +113,10 @@ class EngineConfig:
     threads: int = 0  # CPU threads for torch; 0 = all cores
     progress: bool = True  # a progress bar with ETA on a terminal
     sample_every: int = 1  # write a grid of synthetic samples every N epochs (0 = never)
+    # The collapse guard (engine/guard.py) always warns and sets summary.json's status; with stop_on_collapse it
+    # also ends the run after collapse_patience consecutive collapsed epochs.
+    stop_on_collapse: bool = False
+    collapse_patience: int = 2
 
 
 @dataclass

@@ -3,7 +3,10 @@
 1. train a BatchNorm LeNet-5 teacher on the real training images;
 2. distill a LeNet-5-half student from it with CuDFKD, without touching a training image;
 3. train the same student on the real training images, for reference;
-then print one table and where the pictures are.
+then print one table and where the pictures are. ``--seed N`` seeds all three runs (printed with the result).
+
+The distillation runs with the collapse guard's early stop on: a student that collapses ends the demo with a plain
+failure message and a non-zero exit status, never with a table that looks like a result.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dfkd.config import load_config
 from dfkd.engine.distill import distill
 from dfkd.engine.meters import format_seconds
 from dfkd.engine.supervised import train_teacher
+from dfkd.errors import DivergedError
 
 log = logging.getLogger("dfkd")
 
@@ -30,29 +34,62 @@ SMOKE = {
 }
 
 
-def run_demo(out: str | None = None, smoke: bool = False) -> str:
-    """Run the three steps into ``out`` (default ``runs/demo-TIMESTAMP``) and return the result table."""
+def run_demo(
+    out: str | None = None, smoke: bool = False, seed: int = 0, distill_overrides: list[str] | None = None
+) -> tuple[bool, str]:
+    """Run the three steps into ``out`` (default ``runs/demo-TIMESTAMP``).
+
+    Returns ``(ok, text)``: the result table, or (``ok`` False) the failure of a student that collapsed.
+    """
     root = Path(out) if out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     started = time.perf_counter()
     extra = SMOKE if smoke else {"teacher": [], "distill": [], "reference": []}
+    seeded = f"engine.seed={seed}"
+    log.info("dfkd demo, seed %d, into %s", seed, root)
 
     log.info("[1/3] training the teacher on real Fashion-MNIST")
     teacher = train_teacher(
-        load_config("train-teacher", TEACHER_RECIPE, [f"out={root / 'teacher'}", *extra["teacher"]])
+        load_config("train-teacher", TEACHER_RECIPE, [f"out={root / 'teacher'}", seeded, *extra["teacher"]])
     )
     log.info("[2/3] distilling the student with CuDFKD, without the training images")
     cfg = load_config(
-        "distill", DISTILL_RECIPE, [f"out={root / 'cudfkd'}", f"teacher.weights={root / 'teacher'}", *extra["distill"]]
+        "distill",
+        DISTILL_RECIPE,
+        [
+            f"out={root / 'cudfkd'}",
+            f"teacher.weights={root / 'teacher'}",
+            seeded,
+            "engine.stop_on_collapse=true",
+            *extra["distill"],
+            *(distill_overrides or []),
+        ],
     )
-    student = distill(cfg)
+    try:
+        student = distill(cfg)
+    except DivergedError as exc:
+        return False, failure_text(seed, "diverged", str(exc), Path(cfg.out))
+    if student.get("status", "ok") != "ok":
+        return False, failure_text(seed, student["status"], student.get("status_reason"), Path(student["run_dir"]))
     log.info("[3/3] training the same student on real data, for reference")
     reference = train_teacher(
-        load_config("train-teacher", REFERENCE_RECIPE, [f"out={root / 'student-real-data'}", *extra["reference"]])
+        load_config(
+            "train-teacher", REFERENCE_RECIPE, [f"out={root / 'student-real-data'}", seeded, *extra["reference"]]
+        )
     )
-    return format_table(teacher, student, reference, time.perf_counter() - started, root)
+    return True, format_table(teacher, student, reference, time.perf_counter() - started, root, seed)
 
 
-def format_table(teacher: dict, student: dict, reference: dict, seconds: float, root: Path) -> str:
+def failure_text(seed: int, status: str, reason: str | None, run: Path) -> str:
+    return "\n".join(
+        [
+            f"DEMO FAILED (seed {seed}): the data-free student {status}: {reason}.",
+            "No result is reported for this run. Its metrics, samples and accuracy curve are in "
+            f"{run}; please report the seed and this message.",
+        ]
+    )
+
+
+def format_table(teacher: dict, student: dict, reference: dict, seconds: float, root: Path, seed: int = 0) -> str:
     rows = [
         ("model", "data", "top-1 %", "wall time", "images synthesised"),
         (
@@ -85,7 +122,7 @@ def format_table(teacher: dict, student: dict, reference: dict, seconds: float, 
     lines += [
         "",
         f"data-free student agrees with the teacher on {student['agreement']:.2f}% of the test images; "
-        f"total demo time {format_seconds(seconds)}",
+        f"seed {seed}; total demo time {format_seconds(seconds)}",
         f"synthetic samples: {samples[-1] if samples else run / 'samples'}",
         f"accuracy curve:    {run / 'accuracy.png'}",
         f"all runs:          {root}",

@@ -77,3 +77,29 @@ def plot_curves(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_seed_curves(path: str | Path, curves: dict[str, Sequence[float]], title: str = "") -> None:
+    """Every seed's accuracy curve as a thin line and their mean as a thick one (epochs where all seeds have one)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for label, values in curves.items():
+        if values:
+            ax.plot(range(1, len(values) + 1), values, linewidth=0.8, alpha=0.6, label=label)
+    common = min((len(v) for v in curves.values()), default=0)
+    if common and len(curves) > 1:
+        mean = [sum(v[i] for v in curves.values()) / len(curves) for i in range(common)]
+        ax.plot(range(1, common + 1), mean, color="black", linewidth=2.2, label="mean")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -17,6 +17,7 @@ from dfkd.data.datasets import (
     dataset_info,
     dataset_names,
     load_dataset,
+    load_split,
     read_idx,
 )
 from dfkd.data.loader import TensorLoader, to_float, to_uint8
@@ -37,6 +38,7 @@ __all__ = [
     "dataset_info",
     "dataset_names",
     "load_dataset",
+    "load_split",
     "random_crop",
     "random_hflip",
     "random_resized_crop",

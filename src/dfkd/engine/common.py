@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dfkd.data import DatasetInfo, load_dataset
+from dfkd.data import DatasetInfo, load_split
 from dfkd.engine.env import Env
 from dfkd.errors import CheckpointError, ConfigError
 from dfkd.models import Normalized, build_network
@@ -64,8 +64,9 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_split_on_device(info: DatasetInfo, split: str, root: str | None, env: Env) -> tuple:
-    images, labels = load_dataset(info.name, split, root)
+def load_split_on_device(info: DatasetInfo, split: str, root: str | None, env: Env, val_size: int = 0) -> tuple:
+    """``split`` is train, test or val; with ``val_size`` > 0, train leaves out the validation slice."""
+    images, labels = load_split(info.name, split, root, val_size)
     return images.to(env.device), labels.to(env.device)
 
 

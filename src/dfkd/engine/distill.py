@@ -24,14 +24,16 @@ from dfkd.data import dataset_info
 from dfkd.engine.common import build_model, default_out, freeze, load_split_on_device, progress_bar
 from dfkd.engine.env import Env, setup_env
 from dfkd.engine.evaluate import predict, student_metrics
+from dfkd.engine.guard import STATUS_DIVERGED, STATUS_OK, CollapseGuard, collapse_reasons
 from dfkd.engine.meters import Meters, Stopwatch, first_non_finite, format_seconds
-from dfkd.engine.optim import build_optimizer, build_scheduler
+from dfkd.engine.optim import build_optimizer, build_scheduler, warmup_factor
 from dfkd.engine.rundir import RunDir
 from dfkd.engine.seed import rng_state, seed_everything, set_rng_state
 from dfkd.errors import ConfigError, DivergedError
 from dfkd.images import plot_curves, save_grid
 from dfkd.methods import METHODS, Ctx, Method, Progress
 from dfkd.metrics import accuracy_curve_stats, top1_percent
+from dfkd.sysinfo import cpu_model
 
 log = logging.getLogger("dfkd")
 
@@ -80,7 +82,7 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
             "teacher.weights is not set: train a teacher with `dfkd train-teacher` and pass teacher.weights=RUN_DIR "
             "(or a checkpoint file)"
         )
-    test_x, test_y = load_split_on_device(info, "test", cfg.data.root, env)
+    test_x, test_y = load_split_on_device(info, cfg.eval.split, cfg.data.root, env, cfg.data.val_size)
     teacher = freeze(build_model(teacher_module or cfg.teacher.arch, info, env, cfg.teacher.weights, "teacher"))
     student = build_model(student_module or cfg.student.arch, info, env, None, "student")
     method: Method = METHODS.get(cfg.method.name)(cfg.method, Ctx(teacher, student, info, env, cfg.train.batch_size))
@@ -93,8 +95,9 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
 
     run.prepare(resume=resume, overwrite=overwrite)
     state = _fresh_state()
+    guard = CollapseGuard(stop=cfg.engine.stop_on_collapse, patience=cfg.engine.collapse_patience)
     if resume:
-        state = _restore(run, student, optimizer, scheduler, method)
+        state = _restore(run, student, optimizer, scheduler, method, guard)
         log.info("resuming %s from epoch %d", run.path, state["epoch"])
     run.write_text("config.yaml", to_yaml(cfg))
     run.write_metrics(state["history"])
@@ -125,6 +128,7 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
         meters = Meters()
         # Synthesis time is every moment spent producing images (the method's synthesis round and the student
         # batches it generates); student time is the student's forward, backward and optimiser step.
+        scheduled_lr = [group["lr"] for group in optimizer.param_groups]
         watch = Stopwatch(env.device)
         watch.start()
         for rnd in range(t.rounds_per_epoch):
@@ -141,6 +145,9 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
                 out["loss"].backward()
                 if t.grad_clip:
                     torch.nn.utils.clip_grad_norm_(student.parameters(), t.grad_clip)
+                if prog.step <= t.warmup_steps:
+                    for group, lr in zip(optimizer.param_groups, scheduled_lr):
+                        group["lr"] = lr * warmup_factor(prog.step, t.warmup_steps)
                 optimizer.step()
                 meters.update(out, "train/")
                 prog.step += 1
@@ -154,15 +161,27 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
         bad = first_non_finite(losses)
         if bad is not None:
             last = f"epoch {state['epoch']}" if state["epoch"] else "none yet"
+            reason = f"{bad} became {losses[bad]} in epoch {epoch + 1}"
+            summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path)
+            run.write_summary({**summary, "status": STATUS_DIVERGED, "status_reason": reason})
             raise DivergedError(
-                f"training diverged: {bad} became {losses[bad]} in epoch {epoch + 1}; stopped without saving this "
-                f"epoch (last good checkpoint: {last}, in {run.last}); lower train.lr or the method's lr_g, then "
-                f"`dfkd distill --resume {run.path}`"
+                f"training diverged: {reason}; stopped without saving this epoch (last good checkpoint: {last}, "
+                f"in {run.last}); lower train.lr or the method's lr_g, then `dfkd distill --resume {run.path}`"
             )
+        for group, lr in zip(optimizer.param_groups, scheduled_lr):
+            group["lr"] = lr  # the schedule steps from its own value, whatever the warm-up did
         scheduler.step()
         tick = time.perf_counter()
         student_logits = predict(student, test_x, cfg.eval.batch_size, env.channels_last)
         metrics = student_metrics(student_logits, test_y, teacher_logits)
+        reasons = collapse_reasons(
+            metrics["agreement"], student_logits, teacher_logits, teacher_top1, losses.get("train/loss"), prog.step
+        )
+        guard.update(epoch + 1, reasons)
+        if reasons:
+            log.warning("epoch %d: the student looks collapsed: %s", epoch + 1, "; ".join(reasons))
+        stop = env.all_reduce_sum(torch.tensor(float(guard.should_stop), device=env.device)).item() > 0
+        guard.stopped_early = stop
         timers["eval_seconds"] += time.perf_counter() - tick
         timers["total_seconds"] += time.perf_counter() - epoch_started
         row = {
@@ -178,7 +197,7 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
         is_best = metrics["top1"] > state["best_top1"]
         if is_best:
             state["best_top1"], state["best_epoch"] = metrics["top1"], epoch + 1
-        state.update(epoch=epoch + 1, step=prog.step, timers=timers)
+        state.update(epoch=epoch + 1, step=prog.step, timers=timers, guard=guard.state_dict())
         run.save_checkpoint(_checkpoint(cfg, state, student, optimizer, scheduler, method, metrics["top1"]), is_best)
         run.append_metrics(row)
         if cfg.engine.sample_every and ((epoch + 1) % cfg.engine.sample_every == 0 or epoch + 1 == t.epochs):
@@ -197,21 +216,32 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
             format_seconds(timers["student_seconds"]),
             format_seconds(remaining),
         )
+        if stop:
+            log.warning(
+                "stopping: the student has looked collapsed for %d epochs in a row (engine.stop_on_collapse)",
+                guard.streak,
+            )
+            break
     bar.close()
 
     timers["total_seconds"] += loop_started - started  # set-up of this process: data, networks, teacher eval
     summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path)
+    status, reason = guard.status(state["epoch"])
+    summary.update(status=status, status_reason=reason, collapsed_epochs=[f["epoch"] for f in guard.flagged])
     _pictures(run, method, state["history"], teacher_top1, cfg, env)
     run.write_summary(summary)
     method.close()
-    log.info(
-        "done: student top-1 %.2f%% best / %.2f%% last (teacher %.2f%%) in %s; summary in %s",
-        summary["student_top1_best"],
-        summary["student_top1_last"],
-        teacher_top1,
-        format_seconds(summary["total_seconds"]),
-        run.path / "summary.json",
-    )
+    if status != STATUS_OK:
+        log.warning("FAILED: the run %s: %s; its accuracy is not a result (summary in %s)", status, reason, run.path)
+    else:
+        log.info(
+            "done: student top-1 %.2f%% best / %.2f%% last (teacher %.2f%%) in %s; summary in %s",
+            summary["student_top1_best"],
+            summary["student_top1_last"],
+            teacher_top1,
+            format_seconds(summary["total_seconds"]),
+            run.path / "summary.json",
+        )
     return summary
 
 
@@ -221,7 +251,16 @@ def _arch_name(arch: str, module: nn.Module | None) -> str:
 
 def _fresh_state() -> dict:
     timers = {"synth_seconds": 0.0, "student_seconds": 0.0, "eval_seconds": 0.0, "total_seconds": 0.0}
-    return {"epoch": 0, "step": 0, "best_top1": -1.0, "best_epoch": 0, "history": [], "timers": timers, "start": 0}
+    return {
+        "epoch": 0,
+        "step": 0,
+        "best_top1": -1.0,
+        "best_epoch": 0,
+        "history": [],
+        "timers": timers,
+        "start": 0,
+        "guard": {},
+    }
 
 
 def _first_epoch(state: dict) -> int:
@@ -244,6 +283,7 @@ def _checkpoint(cfg, state, student, optimizer, scheduler, method: Method, top1:
         "best_epoch": state["best_epoch"],
         "history": state["history"],
         "timers": dict(state["timers"]),
+        "guard": state["guard"],
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "method": method.state_dict(),
@@ -254,7 +294,7 @@ def _checkpoint(cfg, state, student, optimizer, scheduler, method: Method, top1:
     }
 
 
-def _restore(run: RunDir, student, optimizer, scheduler, method: Method) -> dict:
+def _restore(run: RunDir, student, optimizer, scheduler, method: Method, guard: CollapseGuard) -> dict:
     ckpt = run.load_checkpoint("last")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{run.last} is not a distillation checkpoint: resume it with the command that wrote it")
@@ -265,6 +305,7 @@ def _restore(run: RunDir, student, optimizer, scheduler, method: Method) -> dict
     method.load_checkpoint_state(ckpt["method_state"])
     method.images_synthesized = int(ckpt["images_synthesized"])
     set_rng_state(ckpt["rng"])
+    guard.load_state_dict(ckpt.get("guard", {}))
     return {
         "epoch": int(ckpt["epoch"]),
         "step": int(ckpt["step"]),
@@ -273,6 +314,7 @@ def _restore(run: RunDir, student, optimizer, scheduler, method: Method) -> dict
         "history": list(ckpt["history"]),
         "timers": dict(ckpt["timers"]),
         "start": int(ckpt["epoch"]),
+        "guard": guard.state_dict(),
     }
 
 
@@ -305,6 +347,8 @@ def _summary(cfg, env: Env, state, method: Method, teacher_top1, teacher_module,
     return {
         "method": cfg.method.name,
         "dataset": cfg.data.name,
+        "eval_split": cfg.eval.split,
+        "seed": cfg.engine.seed,
         "teacher": _arch_name(cfg.teacher.arch, teacher_module),
         "student": _arch_name(cfg.student.arch, student_module),
         "teacher_top1": teacher_top1,
@@ -328,6 +372,7 @@ def _summary(cfg, env: Env, state, method: Method, teacher_top1, teacher_module,
         "images_per_second": images / busy if busy else None,
         "peak_memory_bytes": env.peak_memory_bytes(),
         "device": env.describe(),
+        "cpu": cpu_model(),
         "world_size": env.world_size,
         "expected_top1": cfg.expected.top1,
         "expected_source": cfg.expected.source,

@@ -22,3 +22,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: 
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs), eta_min=cfg.eta_min)
     milestones = cfg.milestones if cfg.scheduler == "multistep" else []
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The learning-rate factor of 0-based student step ``step``: (step + 1) / warmup_steps, then 1."""
+    return 1.0 if step >= warmup_steps else (step + 1) / warmup_steps

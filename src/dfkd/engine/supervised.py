@@ -50,8 +50,8 @@ def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool,
     started = time.perf_counter()
     seed_everything(cfg.engine.seed, env.rank)
     info = dataset_info(cfg.data.name)
-    train_x, train_y = load_split_on_device(info, "train", cfg.data.root, env)
-    test_x, test_y = load_split_on_device(info, "test", cfg.data.root, env)
+    train_x, train_y = load_split_on_device(info, "train", cfg.data.root, env, cfg.data.val_size)
+    test_x, test_y = load_split_on_device(info, cfg.eval.split, cfg.data.root, env, cfg.data.val_size)
     model = build_model(module or cfg.model.arch, info, env, cfg.model.weights, "model")
     model_ddp = DistributedDataParallel(model) if env.distributed else model
     t = cfg.train
@@ -178,6 +178,8 @@ def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool,
     summary = {
         "model": cfg.model.arch if module is None else type(module).__name__,
         "dataset": info.name,
+        "eval_split": cfg.eval.split,
+        "train_images": int(train_y.numel()),
         "top1_best": best[0],
         "best_epoch": best[1],
         "top1_last": history[-1]["eval/top1"] if history else None,
@@ -190,5 +192,5 @@ def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool,
         "run_dir": str(run.path),
     }
     run.write_summary(summary)
-    log.info("done: %s test top-1 %.2f%% (best epoch %d); weights in %s", cfg.model.arch, best[0], best[1], run.best)
+    log.info("done: %s %s top-1 %.2f%% (best epoch %d); weights in %s", cfg.model.arch, cfg.eval.split, *best, run.best)
     return summary

@@ -28,6 +28,10 @@ Deviations:
   (writes a pool nobody reads), ``--kd_steps``/``--g_steps`` (overridden by the interval lists), ``--cond``.
 - ``lambda_slope: null`` keeps the reference's hard-coded rule (1e-4 on cifar10, 2e-5 on every other dataset);
   set it explicitly for other datasets.
+- ``spl_floor`` (default 0, the reference) puts a lower bound on the self-paced weight. With 0, a student whose
+  loss once jumps far above lambda (a diverged step: KL x T^2 in the thousands) gets weight exactly 0 on every later
+  batch and never trains again (BENCHMARKS.md, "Why seeds collapsed"); a small floor keeps hard batches
+  down-weighted, as the curriculum intends, but never silenced. The Fashion-MNIST demo recipe sets it.
 - Under DDP the persistent generator's gradients are all-reduced before each step, so it stays identical on every
   rank (the reference divides the batch size by the GPU count on every call instead; pitfall 21).
 """
@@ -56,21 +60,25 @@ from dfkd.methods.registry import METHODS
 # -- the curriculum as pure functions (golden-tested against the reference) ------------------------------------------
 
 
-def spl_weight(loss: Tensor, lam: float, kind: str) -> Tensor:
+def spl_weight(loss: Tensor, lam: float, kind: str, floor: float = 0.0) -> Tensor:
     """Closed-form self-paced weight v*(l; lambda) (reference ``curr_v``).
 
     hard: [l < lambda];  soft: [l < lambda] * (1 - l / lambda);  log: (1 + e^-lambda) / (1 + e^(l - lambda))
     (the logistic implicit SP-regulariser of Fan et al., AAAI 2017);  none: 1.
+    ``floor`` > 0 keeps every weight at least that large (dfkd's option; the reference has 0), so a loss far above
+    lambda is down-weighted but never silenced.
     """
     if kind == "none":
         return torch.ones_like(loss)
     if kind == "hard":
-        return (loss < lam).to(loss.dtype)
-    if kind == "soft":
-        return (loss < lam).to(loss.dtype) * (1.0 - loss / lam)
-    if kind == "log":
-        return (1.0 + math.exp(-lam)) / (1.0 + torch.exp(loss - lam))
-    raise ValueError(f"unknown self-paced weighting {kind!r}")
+        v = (loss < lam).to(loss.dtype)
+    elif kind == "soft":
+        v = (loss < lam).to(loss.dtype) * (1.0 - loss / lam)
+    elif kind == "log":
+        v = (1.0 + math.exp(-lam)) / (1.0 + torch.exp(loss - lam))
+    else:
+        raise ValueError(f"unknown self-paced weighting {kind!r}")
+    return v.clamp_min(floor) if floor > 0 else v
 
 
 def spl_lambda(step: int, lambda_0: float, slope: float) -> float:
@@ -117,6 +125,7 @@ class CuDFKDConfig(GeneratorConfig):
     spl_granularity: str = choice("batch", "batch", "sample")
     lambda_0: float = 2.0
     lambda_slope: float | None = None  # null = 1e-4 on cifar10, else 2e-5 (the reference's rule)
+    spl_floor: float = 0.0  # lower bound on the self-paced weight (0 = the reference: a huge loss gets weight 0)
 
 
 @METHODS.register("cudfkd")
@@ -181,6 +190,6 @@ class CuDFKD(GeneratorMethod):
         c = self.cfg
         difficulty = self._difficulty(s, t, per_sample=c.spl_granularity == "sample")
         lam = spl_lambda(prog.step, c.lambda_0, self.lambda_slope)
-        v = spl_weight(difficulty.detach(), lam, c.curr_option)
+        v = spl_weight(difficulty.detach(), lam, c.curr_option, c.spl_floor)
         loss = (v * difficulty).mean()
         return {"loss": loss, "difficulty": difficulty.detach().mean(), "spl_weight": v.mean(), "lambda": lam}

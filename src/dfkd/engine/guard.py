@@ -1,0 +1,120 @@
+"""The collapse guard: method-agnostic signs that a distillation run has stopped producing a student.
+
+A data-free run can fail without a NaN: the student blows up once, a curriculum or a clipped loss then hands it no
+gradient, and every later epoch reports chance accuracy with a loss of exactly zero. The guard looks at what every
+method has, after each epoch's evaluation:
+
+- ``agreement at chance``: the student agrees with the teacher no more often than two independent predictors with
+  the same class frequencies would (Cohen's kappa below ``KAPPA_MIN``), while the teacher itself is informative;
+- ``zero student loss``: the student's loss averaged over the whole epoch is 0 (no gradient reached it);
+- ``one class``: the student puts at least ``ONE_CLASS_SHARE`` of the evaluation images in one class while the
+  teacher does not.
+
+The two accuracy signals wait until the student has taken ``MIN_STEPS`` steps: a freshly initialised network predicts
+one class at chance, and a few-step smoke run has not failed, it has barely started. A zero loss is a failure at any
+step. Each flagged epoch logs a warning at once. The run's ``status`` is ``collapsed`` when its last epoch is flagged
+(or the guard stopped it), ``diverged`` when a loss became NaN/Inf, else ``ok``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+KAPPA_MIN = 0.02
+ONE_CLASS_SHARE = 0.9
+ZERO_LOSS = 1e-12
+MIN_STEPS = 100
+
+STATUS_OK, STATUS_COLLAPSED, STATUS_DIVERGED = "ok", "collapsed", "diverged"
+
+
+def class_shares(logits: Tensor, num_classes: int) -> Tensor:
+    """The fraction of inputs predicted as each class (float64, sums to 1)."""
+    counts = torch.bincount(logits.argmax(dim=1), minlength=num_classes).double()
+    return counts / counts.sum().clamp_min(1.0)
+
+
+def chance_agreement_percent(student_logits: Tensor, teacher_logits: Tensor) -> float:
+    """Agreement (in %) expected of two independent predictors with these class frequencies: 100 * sum_c p_s p_t."""
+    k = max(student_logits.shape[1], teacher_logits.shape[1])
+    return float((class_shares(student_logits, k) * class_shares(teacher_logits, k)).sum() * 100.0)
+
+
+def agreement_kappa(agreement: float, chance: float) -> float:
+    """Cohen's kappa from percentages: 0 = chance, 1 = perfect agreement."""
+    return 1.0 if chance >= 100.0 else (agreement - chance) / (100.0 - chance)
+
+
+def collapse_reasons(
+    agreement: float,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    teacher_top1: float | None,
+    student_loss: float | None,
+    student_steps: int = MIN_STEPS,
+) -> list[str]:
+    """The collapse signals that hold for one evaluated epoch (empty when the student looks alive).
+
+    Args:
+        agreement: student-teacher agreement on the evaluation images, in %.
+        student_logits, teacher_logits: their logits on those images.
+        teacher_top1: the teacher's top-1 % on them (None when there are no labels).
+        student_loss: the mean student loss over the epoch (None when the method logged none).
+        student_steps: student steps taken so far; below ``MIN_STEPS`` only the zero-loss signal applies.
+    """
+    reasons = []
+    judged = student_steps >= MIN_STEPS
+    k = teacher_logits.shape[1]
+    teacher_shares = class_shares(teacher_logits, k)
+    teacher_informative = float(teacher_shares.max()) < 0.5 and (teacher_top1 is None or teacher_top1 > 150.0 / k)
+    chance = chance_agreement_percent(student_logits, teacher_logits)
+    kappa = agreement_kappa(agreement, chance)
+    if judged and teacher_informative and kappa < KAPPA_MIN:
+        reasons.append(f"agreement with the teacher at chance ({agreement:.2f}% vs {chance:.2f}% by chance)")
+    if student_loss is not None and abs(student_loss) < ZERO_LOSS:
+        reasons.append(f"student loss {student_loss:.3g} for the whole epoch (no gradient reaches the student)")
+    top_share = float(class_shares(student_logits, k).max())
+    if judged and top_share >= ONE_CLASS_SHARE and float(teacher_shares.max()) < ONE_CLASS_SHARE:
+        reasons.append(f"the student predicts one class for {top_share * 100:.1f}% of the images")
+    return reasons
+
+
+@dataclass
+class CollapseGuard:
+    """Tracks flagged epochs; ``patience`` consecutive ones make :attr:`should_stop` true (when stopping is on)."""
+
+    stop: bool = False
+    patience: int = 2
+    flagged: list[dict] = field(default_factory=list)
+    streak: int = 0
+    stopped_early: bool = False
+
+    def update(self, epoch: int, reasons: list[str]) -> None:
+        if reasons:
+            self.flagged.append({"epoch": epoch, "reasons": reasons})
+            self.streak += 1
+        else:
+            self.streak = 0
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stop and self.streak >= max(1, self.patience)
+
+    def status(self, last_epoch: int) -> tuple[str, str | None]:
+        """``(status, reason)`` of a run whose last evaluated epoch is ``last_epoch``."""
+        last = self.flagged[-1] if self.flagged else None
+        if last is not None and last["epoch"] == last_epoch:
+            where = f"stopped early at epoch {last_epoch}" if self.stopped_early else f"at epoch {last_epoch}"
+            return STATUS_COLLAPSED, f"{'; '.join(last['reasons'])} ({where})"
+        return STATUS_OK, None
+
+    def state_dict(self) -> dict:
+        return {"flagged": list(self.flagged), "streak": self.streak, "stopped_early": self.stopped_early}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.flagged = list(state.get("flagged", []))
+        self.streak = int(state.get("streak", 0))
+        self.stopped_early = bool(state.get("stopped_early", False))
