@@ -6,7 +6,7 @@ method has, after each epoch's evaluation:
 
 - ``agreement at chance``: the student agrees with the teacher no more often than two independent predictors with
   the same class frequencies would (Cohen's kappa below ``KAPPA_MIN``), while the teacher itself is informative;
-- ``zero student loss``: the student's loss averaged over the whole epoch is 0 (no gradient reached it);
+- ``zero student loss``: the student's loss averaged over the whole epoch is (effectively) 0: no gradient reached it;
 - ``one class``: the student puts at least ``ONE_CLASS_SHARE`` of the evaluation images in one class while the
   teacher does not.
 
@@ -25,7 +25,7 @@ from torch import Tensor
 
 KAPPA_MIN = 0.02
 ONE_CLASS_SHARE = 0.9
-ZERO_LOSS = 1e-12
+ZERO_LOSS = 1e-6  # a loss this small over a whole epoch moves no weight: the student is frozen
 MIN_STEPS = 100
 
 STATUS_OK, STATUS_COLLAPSED, STATUS_DIVERGED = "ok", "collapsed", "diverged"
