@@ -82,3 +82,15 @@ def test_distill_recipe_builds_and_runs_one_round(name):
     out = method.student_loss(batch, student, prog)
     assert torch.isfinite(out["loss"])
     method.close()
+
+
+def test_the_demo_recipe_keeps_its_robustness_settings():
+    """Issue 10: without warm-up, clipping and the SPL floor, one blown-up step froze the demo's student for good."""
+    from dfkd.demo import DISTILL_RECIPE
+
+    cfg = load_config("distill", DISTILL_RECIPE)
+    assert cfg.method.name == "cudfkd" and cfg.method.spl_floor > 0
+    assert cfg.train.warmup_steps > 0 and cfg.train.grad_clip
+    assert cfg.data.val_size > 0 and cfg.eval.split == "test"  # tuned on the slice, reported on the test set
+    teacher = load_config("train-teacher", "teachers/fashion-mnist-32-lenet5_bn")
+    assert teacher.data.val_size == cfg.data.val_size  # the teacher never trains on the tuning slice

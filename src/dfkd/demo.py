@@ -24,7 +24,7 @@ from dfkd.errors import DivergedError
 log = logging.getLogger("dfkd")
 
 TEACHER_RECIPE = "teachers/fashion-mnist-32-lenet5_bn"
-DISTILL_RECIPE = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"
+DISTILL_RECIPE = "demo/fashion-mnist-cudfkd"
 REFERENCE_RECIPE = "teachers/fashion-mnist-32-lenet5_half"
 # The smoke version only checks that the pipeline runs end to end.
 SMOKE = {
