@@ -114,7 +114,16 @@ def tiny(data_root, teacher_run, out, *extra):
 
 # A student learning rate no recipe would use: the first steps blow the student's logits up, the log self-paced
 # weight of the resulting loss (KL x T^2 in the millions) is exactly 0, and the student never trains again.
-ABSURD = ["train.lr=3000", "train.momentum=0", "train.weight_decay=0", "train.epochs=4"]
+ABSURD = [
+    "train.lr=3000",
+    "train.momentum=0",
+    "train.weight_decay=0",
+    "train.epochs=4",
+    # the reference's behaviour: no warm-up, no clipping, no floor on the self-paced weight
+    "train.warmup_steps=0",
+    "train.grad_clip=null",
+    "method.spl_floor=0",
+]
 
 
 def test_a_cudfkd_student_that_blows_up_ends_as_collapsed(data_root, teacher_run, tmp_path):
