@@ -155,13 +155,7 @@ def test_build_augment():
         build_augment("jitter")
     with pytest.raises(ConfigError, match="did you mean 'padding'"):
         build_augment("crop", pading=4)
-    for bad in (
-        {"padding": -1},
-        {"padding": 2.5},
-        {"scale": (0.0, 1.0)},
-        {"scale": (0.9, 0.5)},
-        {"ratio": (2.0, 1.0)},
-        {"p": 1.5},
-    ):
+    for bad in ({"padding": -1}, {"padding": 2.5}, {"scale": (0.0, 1.0)}, {"scale": (0.9, 0.5)},
+                {"ratio": (2.0, 1.0)}, {"p": 1.5}):
         with pytest.raises(ConfigError):
             build_augment("crop_flip", **bad)

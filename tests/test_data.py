@@ -31,14 +31,8 @@ from dfkd.data import datasets as ds
 from dfkd.errors import ConfigError, DataError
 
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
-IDX_CODES = {
-    np.dtype(np.uint8): 0x08,
-    np.dtype(np.int8): 0x09,
-    np.dtype(np.int16): 0x0B,
-    np.dtype(np.int32): 0x0C,
-    np.dtype(np.float32): 0x0D,
-    np.dtype(np.float64): 0x0E,
-}
+IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
+             np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
 
 
 @pytest.fixture(autouse=True)
@@ -319,11 +313,8 @@ def write_cifar10(folder: Path, n=3) -> dict:
     rng = np.random.default_rng(0)
     batches = {f"data_batch_{i}": cifar_batch(rng, n, b"labels", 10) for i in range(1, 6)}
     batches["test_batch"] = cifar_batch(rng, n + 1, b"labels", 10)
-    batches["batches.meta"] = {
-        b"label_names": [name.encode() for name in ds._CIFAR10_CLASSES],
-        b"num_cases_per_batch": n,
-        b"num_vis": 3072,
-    }
+    batches["batches.meta"] = {b"label_names": [name.encode() for name in ds._CIFAR10_CLASSES],
+                               b"num_cases_per_batch": n, b"num_vis": 3072}
     for name, obj in batches.items():
         (folder / name).write_bytes(pickle.dumps(obj, protocol=2))
     return batches
@@ -332,11 +323,9 @@ def write_cifar10(folder: Path, n=3) -> dict:
 def write_cifar100(folder: Path, n=5) -> dict:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(1)
-    files = {
-        "train": cifar_batch(rng, n, b"fine_labels", 100),
-        "test": cifar_batch(rng, n - 1, b"fine_labels", 100),
-        "meta": {b"fine_label_names": [c.encode() for c in ds._CIFAR100_CLASSES], b"coarse_label_names": [b"c"] * 20},
-    }
+    files = {"train": cifar_batch(rng, n, b"fine_labels", 100), "test": cifar_batch(rng, n - 1, b"fine_labels", 100),
+             "meta": {b"fine_label_names": [c.encode() for c in ds._CIFAR100_CLASSES],
+                      b"coarse_label_names": [b"c"] * 20}}
     for name, obj in files.items():
         (folder / name).write_bytes(pickle.dumps(obj, protocol=2))
     return files

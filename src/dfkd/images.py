@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,6 +48,29 @@ def save_grid(path: str | Path, images: Tensor, nrow: int | None = None) -> None
     write_png(path, make_grid(images, nrow))
 
 
+@contextmanager
+def _epoch_axes(path: str | Path, title: str, ylabel: str, legend: bool) -> Iterator:
+    """A figure with an epoch axis, saved to ``path`` (PNG) when the block ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    try:
+        yield ax
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if legend:
+            ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
 def plot_curves(
     path: str | Path,
     curves: dict[str, Sequence[float | None]],
@@ -55,51 +79,24 @@ def plot_curves(
     ylabel: str = "test top-1 (%)",
 ) -> None:
     """Line plot of per-epoch curves, with horizontal reference lines (e.g. the teacher's accuracy)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for label, values in curves.items():
-        points = [(i + 1, v) for i, v in enumerate(values) if v is not None]
-        if points:
-            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=label)
-    for label, value in (references or {}).items():
-        ax.axhline(value, linestyle="--", linewidth=1, color="gray")
-        ax.annotate(f"{label} {value:.2f}", xy=(1, value), fontsize=8, color="gray", va="bottom")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with _epoch_axes(path, title, ylabel, legend=bool(curves)) as ax:
+        for label, values in curves.items():
+            points = [(i + 1, v) for i, v in enumerate(values) if v is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        for label, value in (references or {}).items():
+            ax.axhline(value, linestyle="--", linewidth=1, color="gray")
+            ax.annotate(f"{label} {value:.2f}", xy=(1, value), fontsize=8, color="gray", va="bottom")
 
 
 def plot_seed_curves(path: str | Path, curves: dict[str, Sequence[float]], title: str = "") -> None:
     """Every seed's accuracy curve as a thin line and their mean as a thick one (epochs where all seeds have one)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for label, values in curves.items():
-        if values:
-            ax.plot(range(1, len(values) + 1), values, linewidth=0.8, alpha=0.6, label=label)
-    common = min((len(v) for v in curves.values()), default=0)
-    if common and len(curves) > 1:
-        mean = [sum(v[i] for v in curves.values()) / len(curves) for i in range(common)]
-        ax.plot(range(1, common + 1), mean, color="black", linewidth=2.2, label="mean")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with _epoch_axes(path, title, "top-1 (%)", legend=bool(curves)) as ax:
+        for label, values in curves.items():
+            if values:
+                marker = "o" if len(values) < 30 else None
+                ax.plot(range(1, len(values) + 1), values, linewidth=0.8, alpha=0.6, marker=marker, ms=3, label=label)
+        common = min((len(v) for v in curves.values()), default=0)
+        if common and len(curves) > 1:
+            mean = [sum(v[i] for v in curves.values()) / len(curves) for i in range(common)]
+            ax.plot(range(1, common + 1), mean, color="black", linewidth=2.2, label="mean")

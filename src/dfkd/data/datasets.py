@@ -83,16 +83,7 @@ _CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 _DIGITS10 = tuple(str(i) for i in range(10))
 _FASHION_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 _CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _CIFAR100_CLASSES = tuple(
@@ -303,10 +294,8 @@ def _check(info: DatasetInfo, images: Tensor, labels: Tensor, files: tuple[Path,
     """Catch files of the wrong dataset (e.g. CIFAR-100 batches in the CIFAR-10 folder) before training on them."""
     where = ", ".join(str(p) for p in files) or info.name
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != info.image_shape:
-        raise DataError(
-            f"{where}: expected {info.name} images of shape (N, {', '.join(map(str, info.image_shape))}), "
-            f"got {tuple(images.shape)} {images.dtype}"
-        )
+        raise DataError(f"{where}: expected {info.name} images of shape (N, {', '.join(map(str, info.image_shape))}), "
+                        f"got {tuple(images.shape)} {images.dtype}")
     if labels.dtype != torch.int64 or labels.shape != (images.shape[0],):
         raise DataError(f"{where}: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= info.num_classes):
@@ -403,67 +392,31 @@ _locate_fashion = _idx_locator(("fashion-mnist", "FashionMNIST/raw", ""), "fashi
 _locate_mnist = _idx_locator(("mnist", "MNIST/raw", ""), "mnist", _MNIST_HINT)
 
 _add(
-    DatasetInfo(
-        "fashion-mnist",
-        10,
-        (1, 28, 28),
-        (0.2860,),
-        (0.3530,),
-        _FASHION_CLASSES,
-        "Fashion-MNIST, 28x28 grey, 60k/10k (apt-get install dataset-fashion-mnist)",
-    ),
-    _locate_fashion,
-    read=_read_idx_pair,
+    DatasetInfo("fashion-mnist", 10, (1, 28, 28), (0.2860,), (0.3530,), _FASHION_CLASSES,
+                "Fashion-MNIST, 28x28 grey, 60k/10k (apt-get install dataset-fashion-mnist)"),
+    _locate_fashion, read=_read_idx_pair,
 )
 # Zero padding changes the statistics, so these were computed once from the real 60k training images after padding
 # (pixel histogram, population std): mean 0.218999..., std 0.331811....
 _add(
-    DatasetInfo(
-        "fashion-mnist-32",
-        10,
-        (1, 32, 32),
-        (0.2190,),
-        (0.3318,),
-        _FASHION_CLASSES,
-        "Fashion-MNIST zero-padded to 32x32 (LeNet-5 input)",
-    ),
-    _locate_fashion,
-    base="fashion-mnist",
-    derive=_pad(32),
+    DatasetInfo("fashion-mnist-32", 10, (1, 32, 32), (0.2190,), (0.3318,), _FASHION_CLASSES,
+                "Fashion-MNIST zero-padded to 32x32 (LeNet-5 input)"),
+    _locate_fashion, base="fashion-mnist", derive=_pad(32),
 )
 _add(
-    DatasetInfo(
-        "fashion-mnist-32x3",
-        10,
-        (3, 32, 32),
-        (0.2190,) * 3,
-        (0.3318,) * 3,
-        _FASHION_CLASSES,
-        "Fashion-MNIST padded to 32x32 and repeated to 3 channels (CIFAR-shaped real images)",
-    ),
-    _locate_fashion,
-    base="fashion-mnist-32",
-    derive=_to_three_channels,
+    DatasetInfo("fashion-mnist-32x3", 10, (3, 32, 32), (0.2190,) * 3, (0.3318,) * 3, _FASHION_CLASSES,
+                "Fashion-MNIST padded to 32x32 and repeated to 3 channels (CIFAR-shaped real images)"),
+    _locate_fashion, base="fashion-mnist-32", derive=_to_three_channels,
 )
 _add(
     DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), _DIGITS10, "MNIST, 28x28 grey, 60k/10k"),
-    _locate_mnist,
-    read=_read_idx_pair,
+    _locate_mnist, read=_read_idx_pair,
 )
 # The CMI benchmark resizes MNIST to 32x32 and keeps the 28x28 normalisation constants; so do we.
 _add(
-    DatasetInfo(
-        "mnist-32",
-        10,
-        (1, 32, 32),
-        (0.1307,),
-        (0.3081,),
-        _DIGITS10,
-        "MNIST bilinearly resized to 32x32, as in the CMI benchmark (LeNet-5 input)",
-    ),
-    _locate_mnist,
-    base="mnist",
-    derive=_resize(32),
+    DatasetInfo("mnist-32", 10, (1, 32, 32), (0.1307,), (0.3081,), _DIGITS10,
+                "MNIST bilinearly resized to 32x32, as in the CMI benchmark (LeNet-5 input)"),
+    _locate_mnist, base="mnist", derive=_resize(32),
 )
 
 
@@ -491,31 +444,14 @@ def _read_digits(files: tuple[Path, ...], split: str) -> tuple[Tensor, Tensor]:
 
 # Computed once from the 1,442 training images of this split, after scaling to 0..255 (and upsampling for -32).
 _add(
-    DatasetInfo(
-        "digits",
-        10,
-        (1, 8, 8),
-        (0.3054,),
-        (0.3753,),
-        _DIGITS10,
-        "scikit-learn's bundled 8x8 digits, 1442/355 stratified split (pip install scikit-learn)",
-    ),
-    _locate_bundled,
-    read=_read_digits,
+    DatasetInfo("digits", 10, (1, 8, 8), (0.3054,), (0.3753,), _DIGITS10,
+                "scikit-learn's bundled 8x8 digits, 1442/355 stratified split (pip install scikit-learn)"),
+    _locate_bundled, read=_read_digits,
 )
 _add(
-    DatasetInfo(
-        "digits-32",
-        10,
-        (1, 32, 32),
-        (0.3054,),
-        (0.3226,),
-        _DIGITS10,
-        "scikit-learn digits bilinearly upsampled to 32x32 (LeNet-5 input)",
-    ),
-    _locate_bundled,
-    base="digits",
-    derive=_resize(32),
+    DatasetInfo("digits-32", 10, (1, 32, 32), (0.3054,), (0.3226,), _DIGITS10,
+                "scikit-learn digits bilinearly upsampled to 32x32 (LeNet-5 input)"),
+    _locate_bundled, base="digits", derive=_resize(32),
 )
 
 
@@ -565,23 +501,12 @@ class _CifarLayout:
 
 
 _CIFAR10 = _CifarLayout(
-    "cifar-10-batches-py",
-    "cifar-10-python.tar.gz",
-    tuple(f"data_batch_{i}" for i in range(1, 6)),
-    ("test_batch",),
-    "batches.meta",
-    "labels",
-    "label_names",
+    "cifar-10-batches-py", "cifar-10-python.tar.gz", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
+    "batches.meta", "labels", "label_names",
     "Download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html into DIR (no need to extract)",
 )
 _CIFAR100 = _CifarLayout(
-    "cifar-100-python",
-    "cifar-100-python.tar.gz",
-    ("train",),
-    ("test",),
-    "meta",
-    "fine_labels",
-    "fine_label_names",
+    "cifar-100-python", "cifar-100-python.tar.gz", ("train",), ("test",), "meta", "fine_labels", "fine_label_names",
     "Download cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html into DIR (no need to extract)",
 )
 
@@ -653,30 +578,14 @@ def _cifar_reader(layout: _CifarLayout, expected_classes: int) -> Read:
 
 
 _add(
-    DatasetInfo(
-        "cifar10",
-        10,
-        (3, 32, 32),
-        (0.4914, 0.4822, 0.4465),
-        (0.2023, 0.1994, 0.2010),
-        _CIFAR10_CLASSES,
-        "CIFAR-10, 32x32 RGB, 50k/10k (python pickle batches or cifar-10-python.tar.gz)",
-    ),
-    _cifar_locator(_CIFAR10, "cifar10"),
-    read=_cifar_reader(_CIFAR10, 10),
+    DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), _CIFAR10_CLASSES,
+                "CIFAR-10, 32x32 RGB, 50k/10k (python pickle batches or cifar-10-python.tar.gz)"),
+    _cifar_locator(_CIFAR10, "cifar10"), read=_cifar_reader(_CIFAR10, 10),
 )
 _add(
-    DatasetInfo(
-        "cifar100",
-        100,
-        (3, 32, 32),
-        (0.5071, 0.4867, 0.4408),
-        (0.2675, 0.2565, 0.2761),
-        _CIFAR100_CLASSES,
-        "CIFAR-100 (fine labels), 32x32 RGB, 50k/10k (python pickle files or cifar-100-python.tar.gz)",
-    ),
-    _cifar_locator(_CIFAR100, "cifar100"),
-    read=_cifar_reader(_CIFAR100, 100),
+    DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), _CIFAR100_CLASSES,
+                "CIFAR-100 (fine labels), 32x32 RGB, 50k/10k (python pickle files or cifar-100-python.tar.gz)"),
+    _cifar_locator(_CIFAR100, "cifar100"), read=_cifar_reader(_CIFAR100, 100),
 )
 
 
@@ -711,15 +620,7 @@ def _read_svhn(files: tuple[Path, ...], split: str) -> tuple[Tensor, Tensor]:
 
 
 _add(
-    DatasetInfo(
-        "svhn",
-        10,
-        (3, 32, 32),
-        (0.4377, 0.4438, 0.4728),
-        (0.1980, 0.2010, 0.1970),
-        _DIGITS10,
-        "SVHN cropped digits, 32x32 RGB, 73k/26k (train_32x32.mat, test_32x32.mat)",
-    ),
-    _locate_svhn,
-    read=_read_svhn,
+    DatasetInfo("svhn", 10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), _DIGITS10,
+                "SVHN cropped digits, 32x32 RGB, 73k/26k (train_32x32.mat, test_32x32.mat)"),
+    _locate_svhn, read=_read_svhn,
 )
