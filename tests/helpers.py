@@ -48,3 +48,20 @@ TINY_DISTILL = [
     "engine.progress=false",
     "engine.device=cpu",
 ]
+
+
+def tiny_bench_args(teacher_run: Path, out: Path, data_root: Path, *extra: str) -> list[str]:
+    """`dfkd bench fashion-mnist` on CuDFKD alone, with an existing teacher, tiny sizes and the small problem."""
+    return [
+        "bench",
+        "fashion-mnist",
+        "--methods",
+        "cudfkd",
+        "--teacher",
+        str(teacher_run),
+        "--out",
+        str(out),
+        f"data.root={data_root}",
+        *TINY_DISTILL,
+        *extra,
+    ]

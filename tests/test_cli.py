@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import TINY_DISTILL
+from helpers import TINY_DISTILL, tiny_bench_args
 
 from dfkd.cli import main
 
@@ -192,19 +192,7 @@ def test_console_script_prints_no_traceback(tmp_path):
 
 
 def test_bench_runs_a_suite_and_reuses_finished_runs(capsys, data_root, teacher_run, tmp_path):
-    args = [
-        "bench",
-        "fashion-mnist",
-        "--methods",
-        "cudfkd",
-        "--teacher",
-        str(teacher_run),
-        "--out",
-        str(tmp_path),
-        f"data.root={data_root}",
-        *TINY_DISTILL,
-        "train.epochs=1",
-    ]
+    args = tiny_bench_args(teacher_run, tmp_path, data_root, "train.epochs=1")
     code, out, err = run(capsys, *args)
     assert code == 0, err
     assert "| cudfkd |" in out and (tmp_path / "table.md").read_text().strip() == out.strip()

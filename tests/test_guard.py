@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import TINY_DISTILL
+from helpers import TINY_DISTILL, tiny_bench_args
 
 import dfkd
 from dfkd import load_config
@@ -248,21 +248,7 @@ def test_distill_seeds_runs_every_seed_and_reuses_them(capsys, data_root, teache
 def test_bench_with_seeds_marks_a_collapsed_cell(capsys, data_root, teacher_run, tmp_path):
     from dfkd.cli import main
 
-    args = [
-        "bench",
-        "fashion-mnist",
-        "--methods",
-        "cudfkd",
-        "--teacher",
-        str(teacher_run),
-        "--out",
-        str(tmp_path),
-        "--seeds",
-        "0,1",
-        f"data.root={data_root}",
-        *TINY_DISTILL,
-        *ABSURD,
-    ]
+    args = tiny_bench_args(teacher_run, tmp_path, data_root, "--seeds", "0,1", *ABSURD)
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "**2/2** (seeds 0, 1)" in out and out.count("**COLLAPSED**") == 2

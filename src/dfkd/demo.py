@@ -34,9 +34,7 @@ SMOKE = {
 }
 
 
-def run_demo(
-    out: str | None = None, smoke: bool = False, seed: int = 0, distill_overrides: list[str] | None = None
-) -> tuple[bool, str]:
+def run_demo(out: str | None = None, smoke: bool = False, seed: int = 0) -> tuple[bool, str]:
     """Run the three steps into ``out`` (default ``runs/demo-TIMESTAMP``).
 
     Returns ``(ok, text)``: the result table, or (``ok`` False) the failure of a student that collapsed.
@@ -61,7 +59,6 @@ def run_demo(
             seeded,
             "engine.stop_on_collapse=true",
             *extra["distill"],
-            *(distill_overrides or []),
         ],
     )
     try:

@@ -37,10 +37,14 @@ def class_shares(logits: Tensor, num_classes: int) -> Tensor:
     return counts / counts.sum().clamp_min(1.0)
 
 
+def _chance_percent(student_shares: Tensor, teacher_shares: Tensor) -> float:
+    return float((student_shares * teacher_shares).sum() * 100.0)
+
+
 def chance_agreement_percent(student_logits: Tensor, teacher_logits: Tensor) -> float:
     """Agreement (in %) expected of two independent predictors with these class frequencies: 100 * sum_c p_s p_t."""
     k = max(student_logits.shape[1], teacher_logits.shape[1])
-    return float((class_shares(student_logits, k) * class_shares(teacher_logits, k)).sum() * 100.0)
+    return _chance_percent(class_shares(student_logits, k), class_shares(teacher_logits, k))
 
 
 def agreement_kappa(agreement: float, chance: float) -> float:
@@ -69,14 +73,15 @@ def collapse_reasons(
     judged = student_steps >= MIN_STEPS
     k = teacher_logits.shape[1]
     teacher_shares = class_shares(teacher_logits, k)
+    student_shares = class_shares(student_logits, k)
     teacher_informative = float(teacher_shares.max()) < 0.5 and (teacher_top1 is None or teacher_top1 > 150.0 / k)
-    chance = chance_agreement_percent(student_logits, teacher_logits)
+    chance = _chance_percent(student_shares, teacher_shares)
     kappa = agreement_kappa(agreement, chance)
     if judged and teacher_informative and kappa < KAPPA_MIN:
         reasons.append(f"agreement with the teacher at chance ({agreement:.2f}% vs {chance:.2f}% by chance)")
     if student_loss is not None and abs(student_loss) < ZERO_LOSS:
         reasons.append(f"student loss {student_loss:.3g} for the whole epoch (no gradient reaches the student)")
-    top_share = float(class_shares(student_logits, k).max())
+    top_share = float(student_shares.max())
     if judged and top_share >= ONE_CLASS_SHARE and float(teacher_shares.max()) < ONE_CLASS_SHARE:
         reasons.append(f"the student predicts one class for {top_share * 100:.1f}% of the images")
     return reasons
