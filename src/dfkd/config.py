@@ -82,6 +82,9 @@ class DistillTrainConfig(OptimConfig):
     kd_steps: int = 10  # student steps after each synthesis round
     # Linear learning-rate warm-up over the first N student steps (on top of the epoch schedule); 0 = none.
     warmup_steps: int = 0
+    # Evaluate and save an exponential moving average of the student's weights with this decay (0 = off; 0.999
+    # averages over about the last thousand steps). Passive: training is unchanged (engine/ema.py).
+    ema_decay: float = 0.0
 
 
 @dataclass

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dfkd.config import DistillConfig, to_dict, to_yaml
 from dfkd.data import dataset_info
 from dfkd.engine.common import build_model, default_out, freeze, load_split_on_device, progress_bar
+from dfkd.engine.ema import StudentEMA
 from dfkd.engine.env import Env, setup_env
 from dfkd.engine.evaluate import predict, student_metrics
 from dfkd.engine.guard import STATUS_DIVERGED, STATUS_OK, CollapseGuard, collapse_reasons
@@ -92,12 +93,15 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
     student_ddp = DistributedDataParallel(student) if env.distributed else student
     optimizer = build_optimizer(student.parameters(), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, cfg.train.epochs)
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={cfg.train.ema_decay}: give a decay in [0, 1) (0 = no averaging)")
+    ema = StudentEMA(student, cfg.train.ema_decay) if cfg.train.ema_decay else None
 
     run.prepare(resume=resume, overwrite=overwrite)
     state = _fresh_state()
     guard = CollapseGuard(stop=cfg.engine.stop_on_collapse, patience=cfg.engine.collapse_patience)
     if resume:
-        state = _restore(run, student, optimizer, scheduler, method, guard)
+        state = _restore(run, student, optimizer, scheduler, method, guard, ema)
         log.info("resuming %s from epoch %d", run.path, state["epoch"])
     run.write_text("config.yaml", to_yaml(cfg))
     run.write_metrics(state["history"])
@@ -149,6 +153,8 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
                     for group, lr in zip(optimizer.param_groups, scheduled_lr):
                         group["lr"] = lr * warmup_factor(prog.step, t.warmup_steps)
                 optimizer.step()
+                if ema is not None:
+                    ema.update(student)
                 meters.update(out, "train/")
                 prog.step += 1
                 watch.lap("student")
@@ -172,8 +178,12 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
             group["lr"] = lr  # the schedule steps from its own value, whatever the warm-up did
         scheduler.step()
         tick = time.perf_counter()
-        student_logits = predict(student, test_x, cfg.eval.batch_size, env.channels_last)
+        evaluated = ema.module if ema is not None else student
+        student_logits = predict(evaluated, test_x, cfg.eval.batch_size, env.channels_last)
         metrics = student_metrics(student_logits, test_y, teacher_logits)
+        if ema is not None:
+            live_logits = predict(student, test_x, cfg.eval.batch_size, env.channels_last)
+            metrics["top1_live"] = top1_percent(live_logits, test_y)
         reasons = collapse_reasons(
             metrics["agreement"], student_logits, teacher_logits, teacher_top1, losses.get("train/loss"), prog.step
         )
@@ -198,7 +208,8 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
         if is_best:
             state["best_top1"], state["best_epoch"] = metrics["top1"], epoch + 1
         state.update(epoch=epoch + 1, step=prog.step, timers=timers, guard=guard.state_dict())
-        run.save_checkpoint(_checkpoint(cfg, state, student, optimizer, scheduler, method, metrics["top1"]), is_best)
+        checkpoint = _checkpoint(cfg, state, student, optimizer, scheduler, method, metrics["top1"], ema)
+        run.save_checkpoint(checkpoint, is_best)
         run.append_metrics(row)
         if cfg.engine.sample_every and ((epoch + 1) % cfg.engine.sample_every == 0 or epoch + 1 == t.epochs):
             _pictures(run, method, state["history"], teacher_top1, cfg, env)
@@ -267,11 +278,15 @@ def _first_epoch(state: dict) -> int:
     return state["start"]
 
 
-def _checkpoint(cfg, state, student, optimizer, scheduler, method: Method, top1: float) -> dict:
-    net = student.net
+def _checkpoint(cfg, state, student, optimizer, scheduler, method: Method, top1: float, ema: StudentEMA | None) -> dict:
+    # ``state_dict`` holds the weights the run evaluated (the average when train.ema_decay is set): what `dfkd eval`
+    # and a teacher.weights=RUN_DIR load. The live student travels beside it for resuming.
+    extra = {} if ema is None else {"live_state_dict": student.net.state_dict(), "ema_updates": ema.updates}
+    evaluated = student if ema is None else ema.module
     return {
         "format": CHECKPOINT_FORMAT,
-        "state_dict": net.state_dict(),
+        "state_dict": evaluated.net.state_dict(),
+        **extra,
         "arch": cfg.student.arch,
         "num_classes": int(dataset_info(cfg.data.name).num_classes),
         "in_channels": int(dataset_info(cfg.data.name).image_shape[0]),
@@ -294,11 +309,23 @@ def _checkpoint(cfg, state, student, optimizer, scheduler, method: Method, top1:
     }
 
 
-def _restore(run: RunDir, student, optimizer, scheduler, method: Method, guard: CollapseGuard) -> dict:
+def _restore(
+    run: RunDir, student, optimizer, scheduler, method: Method, guard: CollapseGuard, ema: StudentEMA | None
+) -> dict:
     ckpt = run.load_checkpoint("last")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{run.last} is not a distillation checkpoint: resume it with the command that wrote it")
-    student.net.load_state_dict(ckpt["state_dict"])
+    if (ema is not None) != ("live_state_dict" in ckpt):
+        raise ConfigError(
+            f"{run.last} was written with{'out' if ema is not None else ''} train.ema_decay: resume it with the "
+            "settings that wrote it"
+        )
+    if ema is None:
+        student.net.load_state_dict(ckpt["state_dict"])
+    else:
+        student.net.load_state_dict(ckpt["live_state_dict"])
+        ema.module.net.load_state_dict(ckpt["state_dict"])
+        ema.updates = int(ckpt["ema_updates"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     method.load_state_dict(ckpt["method"])
