@@ -9,14 +9,14 @@ from torch import nn
 
 import dfkd
 from dfkd.engine import rundir as rundir_module
-from dfkd.engine.ema import StudentEMA, ema_decay_at
+from dfkd.engine.ema import StudentEMA, ema_new_weight
 from dfkd.errors import ConfigError
 
 
-def test_decay_ramps_up_to_its_value():
-    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
-    assert ema_decay_at(90, 0.999) == pytest.approx(0.91)
-    assert ema_decay_at(10_000, 0.999) == 0.999  # (10001 / 10010 = 0.9991) capped at the decay
+def test_bias_corrected_weights():
+    assert ema_new_weight(1, 0.999) == 1.0  # the first update copies the student
+    assert ema_new_weight(2, 0.5) == pytest.approx(0.5 / 0.75)
+    assert ema_new_weight(100_000, 0.999) == pytest.approx(0.001)  # then the plain 1 - decay
 
 
 def test_average_by_hand():
@@ -28,14 +28,16 @@ def test_average_by_hand():
         net[0].weight.fill_(3.0)
         net[1].running_mean.fill_(2.0)
         net[1].num_batches_tracked.fill_(7)
-    ema.update(net)  # decay min(0.5, 1/10) = 0.1: 0.1 * 1 + 0.9 * 3
-    assert ema.module[0].weight.item() == pytest.approx(2.8)
-    assert ema.module[1].running_mean.item() == pytest.approx(1.8)  # float buffers are averaged too
+    ema.update(net)  # the first update copies
+    assert ema.module[0].weight.item() == 3.0
+    assert ema.module[1].running_mean.item() == 2.0  # float buffers are averaged too
     assert ema.module[1].num_batches_tracked.item() == 7  # integer buffers are copied
     with torch.no_grad():
         net[0].weight.fill_(5.0)
-    ema.update(net)  # decay min(0.5, 2/11) = 2/11
-    assert ema.module[0].weight.item() == pytest.approx(2 / 11 * 2.8 + 9 / 11 * 5.0)
+        net[1].running_mean.fill_(4.0)
+    ema.update(net)  # (0.5 * 3 + 5) / 1.5 and (0.5 * 2 + 4) / 1.5: the initial 1.0 never counts
+    assert ema.module[0].weight.item() == pytest.approx(6.5 / 1.5)
+    assert ema.module[1].running_mean.item() == pytest.approx(5.0 / 1.5)
     assert not ema.module[0].weight.requires_grad and not ema.module.training
 
 

@@ -158,3 +158,34 @@ def test_state_survives_a_checkpoint_round_trip(name):
         assert torch.allclose(value.float(), expected[key].float(), atol=1e-5), key
     method.close()
     fresh.close()
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_every_tensor_a_method_hands_the_engine_lives_on_the_engine_device(name):
+    """One round on the ``meta`` device, so a tensor made on the CPU by default (``torch.tensor(x)``) shows up as what
+    it is on a GPU: a tensor on another device, which the engine's meters cannot stack with the others."""
+    meta = torch.device("meta")
+    torch.manual_seed(0)
+    teacher, student = make_teacher().to(meta), Normalized(TinyNet(4), INFO.mean, INFO.std).to(meta)
+    method = METHODS.get(name)(tiny_config(name), Ctx(teacher, student, INFO, Env(meta), batch_size=8)).to(meta)
+    prog = Progress(0, 0, 0, 1, 1, 2)
+    logged = dict(method.synthesize(prog))
+    batch = method.next_batch(prog)
+    logged.update(method.student_loss(batch, student, prog))
+    assert batch.x.device == meta
+    for key, value in logged.items():
+        assert isinstance(value, (int, float)) or (torch.is_tensor(value) and value.device == meta), (key, value)
+    method.close()
+
+
+def test_best_iterate_keeps_the_lowest_loss_without_leaving_the_device():
+    from dfkd.methods.base import BestIterate
+
+    best = BestIterate()
+    best.offer(torch.tensor(float("nan")), torch.zeros(2))  # the first offer is kept, whatever its loss
+    assert torch.equal(best.values[0], torch.zeros(2))
+    best = BestIterate()
+    for loss, value in ((3.0, 1.0), (1.0, 2.0), (2.0, 3.0)):
+        best.offer(torch.tensor(loss), torch.full((2,), value), torch.tensor([value]))
+    assert best.loss.item() == 1.0 and torch.equal(best.values[0], torch.full((2,), 2.0))
+    assert best.values[1].item() == 2.0

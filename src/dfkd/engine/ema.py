@@ -18,13 +18,15 @@ import torch
 from torch import nn
 
 
-def ema_decay_at(updates: int, decay: float) -> float:
-    """The decay used for update number ``updates`` (0-based): min(decay, (1 + n) / (10 + n)).
+def ema_new_weight(update: int, decay: float) -> float:
+    """The weight of the live student in update number ``update`` (1-based): (1 - decay) / (1 - decay**update).
 
-    The ramp keeps the first updates from being dominated by the initial weights (a fixed 0.999 would still hold 45 %
-    of the random initialisation after 800 steps); it is the warm-up of TensorFlow's ExponentialMovingAverage.
+    This is the bias-corrected average (as in Adam's moment estimates): after k updates the average is
+    sum_i decay**(k - i) * w_i over the k weights seen, normalised, so the random initialisation never enters it
+    (the first update copies the student) and ``decay`` means the same horizon, about 1 / (1 - decay) steps, from
+    the start of the run to its end.
     """
-    return min(decay, (1.0 + updates) / (10.0 + updates))
+    return (1.0 - decay) / (1.0 - decay**update)
 
 
 class StudentEMA:
@@ -41,7 +43,8 @@ class StudentEMA:
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
-        weight = 1.0 - ema_decay_at(self.updates, self.decay)
+        self.updates += 1
+        weight = ema_new_weight(self.updates, self.decay)
         averaged, live = [], []
         for mine, theirs in zip(self._tensors(self.module), self._tensors(student)):
             if mine.is_floating_point():
@@ -51,7 +54,6 @@ class StudentEMA:
                 mine.copy_(theirs)
         if averaged:
             torch._foreach_lerp_(averaged, live, weight)
-        self.updates += 1
 
     @staticmethod
     def _tensors(module: nn.Module) -> list[torch.Tensor]:

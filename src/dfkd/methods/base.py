@@ -226,6 +226,28 @@ class GeneratorMethod(Method):
         return self.generator(self.preview_z[:n])
 
 
+class BestIterate:
+    """The lowest-loss iterate of an inner optimisation, kept on the device: no host sync per step.
+
+    ``offer(loss, *tensors)`` keeps ``tensors`` (detached copies) when ``loss`` is lower than every loss offered
+    before; the first offer is always kept, so a NaN loss from the start still leaves an iterate.
+    """
+
+    def __init__(self) -> None:
+        self.loss: Tensor | None = None
+        self.values: tuple[Tensor, ...] = ()
+
+    @torch.no_grad()
+    def offer(self, loss: Tensor, *tensors: Tensor) -> None:
+        loss = loss.detach().float()
+        if self.loss is None:
+            self.loss, self.values = loss.clone(), tuple(t.detach().clone() for t in tensors)
+            return
+        better = loss < self.loss
+        self.loss = torch.where(better, loss, self.loss)
+        self.values = tuple(torch.where(better, new.detach(), old) for new, old in zip(tensors, self.values))
+
+
 @contextmanager
 def frozen(*models: nn.Module) -> Iterator[None]:
     """Eval mode and no parameter gradients for ``models`` inside the block (restored afterwards).

@@ -48,7 +48,7 @@ from dfkd.data.pool import SyntheticPool
 from dfkd.errors import ConfigError, closest
 from dfkd.losses import adv_masked_kl, onehot_ce
 from dfkd.losses.contrastive import ContrastHead, InstanceMeanHooks, MemoryBank, contrastive_loss
-from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen
+from dfkd.methods.base import Batch, BestIterate, Ctx, Method, MethodConfig, Progress, frozen
 from dfkd.methods.registry import METHODS
 from dfkd.models import create_generator, init_dcgan_
 
@@ -148,7 +148,7 @@ class CMI(Method):
         z = torch.randn(n, c.nz, device=self.device, requires_grad=True)
         y = torch.randint(0, self.ctx.info.num_classes, (n,), device=self.device).sort().values
         opt = torch.optim.Adam([*self.generator.parameters(), z], c.lr_g, betas=tuple(c.betas_g))
-        best_loss, best_x, best_features = float("inf"), None, None
+        best = BestIterate()
         with frozen(student):
             for _ in range(c.g_steps):
                 # Step 2: two views, the inversion loss on the global one, the contrastive loss across both
@@ -167,10 +167,7 @@ class CMI(Method):
                     split = n if c.cr_reduction == "split" else None
                     loss_cr = contrastive_loss(q, k, c.cr_T, split)
                     loss = c.bn * loss_bn + c.oh * loss_oh + c.adv * loss_adv + c.cr * loss_cr
-                value = loss.item()
-                if best_x is None or value < best_loss:
-                    best_loss, best_x = value, x.detach().clone()
-                    best_features = torch.cat([f_local, f_global], dim=1).detach()
+                best.offer(loss, x, torch.cat([f_local, f_global], dim=1))
                 opt.zero_grad(set_to_none=True)
                 self.opt_head.zero_grad(set_to_none=True)
                 loss.backward()
@@ -178,6 +175,7 @@ class CMI(Method):
                 opt.step()
                 self.opt_head.step()
         # Step 3: the best batch into the pool, its features into the bank
+        best_x, best_features = best.values
         self.pool.add(best_x)
         self.bank.add(best_features)
         self.images_synthesized += n
@@ -187,8 +185,8 @@ class CMI(Method):
             "loss_oh": loss_oh.detach(),
             "loss_adv": loss_adv.detach(),
             "loss_cr": loss_cr.detach(),
-            "best_loss": torch.tensor(best_loss),
-            "pool_size": torch.tensor(float(len(self.pool))),
+            "best_loss": best.loss,
+            "pool_size": len(self.pool),
         }
 
     @torch.no_grad()

@@ -173,7 +173,7 @@ class CuDFKD(GeneratorMethod):
             "loss_oh": loss_oh.detach(),
             "loss_bn": loss_bn.detach(),
             "loss_adv": loss_adv.detach(),
-            "adv_weight": torch.tensor(adv),
+            "adv_weight": adv,
         }
 
     def _difficulty(self, s: Tensor, t: Tensor, per_sample: bool) -> Tensor:

@@ -40,7 +40,7 @@ from dfkd.config import choice
 from dfkd.data import build_augment
 from dfkd.data.pool import SyntheticPool
 from dfkd.losses import js_div, onehot_ce, tv_l1, tv_l2
-from dfkd.methods.base import Batch, Ctx, Method, MethodConfig, Progress, frozen
+from dfkd.methods.base import Batch, BestIterate, Ctx, Method, MethodConfig, Progress, frozen
 from dfkd.methods.registry import METHODS
 
 
@@ -123,24 +123,24 @@ class DeepInversion(Method):
         v = torch.randn(n, *self.ctx.info.image_shape, device=self.device, requires_grad=True)
         y = torch.randint(0, self.ctx.info.num_classes, (n,), device=self.device).sort().values
         opt = torch.optim.Adam([v], lr=c.lr_g, betas=tuple(c.betas_g))
-        best_loss, best_v = float("inf"), None
+        best = BestIterate()
         with frozen(self.ctx.student):
             for _ in range(c.g_steps):
                 # Step 2: one Adam step on the inversion loss, then back into the valid image range
                 terms = self.inversion_loss(v, y)
-                if c.pool_iterate == "best" and terms["loss"].item() < best_loss:
-                    best_loss, best_v = terms["loss"].item(), v.detach().clone()
+                if c.pool_iterate == "best":
+                    best.offer(terms["loss"], v)
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 opt.step()
                 self._clamp_(v)
         # Step 3: the last (or best) iterate into the pool
-        pooled = best_v if best_v is not None else v.detach()
+        pooled = best.values[0] if best.values else v.detach()
         self.pool.add(pooled * self.std + self.mean)
         self.images_synthesized += n
         return {
             **{("loss_g" if k == "loss" else k): value.detach() for k, value in terms.items()},
-            "pool_size": torch.tensor(float(len(self.pool))),
+            "pool_size": len(self.pool),
         }
 
     @torch.no_grad()

@@ -79,7 +79,7 @@ class DFAD(GeneratorMethod):
                 with self.ctx.env.autocast():
                     loss = adv_l1(student(x), teacher(x))
                 optimizer_step(self.opt_g, loss, self.ctx.env, self.generator)
-        return {"loss_g": loss.detach(), "lr_g": torch.tensor(lr)}
+        return {"loss_g": loss.detach(), "lr_g": lr}
 
     # 2. the L1 imitation loss, on fresh generator batches
     def student_loss(self, batch: Batch, student: torch.nn.Module, prog: Progress) -> dict[str, Tensor]:

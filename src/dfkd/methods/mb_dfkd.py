@@ -83,4 +83,4 @@ class MBDFKD(NovelGeneratorMethod):
     def student_loss(self, batch: Batch, student: torch.nn.Module, prog: Progress) -> dict[str, Tensor]:
         with torch.no_grad():
             t = self.ctx.teacher(batch.x)
-        return {"loss": kd_l1(student(batch.x), t), "memory_size": torch.tensor(float(len(self.memory)))}
+        return {"loss": kd_l1(student(batch.x), t), "memory_size": len(self.memory)}

@@ -229,7 +229,7 @@ class ZSKT(GeneratorMethod):
                 x = self.generate(z)
             with self.ctx.env.autocast():
                 self._round = (x, *self._teacher(x))
-        return {"loss_g": loss.detach(), "loss_adv": loss_adv.detach(), "lr_g": torch.tensor(lr)}
+        return {"loss_g": loss.detach(), "loss_adv": loss_adv.detach(), "lr_g": lr}
 
     # 2. student batches
     def next_batch(self, prog: Progress) -> Batch:
