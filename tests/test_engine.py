@@ -147,9 +147,12 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(data_root, teacher_
     net.load_state_dict(torch.load(teacher_run / "ckpt" / "best.pt", weights_only=True)["state_dict"])
     # the teacher runs 1 (test-set) + per epoch 2 rounds x (1 + 2) forwards + 1 eval pass: sour in epoch 2
     out = tmp_path / "nan"
-    cfg = distill_cfg(data_root, teacher_run, out, "train.epochs=3", "teacher.weights=null", "method.bn=0")
+    cfg = distill_cfg(data_root, teacher_run, out, "train.epochs=3", "teacher.weights=null")
+    teacher = NaNAfter(net, calls=1 + 2 * 3 + 2)
     with pytest.raises(DivergedError, match=r"diverged: .* in epoch 2; .*last good checkpoint: epoch 1"):
-        dfkd.distill(cfg, teacher=NaNAfter(net, calls=1 + 2 * 3 + 2))
+        dfkd.distill(cfg, teacher=teacher)
+    # the failed run leaves the caller's teacher as it found it: no hooks of the method stay behind
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in teacher.modules())
     assert torch.load(out / "ckpt" / "last.pt", weights_only=True)["epoch"] == 1
     assert len(_metrics(out)) == 1
     # the run is recorded as what it is: a diverged run, never one that looks finished and fine

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -67,14 +68,18 @@ def distill(
     run = RunDir(cfg.out or default_out("distill", f"{cfg.method.name}-{cfg.data.name}"), env.is_main)
     run.check(resume=resume, overwrite=overwrite)
     env.barrier()  # every rank checks before rank 0 writes anything
+    cleanup = ExitStack()
     try:
-        return _distill(cfg, env, run, teacher, student, resume, overwrite)
+        return _distill(cfg, env, run, teacher, student, resume, overwrite, cleanup)
     finally:
+        cleanup.close()  # the method's hooks come off a caller's teacher even when the run fails
         run.close()
         env.teardown()
 
 
-def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume: bool, overwrite: bool) -> dict:
+def _distill(
+    cfg, env: Env, run: RunDir, teacher_module, student_module, resume: bool, overwrite: bool, cleanup: ExitStack
+) -> dict:
     started = time.perf_counter()
     seed_everything(cfg.engine.seed, env.rank)
     info = dataset_info(cfg.data.name)
@@ -87,6 +92,7 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
     teacher = freeze(build_model(teacher_module or cfg.teacher.arch, info, env, cfg.teacher.weights, "teacher"))
     student = build_model(student_module or cfg.student.arch, info, env, None, "student")
     method: Method = METHODS.get(cfg.method.name)(cfg.method, Ctx(teacher, student, info, env, cfg.train.batch_size))
+    cleanup.callback(method.close)
     method.to(env.device)
     env.broadcast_state(student)
     env.broadcast_state(method)
@@ -241,7 +247,6 @@ def _distill(cfg, env: Env, run: RunDir, teacher_module, student_module, resume:
     summary.update(status=status, status_reason=reason, collapsed_epochs=[f["epoch"] for f in guard.flagged])
     _pictures(run, method, state["history"], teacher_top1, cfg, env)
     run.write_summary(summary)
-    method.close()
     if status != STATUS_OK:
         log.warning("FAILED: the run %s: %s; its accuracy is not a result (summary in %s)", status, reason, run.path)
     else:
