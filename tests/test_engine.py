@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -55,7 +56,10 @@ def test_distill_writes_a_complete_run_dir(data_root, teacher_run, tmp_path):
         "teacher_top1",
         "student_top1_best",
         "student_top1_last",
-        "agreement",
+        "agreement_best",
+        "agreement_last",
+        "prob_loyalty_best",
+        "prob_loyalty_last",
         "mu",
         "var",
         "synth_seconds",
@@ -72,7 +76,14 @@ def test_distill_writes_a_complete_run_dir(data_root, teacher_run, tmp_path):
     assert summary["synth_seconds"] > 0 and summary["student_seconds"] > 0 and summary["peak_memory_bytes"] > 0
     assert summary["student_top1_best"] == max(r["eval/top1"] for r in rows)
     assert summary["mu"] == pytest.approx(sum(r["eval/top1"] for r in rows) / 2)
-    assert 0 <= summary["agreement"] <= 100
+    best_row = rows[summary["best_epoch"] - 1]
+    assert summary["agreement_best"] == best_row["eval/agreement"]
+    assert summary["agreement_last"] == rows[-1]["eval/agreement"]
+    assert summary["prob_loyalty_best"] == best_row["eval/prob_loyalty"]
+    assert isinstance(summary["images_synthesized"], int)
+    # the logged rate is the one each epoch trained at: epoch 1 at train.lr, epoch 2 at the cosine's midpoint
+    lr = load_config("distill", DEMO, []).train.lr
+    assert [r["lr"] for r in rows] == pytest.approx([lr, lr * 0.5])
     ckpt = torch.load(out / "ckpt" / "last.pt", weights_only=True)
     assert ckpt["arch"] == "lenet5_half" and ckpt["epoch"] == 2
     # the distilled student is an ordinary checkpoint for `dfkd eval`
@@ -94,6 +105,19 @@ def test_runs_repeat_with_the_same_seed(data_root, teacher_run, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
     assert c is not None
+
+
+def test_total_time_counts_checkpoints_and_pictures(data_root, teacher_run, tmp_path, monkeypatch):
+    slow = rundir_module.RunDir.save_checkpoint
+
+    def save_slowly(self, *args, **kwargs):
+        time.sleep(0.5)
+        slow(self, *args, **kwargs)
+
+    monkeypatch.setattr(rundir_module.RunDir, "save_checkpoint", save_slowly)
+    summary = dfkd.distill(distill_cfg(data_root, teacher_run, tmp_path / "run", "train.epochs=2"))
+    booked = summary["synth_seconds"] + summary["student_seconds"] + summary["eval_seconds"]
+    assert summary["total_seconds"] >= booked + 2 * 0.5
 
 
 def _metrics(path):

@@ -166,7 +166,7 @@ def seed_summary(seed: int, best: float, last: float, status: str = "ok") -> dic
         "status": status,
         "student_top1_best": best,
         "student_top1_last": last,
-        "agreement": last + 1.0,
+        "agreement_best": last + 1.0,
         "mu": last - 2.0,
         "var": 4.0 * seed,
         "images_synthesized": 1000,
@@ -189,7 +189,7 @@ def test_aggregate_seeds_by_hand():
     assert agg["student_top1_best"]["mean"] == pytest.approx(mean)
     assert agg["student_top1_best"]["std"] == pytest.approx(std)
     assert agg["student_top1_last"]["mean"] == pytest.approx(56.0)
-    assert agg["agreement"]["mean"] == pytest.approx(57.0)
+    assert agg["agreement_best"]["mean"] == pytest.approx(57.0)
     assert agg["var"]["mean"] == pytest.approx(4.0) and agg["var"]["std"] == pytest.approx(4.0)
     assert agg["collapsed"] == 1 and agg["diverged"] == 0 and agg["failed_seeds"] == [2]
     single = aggregate_seeds([seed_summary(5, 70.0, 69.0)])

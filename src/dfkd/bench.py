@@ -145,7 +145,7 @@ def _curve(summary: dict) -> list[float]:
     return [row["eval/top1"] for row in rows]
 
 
-AGGREGATED = ("student_top1_best", "student_top1_last", "agreement", "mu", "var")
+AGGREGATED = ("student_top1_best", "student_top1_last", "agreement_best", "mu", "var")
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -195,7 +195,7 @@ def format_table(title: str, rows: list[tuple[str, dict]]) -> str:
         "last %",
         "μ",
         "σ²",
-        "agree %",
+        "agree % (best epoch)",
         "steps",
         "images",
         "img/s",
@@ -214,7 +214,7 @@ def format_table(title: str, rows: list[tuple[str, dict]]) -> str:
             _num(s["student_top1_last"]),
             _num(s["mu"]),
             _num(s["var"]),
-            _num(s["agreement"]),
+            _num(s.get("agreement_best")),
             f"{s['student_steps']:,}",
             f"{s['images_synthesized']:,}",
             _num(s["images_synthesized"] / busy if busy else None, ".0f"),
@@ -230,7 +230,7 @@ def format_table(title: str, rows: list[tuple[str, dict]]) -> str:
 
 def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
     """One row per recipe (mean ± std over its seeds, failed seeds counted), then every seed's own row."""
-    header = ("method", "seeds", "failed", "best %", "last %", "agree %", "μ", "σ²", "total per seed")
+    header = ("method", "seeds", "failed", "best %", "last %", "agree % (best epoch)", "μ", "σ²", "total per seed")
     lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _recipe, summaries in cells:
         agg = aggregate_seeds(summaries)
@@ -243,13 +243,13 @@ def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
             failed_cell,
             _pm(agg["student_top1_best"]),
             _pm(agg["student_top1_last"]),
-            _pm(agg["agreement"]),
+            _pm(agg["agreement_best"]),
             _pm(agg["mu"]),
             _pm(agg["var"]),
             format_seconds(total) if total is not None else "-",
         )
         lines.append("| " + " | ".join(row) + " |")
-    header = ("method", "seed", "status", "best %", "last %", "agree %", "μ", "σ²", "images", "total")
+    header = ("method", "seed", "status", "best %", "last %", "agree % (best epoch)", "μ", "σ²", "images", "total")
     lines += ["", "Per seed:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _recipe, summaries in cells:
         for s in summaries:
@@ -259,7 +259,7 @@ def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
                 status_cell(s),
                 _num(s["student_top1_best"]),
                 _num(s["student_top1_last"]),
-                _num(s["agreement"]),
+                _num(s.get("agreement_best")),
                 _num(s["mu"]),
                 _num(s["var"]),
                 f"{s['images_synthesized']:,}",

@@ -245,7 +245,7 @@ def _distill_seeds(args: argparse.Namespace) -> int:
             f"seed {s['seed']}: {s.get('status', 'ok')}, best {s['student_top1_best']:.2f}%, "
             f"last {s['student_top1_last']:.2f}%"
         )
-    best, last, agree = agg["student_top1_best"], agg["student_top1_last"], agg["agreement"]
+    best, last, agree = agg["student_top1_best"], agg["student_top1_last"], agg["agreement_best"]
     failed = agg["collapsed"] + agg["diverged"]
     _write(
         f"{summaries[0]['method']} over {agg['n']} seeds: best {best['mean']:.2f} ± {best['std']:.2f}%, "

@@ -118,7 +118,7 @@ def format_table(teacher: dict, student: dict, reference: dict, seconds: float, 
     samples = sorted((run / "samples").glob("epoch_*.png"))
     lines += [
         "",
-        f"data-free student agrees with the teacher on {student['agreement']:.2f}% of the test images; "
+        f"data-free student (best epoch) agrees with the teacher on {student['agreement_best']:.2f}% of test images; "
         f"seed {seed}; total demo time {format_seconds(seconds)}",
         f"synthetic samples: {samples[-1] if samples else run / 'samples'}",
         f"accuracy curve:    {run / 'accuracy.png'}",

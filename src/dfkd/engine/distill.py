@@ -131,9 +131,9 @@ def _distill(
     bar = progress_bar(t.epochs * steps_per_epoch, state["step"], cfg.engine.progress and env.is_main, "distill")
     env.reset_peak_memory()
     timers = state["timers"]
+    earlier_total = timers["total_seconds"]  # wall time of the processes before a resume
     loop_started = time.perf_counter()
     for epoch in range(state["epoch"], t.epochs):
-        epoch_started = time.perf_counter()
         prog.epoch = epoch
         meters = Meters()
         # Synthesis time is every moment spent producing images (the method's synthesis round and the student
@@ -172,6 +172,7 @@ def _distill(
         losses = meters.means()
         bad = first_non_finite(losses)
         if bad is not None:
+            timers["total_seconds"] = earlier_total + time.perf_counter() - started
             last = f"epoch {state['epoch']}" if state["epoch"] else "none yet"
             reason = f"{bad} became {losses[bad]} in epoch {epoch + 1}"
             summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path)
@@ -199,13 +200,14 @@ def _distill(
         stop = env.all_reduce_sum(torch.tensor(float(guard.should_stop), device=env.device)).item() > 0
         guard.stopped_early = stop
         timers["eval_seconds"] += time.perf_counter() - tick
-        timers["total_seconds"] += time.perf_counter() - epoch_started
+        # everything this process did so far, the previous epoch's checkpoint and pictures included
+        timers["total_seconds"] = earlier_total + time.perf_counter() - started
         row = {
             "epoch": epoch + 1,
             "step": prog.step,
             **{f"eval/{k}": v for k, v in metrics.items()},
             **losses,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": scheduled_lr[0],  # the rate this epoch trained at (after any warm-up), not the next epoch's
             "images_synthesized": method.images_synthesized,
             **{f"time/{k}": v for k, v in timers.items()},
         }
@@ -241,11 +243,11 @@ def _distill(
             break
     bar.close()
 
-    timers["total_seconds"] += loop_started - started  # set-up of this process: data, networks, teacher eval
+    _pictures(run, method, state["history"], teacher_top1, cfg, env)
+    timers["total_seconds"] = earlier_total + time.perf_counter() - started
     summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path)
     status, reason = guard.status(state["epoch"])
     summary.update(status=status, status_reason=reason, collapsed_epochs=[f["epoch"] for f in guard.flagged])
-    _pictures(run, method, state["history"], teacher_top1, cfg, env)
     run.write_summary(summary)
     if status != STATUS_OK:
         log.warning("FAILED: the run %s: %s; its accuracy is not a result (summary in %s)", status, reason, run.path)
@@ -372,7 +374,9 @@ def _summary(cfg, env: Env, state, method: Method, teacher_top1, teacher_module,
     curve = [row["eval/top1"] for row in history]
     stats = accuracy_curve_stats(curve, cfg.eval.window_start, cfg.eval.window_end)
     last = history[-1] if history else {}
-    images = env.all_reduce_sum(torch.tensor(float(method.images_synthesized), device=env.device)).item()
+    best = next((row for row in history if row["epoch"] == state["best_epoch"]), {})
+    # int64: a float32 sum loses whole images beyond 2**24
+    images = env.all_reduce_sum(torch.tensor(method.images_synthesized, dtype=torch.int64, device=env.device)).item()
     timers = state["timers"]
     student_steps = state["step"]
     busy = timers["synth_seconds"] + timers["student_seconds"]
@@ -387,9 +391,13 @@ def _summary(cfg, env: Env, state, method: Method, teacher_top1, teacher_module,
         "student_top1_best": stats["best"],
         "best_epoch": state["best_epoch"],
         "student_top1_last": last.get("eval/top1"),
-        "agreement": last.get("eval/agreement"),
-        "prob_loyalty": last.get("eval/prob_loyalty"),
-        "prob_loyalty_reference": last.get("eval/prob_loyalty_reference"),
+        # the papers report the best epoch's agreement and loyalty; the last epoch's are the run's final student
+        "agreement_best": best.get("eval/agreement"),
+        "agreement_last": last.get("eval/agreement"),
+        "prob_loyalty_best": best.get("eval/prob_loyalty"),
+        "prob_loyalty_last": last.get("eval/prob_loyalty"),
+        "prob_loyalty_reference_best": best.get("eval/prob_loyalty_reference"),
+        "prob_loyalty_reference_last": last.get("eval/prob_loyalty_reference"),
         "mu": stats["mu"],
         "var": stats["var"],
         "curve_window": stats["window"],
