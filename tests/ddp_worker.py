@@ -1,20 +1,43 @@
-"""Run by test_ddp.py under torchrun: a tiny distillation, then each rank dumps its student and generator."""
+"""Run by test_ddp.py under torchrun: a tiny distillation with a BatchNorm student on 2 gloo processes.
+
+Modes: ``run`` (each rank dumps its student and generator at the end), ``kill`` (every rank SIGKILLs itself once
+epoch 1 is saved), ``resume`` (continue the killed run), ``diverge`` (rank 1's teacher turns NaN at the end of
+epoch 2; each rank records the error it stopped with).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 import dfkd
 import dfkd.methods.cudfkd as cudfkd
+from dfkd.engine import rundir
+from dfkd.errors import DivergedError
+
+
+class NaNAfter(nn.Module):
+    def __init__(self, net: nn.Module, calls: int):
+        super().__init__()
+        self.net, self.calls = net, calls
+
+    def forward(self, x):
+        self.calls -= 1
+        out = self.net(x)
+        return out * float("nan") if self.calls < 0 else out
 
 
 def main() -> None:
-    data_root, teacher_run, out = sys.argv[1:4]
+    mode, data_root, teacher_run, out = sys.argv[1:5]
     rank = int(os.environ["RANK"])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # as the CLI does: every rank's lines to stderr
     dump = Path(out) / "dump"
     dump.mkdir(parents=True, exist_ok=True)
     original_close = cudfkd.CuDFKD.close
@@ -24,27 +47,47 @@ def main() -> None:
         original_close(self)
 
     cudfkd.CuDFKD.close = close
-    student = dfkd.create_model("lenet5_half", 10, 1)
-    cfg = dfkd.load_config(
-        "distill",
-        "fashion-mnist/cudfkd-lenet5_bn-lenet5_half",
-        [
-            f"data.root={data_root}",
-            f"teacher.weights={teacher_run}",
-            f"out={out}/run",
-            "method.nz=16",
-            "method.ngf=4",
-            "train.batch_size=16",
-            "train.rounds_per_epoch=2",
-            "train.kd_steps=2",
-            "train.epochs=1",
-            "eval.window_start=0",
-            "engine.progress=false",
-            "engine.device=cpu",
-            "method.adv=1.0",
-        ],
-    )
-    dfkd.distill(cfg, student=student)
+    if mode == "kill":
+        original_append = rundir.RunDir.append_metrics
+
+        def append_then_die(self, row):
+            original_append(self, row)
+            if row["epoch"] == 1:
+                dist.barrier()  # rank 0 has written the checkpoint
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        rundir.RunDir.append_metrics = append_then_die
+    torch.manual_seed(0)  # the same initial student in every launch (rank 0's is broadcast to rank 1)
+    student = dfkd.create_model("lenet5_bn", 10, 1)
+    teacher = None
+    overrides = [
+        f"data.root={data_root}",
+        f"teacher.weights={teacher_run}",
+        f"out={out}/run",
+        "method.nz=16",
+        "method.ngf=4",
+        "train.batch_size=16",
+        "train.rounds_per_epoch=2",
+        "train.kd_steps=2",
+        f"train.epochs={1 if mode == 'run' else 3}",
+        "eval.window_start=0",
+        "engine.progress=false",
+        "engine.device=cpu",
+        "method.adv=1.0",
+    ]
+    if mode == "diverge":
+        net = dfkd.create_model("lenet5_bn", 10, 1)
+        net.load_state_dict(torch.load(Path(teacher_run) / "ckpt" / "best.pt", weights_only=True)["state_dict"])
+        # 1 output check, 1 test-set pass, then 2 rounds x (1 generator step + 2 student steps) per epoch: rank 1's
+        # teacher turns NaN in the last student step of epoch 2, so rank 0's losses of that epoch are all finite
+        teacher = NaNAfter(net, calls=2 + 2 * 3 + 5) if rank == 1 else net
+        overrides += ["teacher.weights=null", "method.bn=0"]
+    cfg = dfkd.load_config("distill", "fashion-mnist/cudfkd-lenet5_bn-lenet5_half", overrides)
+    try:
+        dfkd.distill(cfg, teacher=teacher, student=student, resume=mode == "resume")
+    except DivergedError as exc:
+        (dump / f"diverged{rank}.txt").write_text(str(exc))
+        return
     torch.save(student.state_dict(), dump / f"student{rank}.pt")
 
 

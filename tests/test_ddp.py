@@ -1,4 +1,5 @@
-"""Two gloo processes on CPU (torchrun): the student and the persistent generator stay identical across ranks."""
+"""Two gloo processes on CPU (torchrun): ranks stay identical (BatchNorm student included), a killed run resumes to
+exactly the uninterrupted one, and a loss that turns NaN on one rank stops every rank."""
 
 from __future__ import annotations
 
@@ -11,27 +12,75 @@ from pathlib import Path
 import pytest
 import torch
 
-
-@pytest.mark.skipif(
+pytestmark = pytest.mark.skipif(
     shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
     reason="torchrun not installed",
 )
-def test_two_process_gloo_run(data_root, teacher_run, tmp_path):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+
+
+def torchrun(mode: str, data_root: Path, teacher_run: Path, out: Path) -> subprocess.CompletedProcess:
+    launcher = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     worker = Path(__file__).with_name("ddp_worker.py")
-    proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", str(worker), str(data_root), str(teacher_run), str(tmp_path)],
+    return subprocess.run(
+        [launcher, "--standalone", "--nproc_per_node=2", str(worker), mode, str(data_root), str(teacher_run), str(out)],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, "\n".join(line for line in proc.stderr.splitlines() if "rror" in line)[-3000:]
+
+
+def errors(proc: subprocess.CompletedProcess) -> str:
+    return "\n".join(line for line in proc.stderr.splitlines() if "rror" in line)[-3000:]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_gloo_run(data_root, teacher_run, tmp_path):
+    proc = torchrun("run", data_root, teacher_run, tmp_path)
+    assert proc.returncode == 0, errors(proc)
     dump = tmp_path / "dump"
     for name in ("student", "generator"):
-        a = torch.load(dump / f"{name}0.pt", weights_only=True)
-        b = torch.load(dump / f"{name}1.pt", weights_only=True)
-        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs across ranks"
+        # the student has BatchNorm: its running statistics must agree across ranks too
+        assert same(load(dump / f"{name}0.pt"), load(dump / f"{name}1.pt")), f"{name} differs across ranks"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2
     # both ranks synthesised: the global count is twice one rank's 1 x 2 rounds x (16 + 2 x 16)
     assert summary["images_synthesized"] == 2 * 2 * (16 + 2 * 16)
+    assert proc.stderr.count("done: student top-1") == 1, "only rank 0 reports"
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+
+def test_a_killed_two_process_run_resumes_exactly(data_root, teacher_run, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    proc = torchrun("full", data_root, teacher_run, full)
+    assert proc.returncode == 0, errors(proc)
+    proc = torchrun("kill", data_root, teacher_run, cut)
+    assert proc.returncode != 0 and len(metrics(cut / "run")) == 1
+    proc = torchrun("resume", data_root, teacher_run, cut)
+    assert proc.returncode == 0, errors(proc)
+    assert metrics(cut / "run") == metrics(full / "run")
+    a, b = load(full / "run" / "ckpt" / "last.pt"), load(cut / "run" / "ckpt" / "last.pt")
+    assert same(a["state_dict"], b["state_dict"]) and same(a["method"], b["method"])
+    for rank in (0, 1):  # each rank continued its own random stream
+        assert same(load(full / "dump" / f"student{rank}.pt"), load(cut / "dump" / f"student{rank}.pt"))
+
+
+def test_a_loss_that_turns_nan_on_one_rank_stops_every_rank(data_root, teacher_run, tmp_path):
+    proc = torchrun("diverge", data_root, teacher_run, tmp_path)  # a hang would end in the timeout
+    assert proc.returncode == 0, errors(proc)
+    own = (tmp_path / "dump" / "diverged1.txt").read_text()
+    other = (tmp_path / "dump" / "diverged0.txt").read_text()
+    assert "in epoch 2" in own and "train/loss became nan" in own
+    assert "non-finite on another rank in epoch 2" in other
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged"

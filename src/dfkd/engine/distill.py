@@ -30,7 +30,7 @@ from dfkd.engine.guard import STATUS_DIVERGED, STATUS_OK, CollapseGuard, collaps
 from dfkd.engine.meters import Meters, Stopwatch, first_non_finite, format_seconds
 from dfkd.engine.optim import build_optimizer, build_scheduler, warmup_factor
 from dfkd.engine.rundir import RunDir
-from dfkd.engine.seed import rng_state, seed_everything, set_rng_state
+from dfkd.engine.seed import gather_rng_states, restore_rng_states, seed_everything
 from dfkd.errors import ConfigError, DivergedError
 from dfkd.images import plot_curves, save_grid
 from dfkd.methods import METHODS, Ctx, Method, Progress
@@ -107,7 +107,7 @@ def _distill(
     state = _fresh_state()
     guard = CollapseGuard(stop=cfg.engine.stop_on_collapse, patience=cfg.engine.collapse_patience)
     if resume:
-        state = _restore(run, student, optimizer, scheduler, method, guard, ema)
+        state = _restore(run, student, optimizer, scheduler, method, guard, ema, env, cfg.engine.seed)
         log.info("resuming %s from epoch %d", run.path, state["epoch"])
     run.write_text("config.yaml", to_yaml(cfg))
     run.write_metrics(state["history"])
@@ -171,10 +171,13 @@ def _distill(
 
         losses = meters.means()
         bad = first_non_finite(losses)
-        if bad is not None:
+        # every rank stops together: a rank that raised alone would leave the others waiting in a collective
+        ranks_diverged = env.all_reduce_sum(torch.tensor(float(bad is not None), device=env.device)).item()
+        if ranks_diverged:
             timers["total_seconds"] = earlier_total + time.perf_counter() - started
             last = f"epoch {state['epoch']}" if state["epoch"] else "none yet"
-            reason = f"{bad} became {losses[bad]} in epoch {epoch + 1}"
+            where = f"{bad} became {losses[bad]}" if bad is not None else "the loss became non-finite on another rank"
+            reason = f"{where} in epoch {epoch + 1}"
             summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path)
             run.write_summary({**summary, "status": STATUS_DIVERGED, "status_reason": reason})
             raise DivergedError(
@@ -184,6 +187,7 @@ def _distill(
         for group, lr in zip(optimizer.param_groups, scheduled_lr):
             group["lr"] = lr  # the schedule steps from its own value, whatever the warm-up did
         scheduler.step()
+        env.average_buffers(student)  # BN running statistics drift apart across ranks; evaluate and save their mean
         tick = time.perf_counter()
         evaluated = ema.module if ema is not None else student
         student_logits = predict(evaluated, test_x, cfg.eval.batch_size, env.channels_last)
@@ -216,7 +220,8 @@ def _distill(
         if is_best:
             state["best_top1"], state["best_epoch"] = metrics["top1"], epoch + 1
         state.update(epoch=epoch + 1, step=prog.step, timers=timers, guard=guard.state_dict())
-        checkpoint = _checkpoint(cfg, state, student, optimizer, scheduler, method, metrics["top1"], ema)
+        rng = gather_rng_states(env)
+        checkpoint = _checkpoint(cfg, state, student, optimizer, scheduler, method, metrics["top1"], ema, rng)
         run.save_checkpoint(checkpoint, is_best)
         run.append_metrics(row)
         if cfg.engine.sample_every and ((epoch + 1) % cfg.engine.sample_every == 0 or epoch + 1 == t.epochs):
@@ -285,7 +290,9 @@ def _first_epoch(state: dict) -> int:
     return state["start"]
 
 
-def _checkpoint(cfg, state, student, optimizer, scheduler, method: Method, top1: float, ema: StudentEMA | None) -> dict:
+def _checkpoint(
+    cfg, state, student, optimizer, scheduler, method: Method, top1: float, ema: StudentEMA | None, rng: list[dict]
+) -> dict:
     # ``state_dict`` holds the weights the run evaluated (the average when train.ema_decay is set): what `dfkd eval`
     # and a teacher.weights=RUN_DIR load. The live student travels beside it for resuming.
     extra = {} if ema is None else {"live_state_dict": student.net.state_dict(), "ema_updates": ema.updates}
@@ -311,13 +318,21 @@ def _checkpoint(cfg, state, student, optimizer, scheduler, method: Method, top1:
         "method": method.state_dict(),
         "method_state": method.checkpoint_state(),
         "images_synthesized": method.images_synthesized,
-        "rng": rng_state(),
+        "rng": rng,
         "config": to_dict(cfg),
     }
 
 
 def _restore(
-    run: RunDir, student, optimizer, scheduler, method: Method, guard: CollapseGuard, ema: StudentEMA | None
+    run: RunDir,
+    student,
+    optimizer,
+    scheduler,
+    method: Method,
+    guard: CollapseGuard,
+    ema: StudentEMA | None,
+    env: Env,
+    seed: int,
 ) -> dict:
     ckpt = run.load_checkpoint("last")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -338,7 +353,7 @@ def _restore(
     method.load_state_dict(ckpt["method"])
     method.load_checkpoint_state(ckpt["method_state"])
     method.images_synthesized = int(ckpt["images_synthesized"])
-    set_rng_state(ckpt["rng"])
+    restore_rng_states(ckpt["rng"], env, seed, int(ckpt["epoch"]), run.last)
     guard.load_state_dict(ckpt.get("guard", {}))
     return {
         "epoch": int(ckpt["epoch"]),

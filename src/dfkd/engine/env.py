@@ -13,6 +13,7 @@ import resource
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -88,6 +89,14 @@ class Env:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_gather_object(self, obj: object) -> list:
+        """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+        if not self.distributed:
+            return [obj]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -98,15 +107,18 @@ class Env:
             torch.cuda.synchronize(self.device)
 
     def reset_peak_memory(self) -> None:
+        """Start a new peak: CUDA's allocator statistics on GPU, the kernel's peak-RSS mark on CPU (Linux), so that
+        each run in one process (``dfkd bench``) reports its own peak, not the largest of the runs before it."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_peak_rss()
 
     def peak_memory_bytes(self) -> int:
-        """CUDA max allocated on GPU; the process's peak resident set size on CPU."""
+        """CUDA max allocated on GPU; the peak resident set size since the last reset on CPU."""
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak if sys.platform == "darwin" else peak * 1024)
+        return peak_rss_bytes()
 
     def describe(self) -> str:
         if self.device.type == "cuda":
@@ -121,19 +133,50 @@ class Env:
             dist.destroy_process_group()
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+def reset_peak_rss() -> bool:
+    """Reset the process's peak-RSS mark to its current RSS (Linux >= 4.0); False where the kernel cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident set size: VmHWM (resettable) on Linux, the lifetime ru_maxrss elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def resolve_device(
+    spec: str, local_rank: int = 0, world_size: int = 1, cuda_available: bool | None = None
+) -> torch.device:
+    """The device of this process: ``auto``/``cuda`` take GPU ``local_rank``; ``cuda:N`` only in a single process
+    (under torchrun every rank takes its own GPU, so a fixed index would put them all on one)."""
     spec = spec.strip().lower()
+    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
     if spec == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda", local_rank) if cuda_available else torch.device("cpu")
     try:
         device = torch.device(spec)
     except RuntimeError:
         raise ConfigError(f"engine.device: '{spec}' is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
-        if not torch.cuda.is_available():
+        if not cuda_available:
             raise ConfigError("engine.device: CUDA was asked for but is not available here; use engine.device=cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        elif world_size > 1:
+            raise ConfigError(
+                f"engine.device={spec} under torchrun would put every process on one GPU: use engine.device=cuda "
+                "(process k takes GPU k) and choose the GPUs with CUDA_VISIBLE_DEVICES"
+            )
     elif device.type != "cpu":
         raise ConfigError(f"engine.device: '{spec}' is not supported; use auto, cpu, cuda or cuda:N")
     return device
@@ -146,11 +189,15 @@ def setup_env(device: str = "auto", precision: str = "fp32", channels_last: bool
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, world_size)
+    if rank > 0:
+        logging.getLogger("dfkd").setLevel(logging.ERROR)  # rank 0 speaks for the run; the others only on errors
+    if dev.type == "cuda":
+        # Always, not only under torchrun: streams, events and new allocations go to the current device, so a run
+        # on cuda:1 would otherwise time itself on cuda:0's stream and leave a context there.
+        torch.cuda.set_device(dev)
     if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("engine.precision=bf16 needs a GPU with bfloat16 support; use engine.precision=fp32")
     if world_size > 1 and not dist.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return Env(dev, rank, world_size, local_rank, precision, channels_last)

@@ -58,6 +58,7 @@ class Stopwatch:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.device = device
         self._totals: dict[str, float] = defaultdict(float)
         self._pending: list[tuple[str, object, object]] = []
         self._last: object = None
@@ -65,7 +66,7 @@ class Stopwatch:
     def _mark(self) -> object:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
             return event
         return time.perf_counter()
 

@@ -18,7 +18,7 @@ from dfkd.engine.evaluate import predict
 from dfkd.engine.meters import Meters, first_non_finite, format_seconds
 from dfkd.engine.optim import build_optimizer, build_scheduler
 from dfkd.engine.rundir import RunDir
-from dfkd.engine.seed import rng_state, seed_everything, set_rng_state
+from dfkd.engine.seed import gather_rng_states, restore_rng_states, seed_everything
 from dfkd.errors import ConfigError, DivergedError
 from dfkd.images import plot_curves, save_grid
 from dfkd.metrics import top1_percent
@@ -80,7 +80,7 @@ def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool,
         model.net.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
+        restore_rng_states(ckpt["rng"], env, cfg.engine.seed, int(ckpt["epoch"]), run.last)
         epoch0, history = int(ckpt["epoch"]), list(ckpt["history"])
         best, timers = (float(ckpt["best_top1"]), int(ckpt["best_epoch"])), dict(ckpt["timers"])
     run.write_text("config.yaml", to_yaml(cfg))
@@ -134,6 +134,7 @@ def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool,
         is_best = top1 > best[0]
         if is_best:
             best = (top1, epoch + 1)
+        rng = gather_rng_states(env)
         run.save_checkpoint(
             {
                 "format": CHECKPOINT_FORMAT,
@@ -150,7 +151,7 @@ def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool,
                 "timers": dict(timers),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
+                "rng": rng,
                 "config": to_dict(cfg),
             },
             is_best,

@@ -1,0 +1,40 @@
+"""The engine's environment: which device a process takes, and a peak-memory figure that belongs to one run."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from dfkd.engine.env import Env, reset_peak_rss, resolve_device, setup_env
+from dfkd.errors import ConfigError
+
+
+def test_each_process_takes_its_own_gpu():
+    assert resolve_device("cuda", local_rank=1, world_size=2, cuda_available=True) == torch.device("cuda", 1)
+    assert resolve_device("auto", local_rank=1, world_size=2, cuda_available=True) == torch.device("cuda", 1)
+    assert resolve_device("cuda:1", local_rank=0, world_size=1, cuda_available=True) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="under torchrun would put every process on one GPU"):
+        resolve_device("cuda:0", local_rank=1, world_size=2, cuda_available=True)
+    assert resolve_device("auto", cuda_available=False) == torch.device("cpu")
+
+
+def test_a_single_process_on_a_named_gpu_makes_it_the_current_device(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    env = setup_env("cuda:1")
+    assert env.device == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not reset_peak_rss(), reason="needs Linux clear_refs")
+def test_the_cpu_peak_starts_again_with_each_run():
+    env = Env(torch.device("cpu"))
+    env.reset_peak_memory()
+    big = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched
+    first = env.peak_memory_bytes()
+    del big
+    env.reset_peak_memory()
+    second = env.peak_memory_bytes()
+    assert first - second > 200 * 2**20, (first, second)  # the second run does not inherit the first one's peak
