@@ -268,3 +268,21 @@ def test_demo_failure_is_plain_and_exits_non_zero(capsys, data_root, monkeypatch
     assert out.startswith("DEMO FAILED (seed 3): the data-free student collapsed: student loss 0")
     assert "top-1 %" not in out  # no result table
     assert json.loads((tmp_path / "demo" / "cudfkd" / "summary.json").read_text())["status"] == "collapsed"
+
+
+def test_demo_success_prints_the_three_rows(capsys, data_root, monkeypatch, tmp_path):
+    from dfkd import demo
+    from dfkd.cli import main
+
+    monkeypatch.setenv("DFKD_DATA", str(data_root))
+    monkeypatch.setitem(demo.SMOKE, "teacher", [*demo.SMOKE["teacher"], "data.val_size=64", "train.batch_size=64"])
+    monkeypatch.setitem(demo.SMOKE, "distill", [*demo.SMOKE["distill"], *TINY_DISTILL, "engine.stop_on_collapse=false"])
+    monkeypatch.setitem(demo.SMOKE, "reference", [*demo.SMOKE["reference"], "data.val_size=64", "train.batch_size=64"])
+    code = main(["demo", "--smoke", "--seed", "2", "--out", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    teacher = json.loads((tmp_path / "demo" / "teacher" / "summary.json").read_text())
+    student = json.loads((tmp_path / "demo" / "cudfkd" / "summary.json").read_text())
+    assert code == 0 and "seed 2" in out
+    # the teacher row shows the weights the student learned from: the teacher run's final epoch
+    assert f"{teacher['top1_last']:.2f}" in out and student["teacher_top1"] == pytest.approx(teacher["top1_last"])
+    assert f"{student['student_top1_best']:.2f} (last {student['student_top1_last']:.2f})" in out

@@ -220,7 +220,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     _write(
         f"{s['method']}: {s['teacher']} -> {s['student']} on {s['dataset']}: "
         f"student top-1 {s['student_top1_best']:.2f}% best / {s['student_top1_last']:.2f}% last "
-        f"(teacher {s['teacher_top1']:.2f}%), agreement {s['agreement']:.2f}%, "
+        f"(teacher {s['teacher_top1']:.2f}%), agreement {s['agreement_best']:.2f}% (best epoch), "
         f"{s['images_synthesized']:,} images synthesised in {s['total_seconds']:.0f}s; run dir {s['run_dir']}"
     )
     return 0
@@ -267,12 +267,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config("eval", None, list(args.overrides) + extra)
     r = evaluate_weights(cfg)
     line = f"{r['arch']} on {r['dataset']} ({r['images']} test images): top-1 {r['top1']:.2f}%"
+    if Path(r["weights"]).name == "best.pt":
+        line += " (best.pt: the epoch its run chose on its evaluation split; on that split this is not a fresh score)"
     if "agreement" in r:
         line += (
             f", teacher top-1 {r['teacher_top1']:.2f}%, agreement {r['agreement']:.2f}%, "
             f"prob. loyalty {r['prob_loyalty']:.4f} (reference form {r['prob_loyalty_reference']:.4f})"
         )
-    _write(line)
+    _write(f"{line}\nweights: {r['weights']}")
     return 0
 
 

@@ -19,13 +19,17 @@ log = logging.getLogger("dfkd")
 
 
 def resolve_weights(path: str) -> Path:
-    """A checkpoint path, or a run directory (whose ckpt/best.pt is used)."""
+    """A checkpoint path, or a run directory, whose ``ckpt/last.pt`` is used: the run's final weights.
+
+    Not ``best.pt``: that epoch was chosen by its score on the run's evaluation split (the test set unless
+    ``eval.split=val``), so a score measured on that split again is not a fresh one. Name the file to use it.
+    """
     p = Path(path).expanduser()
     if p.is_dir():
-        for candidate in (p / "ckpt" / "best.pt", p / "ckpt" / "last.pt"):
-            if candidate.is_file():
-                return candidate
-        raise CheckpointError(f"{p} is a directory without ckpt/best.pt: give a checkpoint file or a finished run")
+        last = p / "ckpt" / "last.pt"
+        if last.is_file():
+            return last
+        raise CheckpointError(f"{p} is a directory without ckpt/last.pt: give a checkpoint file or a finished run")
     if not p.is_file():
         raise CheckpointError(f"weights file {p} does not exist")
     return p

@@ -6,7 +6,7 @@ Layout::
     RUN/metrics.jsonl      one JSON object per epoch
     RUN/summary.json       written once, when the run completes
     RUN/ckpt/last.pt       everything needed to resume (written atomically every epoch)
-    RUN/ckpt/best.pt       the same, for the epoch of best test top-1
+    RUN/ckpt/best.pt       the same, for the epoch of best top-1 on the evaluation split (selected on it)
     RUN/samples/*.png      grids of synthetic samples
     RUN/accuracy.png       the accuracy curve
     RUN/log.txt            the log

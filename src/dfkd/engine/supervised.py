@@ -33,7 +33,7 @@ def train_teacher(
 ) -> dict:
     """Train ``model.arch`` (or the given module) on the real training set with cross-entropy; returns the summary.
 
-    The best epoch's weights (``RUN/ckpt/best.pt``, key ``state_dict``) load as a teacher with ``teacher.weights=RUN``.
+    The final weights (``RUN/ckpt/last.pt``, key ``state_dict``) load as a teacher with ``teacher.weights=RUN``.
     """
     env = setup_env(cfg.engine.device, cfg.engine.precision, cfg.engine.channels_last, cfg.engine.threads)
     run = RunDir(cfg.out or default_out("train", f"{cfg.model.arch}-{cfg.data.name}"), env.is_main)
