@@ -4,6 +4,8 @@ loyalty metrics against values computed by the reference implementation's own fu
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -67,6 +69,15 @@ def test_masked_adversarial_gradient_flows_through_both_players(io):
 def test_batch_entropy(io, T):
     x, out = io
     close(L.batch_entropy(x["teacher_logits"], T), out[f"batch_entropy_T{T}"])
+
+
+def test_batch_entropy_of_saturated_logits_is_finite_with_finite_gradients():
+    # logits like an untrained teacher's on synthetic images: every class but one underflows to probability 0
+    t = torch.tensor([[7.4e7, -2.0e7, 3.3e7], [-6.6e7, 3.9e7, 2.2e7]], requires_grad=True)
+    entropy = L.batch_entropy(t, 1.0)
+    entropy.backward()
+    assert entropy.item() == pytest.approx(math.log(2))  # two classes at 1/2 each, the third exactly 0
+    assert torch.isfinite(t.grad).all()
 
 
 def test_onehot_balance_l1_tv_bn(io):

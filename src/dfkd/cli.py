@@ -75,13 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["methods", "models", "datasets", "recipes"])
 
     p = sub.add_parser("bench", help="run a suite of recipes against one teacher and print the result table")
-    p.add_argument("suite", help="fashion-mnist | fashion-mnist-resnet")
+    p.add_argument(
+        "suite",
+        help="fashion-mnist | fashion-mnist-resnet | gpu-check (one short epoch of every method in fp32 and bf16: "
+        "the first thing to run on a GPU machine)",
+    )
     p.add_argument(
         "--out", metavar="DIR", help="where the runs go (default: runs/bench-SUITE); finished runs are reused"
     )
     p.add_argument("--methods", metavar="A,B", help="only these methods (default: every method with a recipe)")
     p.add_argument("--teacher", metavar="RUN", help="an existing teacher run or checkpoint (default: train one)")
     p.add_argument("--seeds", metavar="A,B", help="run every recipe once per seed; rows become mean ± std")
+    p.add_argument("--tiny", action="store_true", help="gpu-check only: tiny sizes, so that it runs on a CPU")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="applied to every distillation, e.g. train.epochs=2"
     )
@@ -315,8 +320,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from dfkd.bench import run_suite
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    seeds = parse_seeds(args.seeds) if args.seeds else None
     out = args.out or f"runs/bench-{args.suite}"
+    if args.suite == "gpu-check":
+        from dfkd.gpucheck import run_gpu_check
+
+        if args.seeds or args.overrides:
+            raise ConfigError("gpu-check runs fixed settings: drop --seeds and key=value overrides")
+        ok, table = run_gpu_check(out, args.teacher, args.tiny, methods)
+        _write(table)
+        return 0 if ok else 1
+    if args.tiny:
+        raise ConfigError("--tiny belongs to `dfkd bench gpu-check`; drop it for a suite")
+    seeds = parse_seeds(args.seeds) if args.seeds else None
     _write(run_suite(args.suite, out, methods, args.teacher, list(args.overrides), seeds))
     return 0
 

@@ -79,7 +79,8 @@ def onehot_ce(t: Tensor, targets: Tensor | None = None) -> Tensor:
 def batch_entropy(t: Tensor, T: float = 1.0) -> Tensor:
     """Entropy H(p_bar) of the batch-mean prediction p_bar = mean_i softmax(t_i / T) (CuDFKD's balance term)."""
     p_bar = F.softmax(upcast(t) / T, dim=1).mean(dim=0)
-    return -(p_bar * p_bar.log()).sum()
+    # a class whose probability underflows to 0 contributes 0 (not 0 * log 0 = NaN), with a finite gradient
+    return -(p_bar * p_bar.clamp_min(torch.finfo(p_bar.dtype).tiny).log()).sum()
 
 
 def class_balance(t: Tensor) -> Tensor:

@@ -1,0 +1,142 @@
+"""``dfkd bench gpu-check`` (``make gpu-check``): the first command to run on a GPU machine.
+
+One short epoch of every method of the ``fashion-mnist-resnet`` suite (Fashion-MNIST as 3x32x32, ResNet-34 ->
+ResNet-18, each method's own recipe at batch 512), once in fp32 and once in bf16 autocast with channels_last, then
+a table of student steps per second, synthetic images per second, peak memory and whether every loss stayed finite.
+A method that crashes is a row with its error, and the check goes on to the next one.
+
+It measures that the GPU path runs and what it costs, not accuracy: each run is ``ROUNDS`` rounds, and methods whose
+round is a long inner optimisation (DeepInversion's 2,000 inversion steps) are capped at ``MAX_SYNTHESIS_STEPS``
+steps per round. Without ``--teacher`` it trains a ResNet-34 for one epoch first. On one H100/H200 the whole check
+is sized to take under eight minutes; ``--tiny`` shrinks everything so that the test suite runs it on a CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+from dfkd.bench import SUITES, _finished, suite_recipes
+from dfkd.config import load_config
+from dfkd.engine.distill import distill
+from dfkd.engine.supervised import train_teacher
+from dfkd.errors import DfkdError, DivergedError
+from dfkd.sysinfo import cpu_model
+
+log = logging.getLogger("dfkd")
+
+SUITE = "fashion-mnist-resnet"
+PRECISIONS = (("fp32", False), ("bf16", True))  # (engine.precision, engine.channels_last)
+ROUNDS = 4
+MAX_SYNTHESIS_STEPS = 50
+TEACHER_EPOCHS = 1
+
+# --tiny: every size that drives the cost, where a method's configuration has it (unknown keys are errors).
+TINY_METHOD = {
+    "nz": 16,
+    "ngf": 4,
+    "synthesis_batch_size": 8,
+    "bank_size": 64,
+    "n_neg": 16,
+    "memory_size": 64,
+    "pool_size": 64,
+    "head_dim": 8,
+    "latent_dim": 8,
+    "replay_batch_size": 4,
+}
+TINY_TRAIN = ["train.batch_size=8", "train.kd_steps=2", "eval.batch_size=256"]
+TINY_TEACHER = ["train.batch_size=64", "data.val_size=64"]
+TINY_SYNTHESIS_STEPS = 2
+
+
+def run_gpu_check(
+    out: str | Path, teacher: str | None = None, tiny: bool = False, methods: list[str] | None = None
+) -> tuple[bool, str]:
+    """Run the check into ``out``; return (every run finished with finite losses, the markdown table)."""
+    root = Path(out)
+    recipes = suite_recipes(SUITES[SUITE], methods)
+    if teacher is None:
+        teacher_dir = root / "teacher"
+        if _finished(teacher_dir) is None:
+            log.info("gpu-check: training a ResNet-34 teacher for %d epoch", TEACHER_EPOCHS)
+            overrides = [f"out={teacher_dir}", f"train.epochs={TEACHER_EPOCHS}", *(TINY_TEACHER if tiny else [])]
+            train_teacher(load_config("train-teacher", SUITES[SUITE].teacher, overrides), overwrite=True)
+        teacher = str(teacher_dir)
+    rows = []
+    for recipe in recipes:
+        for precision, channels_last in PRECISIONS:
+            rows.append(_check_one(recipe, precision, channels_last, teacher, root, tiny))
+    ok = all(row["finite"] for row in rows)
+    return ok, format_check(rows, ok)
+
+
+def _overrides(recipe: str, precision: str, channels_last: bool, teacher: str, run: Path, tiny: bool) -> list[str]:
+    base = [
+        f"teacher.weights={teacher}",
+        f"out={run}",
+        "train.epochs=1",
+        f"train.rounds_per_epoch={ROUNDS}",
+        f"engine.precision={precision}",
+        f"engine.channels_last={str(channels_last).lower()}",
+        "engine.stop_on_collapse=false",
+        "engine.sample_every=0",
+        "eval.window_start=0",
+    ]
+    method = load_config("distill", recipe, base).method
+    cap = TINY_SYNTHESIS_STEPS if tiny else MAX_SYNTHESIS_STEPS
+    if getattr(method, "g_steps", 0) > cap:
+        base.append(f"method.g_steps={cap}")
+    if tiny:
+        base += TINY_TRAIN + [f"method.{k}={v}" for k, v in TINY_METHOD.items() if hasattr(method, k)]
+    return base
+
+
+def _check_one(recipe: str, precision: str, channels_last: bool, teacher: str, root: Path, tiny: bool) -> dict:
+    method = recipe.split("/")[-1].split("-")[0]
+    run = root / f"{method}-{precision}"
+    row = {"method": method, "precision": precision + (" + channels_last" if channels_last else ""), "run": run}
+    log.info("gpu-check: %s in %s", method, row["precision"])
+    try:
+        cfg = load_config("distill", recipe, _overrides(recipe, precision, channels_last, teacher, run, tiny))
+        summary = distill(cfg, overwrite=True)
+    except DivergedError as exc:
+        summary = _finished(run) or {}
+        row["error"] = str(exc).split(";")[0]
+    except DfkdError as exc:
+        return {**row, "finite": False, "error": str(exc)}
+    except Exception as exc:  # the check reports a crash and goes on to the next method
+        log.debug("%s", traceback.format_exc())
+        return {**row, "finite": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    return {
+        **row,
+        "finite": summary.get("status") != "diverged" and "error" not in row,
+        "steps_per_second": summary.get("student_steps_per_second"),
+        "images_per_second": summary.get("images_per_second"),
+        "peak_memory_bytes": summary.get("peak_memory_bytes"),
+        "device": summary.get("device"),
+    }
+
+
+def format_check(rows: list[dict], ok: bool) -> str:
+    header = ("method", "precision", "losses finite", "student steps/s", "images/s", "peak memory")
+    lines = ["**dfkd gpu-check**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        finite = "yes" if row["finite"] else f"**NO**: {row.get('error', 'a loss became non-finite')}"
+        cells = (
+            row["method"],
+            row["precision"],
+            finite,
+            _fmt(row.get("steps_per_second"), ".2f"),
+            _fmt(row.get("images_per_second"), ".0f"),
+            _fmt(row["peak_memory_bytes"] / 2**30, ".2f") + " GiB" if row.get("peak_memory_bytes") else "-",
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    devices = sorted({row["device"] for row in rows if row.get("device")})
+    lines += ["", f"Device: {'; '.join(devices) or 'none finished'}; host CPU: {cpu_model()}."]
+    lines.append("All runs finished with finite losses." if ok else "FAILED: see the rows marked NO.")
+    return "\n".join(lines)
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
