@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
 import torch
 
-from dfkd.engine.env import Env, reset_peak_rss, resolve_device, setup_env
+from dfkd.engine.env import Env, keep_freed_host_memory, reset_peak_rss, resolve_device, setup_env
 from dfkd.errors import ConfigError
 
 
@@ -30,6 +31,7 @@ def test_a_single_process_on_a_named_gpu_makes_it_the_current_device(monkeypatch
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not reset_peak_rss(), reason="needs Linux clear_refs")
 def test_the_cpu_peak_starts_again_with_each_run():
+    keep_freed_host_memory()  # as every run does: freed memory stays with the process until the next reset
     env = Env(torch.device("cpu"))
     env.reset_peak_memory()
     big = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched
@@ -38,3 +40,27 @@ def test_the_cpu_peak_starts_again_with_each_run():
     env.reset_peak_memory()
     second = env.peak_memory_bytes()
     assert first - second > 200 * 2**20, (first, second)  # the second run does not inherit the first one's peak
+
+
+FAULTS = """
+import resource, sys, torch
+from dfkd.engine.env import keep_freed_host_memory
+if sys.argv[1] == "kept":
+    assert keep_freed_host_memory()
+torch.ones(64 * 2**20 // 4)  # warm up the allocator
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.ones(64 * 2**20 // 4)  # 64 MiB, allocated, touched and freed: above glibc's largest mmap threshold
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_large_blocks_are_not_faulted_in_again_and_again():
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout)
+
+    pages = 64 * 2**20 // 4096
+    assert faults("default") > 4 * pages  # every 64 MiB block is mapped afresh and faulted in page by page
+    assert faults("kept") <= pages  # kept on the heap: at most one block is faulted in, once

@@ -7,6 +7,7 @@ persistent generators are kept identical by all-reducing their gradients (:meth:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import resource
@@ -133,8 +134,40 @@ class Env:
             dist.destroy_process_group()
 
 
+_GLIBC_M_TRIM_THRESHOLD, _GLIBC_M_MMAP_MAX = -1, -4
+_heap_kept = False
+
+
+def keep_freed_host_memory() -> bool:
+    """Have glibc serve every block from its heap and keep freed memory there (Linux; once per process).
+
+    By default glibc maps each block above 32 MiB afresh and unmaps it when freed, so every large activation (a
+    1000-image evaluation batch of a WRN-16-2 allocates many of 130 MB) page-faults its memory in again: most of a
+    teacher evaluation's time went to the kernel (14.7 s of 41 s; with this, 1.6 s of 25 s). Freed memory stays with
+    the process during a run; :func:`reset_peak_rss` hands it back to the system before the next run.
+    """
+    global _heap_kept
+    libc = _glibc()
+    if not _heap_kept and libc is not None:
+        _heap_kept = bool(libc.mallopt(_GLIBC_M_MMAP_MAX, 0)) and bool(libc.mallopt(_GLIBC_M_TRIM_THRESHOLD, 2**30))
+    return _heap_kept
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library
+        return None
+
+
 def reset_peak_rss() -> bool:
-    """Reset the process's peak-RSS mark to its current RSS (Linux >= 4.0); False where the kernel cannot."""
+    """Hand freed heap memory back to the system, then reset the process's peak-RSS mark to its current RSS (Linux
+    >= 4.0); False where the kernel cannot."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -186,6 +219,7 @@ def setup_env(device: str = "auto", precision: str = "fp32", channels_last: bool
     """Create the run's :class:`Env`, joining the torchrun process group when launched by torchrun."""
     if threads > 0:
         torch.set_num_threads(threads)
+    keep_freed_host_memory()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
