@@ -15,23 +15,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from helpers import NaNAfter
 
 import dfkd
 import dfkd.methods.cudfkd as cudfkd
 from dfkd.engine import rundir
 from dfkd.errors import DivergedError
-
-
-class NaNAfter(nn.Module):
-    def __init__(self, net: nn.Module, calls: int):
-        super().__init__()
-        self.net, self.calls = net, calls
-
-    def forward(self, x):
-        self.calls -= 1
-        out = self.net(x)
-        return out * float("nan") if self.calls < 0 else out
 
 
 def main() -> None:

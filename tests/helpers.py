@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gzip
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -65,3 +68,35 @@ def tiny_bench_args(teacher_run: Path, out: Path, data_root: Path, *extra: str) 
         *TINY_DISTILL,
         *extra,
     ]
+
+
+class NaNAfter(nn.Module):
+    """A teacher that goes bad after ``calls`` forwards (to test divergence handling deterministically)."""
+
+    def __init__(self, net: nn.Module, calls: int):
+        super().__init__()
+        self.net, self.calls = net, calls
+
+    def forward(self, x):
+        self.calls -= 1
+        out = self.net(x)
+        return out * float("nan") if self.calls < 0 else out
+
+
+@contextmanager
+def interrupted_after(epoch: int) -> Iterator[None]:
+    """Inside the block, a run stops with KeyboardInterrupt right after writing epoch ``epoch`` (as a Ctrl-C would)."""
+    from dfkd.engine import rundir
+
+    original = rundir.RunDir.append_metrics
+
+    def append_then_stop(self, row):
+        original(self, row)
+        if row["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    rundir.RunDir.append_metrics = append_then_stop
+    try:
+        yield
+    finally:
+        rundir.RunDir.append_metrics = original

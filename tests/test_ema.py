@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import interrupted_after
 from test_engine import _metrics, distill_cfg
 from torch import nn
 
 import dfkd
-from dfkd.engine import rundir as rundir_module
 from dfkd.engine.ema import StudentEMA, ema_new_weight
 from dfkd.errors import ConfigError
 
@@ -62,20 +62,11 @@ def test_the_average_is_passive_and_is_what_the_run_evaluates(data_root, teacher
     assert result["top1"] == pytest.approx(b["top1"]) == pytest.approx(averaged["student_top1_last"])
 
 
-def test_resume_with_the_average_reproduces_the_uninterrupted_run(data_root, teacher_run, tmp_path, monkeypatch):
+def test_resume_with_the_average_reproduces_the_uninterrupted_run(data_root, teacher_run, tmp_path):
     args = ("train.epochs=3", "train.ema_decay=0.9")
     dfkd.distill(distill_cfg(data_root, teacher_run, tmp_path / "full", *args))
-    original = rundir_module.RunDir.append_metrics
-
-    def interrupt_after_one(self, row):
-        original(self, row)
-        if row["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(rundir_module.RunDir, "append_metrics", interrupt_after_one)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(1), pytest.raises(KeyboardInterrupt):
         dfkd.distill(distill_cfg(data_root, teacher_run, tmp_path / "cut", *args))
-    monkeypatch.setattr(rundir_module.RunDir, "append_metrics", original)
     with pytest.raises(ConfigError, match="written with train.ema_decay"):
         dfkd.distill(distill_cfg(data_root, teacher_run, tmp_path / "cut", "train.epochs=3"), resume=True)
     dfkd.distill(distill_cfg(data_root, teacher_run, tmp_path / "cut", *args), resume=True)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from helpers import TINY_DISTILL
+from helpers import TINY_DISTILL, NaNAfter, interrupted_after
 from torch import nn
 
 import dfkd
@@ -126,22 +126,13 @@ def _metrics(path):
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
 
-def test_resume_reproduces_an_uninterrupted_run(data_root, teacher_run, tmp_path, monkeypatch):
+def test_resume_reproduces_an_uninterrupted_run(data_root, teacher_run, tmp_path):
     full = tmp_path / "full"
     dfkd.distill(distill_cfg(data_root, teacher_run, full, "train.epochs=4"))
 
     cut = tmp_path / "cut"
-    original = rundir_module.RunDir.append_metrics
-
-    def interrupt_after_two(self, row):
-        original(self, row)
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(rundir_module.RunDir, "append_metrics", interrupt_after_two)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(2), pytest.raises(KeyboardInterrupt):
         dfkd.distill(distill_cfg(data_root, teacher_run, cut, "train.epochs=4"))
-    monkeypatch.setattr(rundir_module.RunDir, "append_metrics", original)
     assert not (cut / "summary.json").exists() and len(_metrics(cut)) == 2
 
     with pytest.raises(DfkdError, match="already holds an unfinished run: pass --resume"):
@@ -152,19 +143,6 @@ def test_resume_reproduces_an_uninterrupted_run(data_root, teacher_run, tmp_path
     b = torch.load(cut / "ckpt" / "last.pt", weights_only=True)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])
-
-
-class NaNAfter(nn.Module):
-    """A teacher that goes bad after ``calls`` forwards (to test divergence handling deterministically)."""
-
-    def __init__(self, net: nn.Module, calls: int):
-        super().__init__()
-        self.net, self.calls = net, calls
-
-    def forward(self, x):
-        self.calls -= 1
-        out = self.net(x)
-        return out * float("nan") if self.calls < 0 else out
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(data_root, teacher_run, tmp_path):
@@ -203,7 +181,7 @@ def test_any_module_can_be_the_teacher(data_root, teacher_run, tmp_path):
     assert summary["teacher"] == "MyTeacher" and summary["teacher_top1"] > 50
 
 
-def test_teacher_training_resumes(data_root, tmp_path, monkeypatch):
+def test_teacher_training_resumes(data_root, tmp_path):
     base = ["teachers/fashion-mnist-32-lenet5_half"]
     over = [
         f"data.root={data_root}",
@@ -214,17 +192,9 @@ def test_teacher_training_resumes(data_root, tmp_path, monkeypatch):
         "data.val_size=64",
     ]
     full = dfkd.train_teacher(load_config("train-teacher", base[0], over))
-    original = rundir_module.RunDir.append_metrics
-
-    def stop(self, row):
-        original(self, row)
-        raise KeyboardInterrupt
-
     over[1] = f"out={tmp_path / 'u'}"
-    monkeypatch.setattr(rundir_module.RunDir, "append_metrics", stop)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(1), pytest.raises(KeyboardInterrupt):
         dfkd.train_teacher(load_config("train-teacher", base[0], over))
-    monkeypatch.setattr(rundir_module.RunDir, "append_metrics", original)
     resumed = dfkd.train_teacher(load_config("train-teacher", base[0], over), resume=True)
     assert resumed["top1_last"] == full["top1_last"] and resumed["epochs"] == 2
 

@@ -13,25 +13,14 @@ from torch import nn
 
 from dfkd.data import DatasetInfo
 from dfkd.engine.env import Env
+from dfkd.gpucheck import TINY_METHOD
 from dfkd.methods import METHODS, Batch, Ctx, Progress
 from dfkd.models import Normalized
 
 INFO = DatasetInfo("tiny", 4, (3, 16, 16), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), tuple("abcd"), "16x16 test images")
 
-# Keep every method tiny: these keys are shrunk wherever a method's Config has them.
-TINY = {
-    "nz": 8,
-    "ngf": 4,
-    "synthesis_batch_size": 8,
-    "g_steps": 2,
-    "bank_size": 64,
-    "n_neg": 16,
-    "memory_size": 64,
-    "pool_size": 64,
-    "head_dim": 8,
-    "latent_dim": 8,
-    "replay_batch_size": 4,
-}
+# Keep every method tiny: gpu-check's tiny sizes, wherever a method's Config has them, and two synthesis steps.
+TINY = {**TINY_METHOD, "g_steps": 2}
 
 
 class TinyNet(nn.Module):
