@@ -188,6 +188,8 @@ def _distill(
             group["lr"] = lr  # the schedule steps from its own value, whatever the warm-up did
         scheduler.step()
         env.average_buffers(student)  # BN running statistics drift apart across ranks; evaluate and save their mean
+        if ema is not None:
+            env.average_buffers(ema.module)
         tick = time.perf_counter()
         evaluated = ema.module if ema is not None else student
         student_logits = predict(evaluated, test_x, cfg.eval.batch_size, env.channels_last)
