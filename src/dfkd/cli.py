@@ -179,8 +179,8 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     cfg = _load("train-teacher", args)
     summary = train_teacher(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     _write(
-        f"{summary['model']} on {summary['dataset']}: test top-1 {summary['top1_best']:.2f}% "
-        f"(epoch {summary['best_epoch']}); weights: {summary['weights']}"
+        f"{summary['model']} on {summary['dataset']}: top-1 {summary['top1_last']:.2f}% at the final epoch "
+        f"(best {summary['top1_best']:.2f}% at epoch {summary['best_epoch']}); weights: {summary['weights']}"
     )
     return 0
 

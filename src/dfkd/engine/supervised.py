@@ -189,9 +189,16 @@ def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool,
         "peak_memory_bytes": env.peak_memory_bytes(),
         "device": env.describe(),
         "expected_top1": cfg.expected.top1,
-        "weights": str(run.best),
+        "weights": str(run.last),  # the final weights: what teacher.weights=RUN loads
         "run_dir": str(run.path),
     }
     run.write_summary(summary)
-    log.info("done: %s %s top-1 %.2f%% (best epoch %d); weights in %s", cfg.model.arch, cfg.eval.split, *best, run.best)
+    log.info(
+        "done: %s %s top-1 %.2f%% (best epoch %d); final weights (what teacher.weights=%s loads) in %s",
+        cfg.model.arch,
+        cfg.eval.split,
+        *best,
+        run.path,
+        run.last,
+    )
     return summary
