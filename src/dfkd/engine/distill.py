@@ -226,8 +226,8 @@ def _distill(
         checkpoint = _checkpoint(cfg, state, student, optimizer, scheduler, method, metrics["top1"], ema, rng)
         run.save_checkpoint(checkpoint, is_best)
         run.append_metrics(row)
-        if cfg.engine.sample_every and ((epoch + 1) % cfg.engine.sample_every == 0 or epoch + 1 == t.epochs):
-            _pictures(run, method, state["history"], teacher_top1, cfg, env)
+        if cfg.engine.sample_every and (epoch + 1) % cfg.engine.sample_every == 0 and epoch + 1 < t.epochs:
+            _pictures(run, method, state["history"], teacher_top1, cfg, env)  # the last epoch's come after the loop
         done = epoch + 1 - _first_epoch(state)
         remaining = (time.perf_counter() - loop_started) / max(1, done) * (t.epochs - epoch - 1)
         log.info(

@@ -58,10 +58,3 @@ class StudentEMA:
     @staticmethod
     def _tensors(module: nn.Module) -> list[torch.Tensor]:
         return [*module.parameters(), *module.buffers()]
-
-    def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
-        self.updates = int(state["updates"])
