@@ -296,7 +296,7 @@ def test_zskt_fresh_loader_draws_new_batches():
 def test_zskt_attention_transfer_term():
     method, student = build("zskt", beta=250.0, kl_reduction="mean")
     # tiny nets have no named stages: the last feature map larger than 1x1 of each network
-    assert method.t_hooks.names == ["features.6"] and method.s_hooks.names == ["features.6"]
+    assert method.at_layers == (["features.6"], ["features.6"])
     x = torch.rand(8, *INFO.image_shape)
     out = method.student_loss(Batch(x=x), student, prog())
     feats = {}

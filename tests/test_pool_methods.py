@@ -203,22 +203,31 @@ def run_epoch(method, epoch: int, rounds: int = 2, kd_steps: int = 2):
     return batches
 
 
-def test_mb_dfkd_pushes_after_every_kth_epoch_and_mixes_the_memory_into_student_batches():
-    method = build("mb_dfkd", replay_batch_size=3, memory_size=6, memory_every=2)
+def test_mb_dfkd_pushes_memory_pushes_times_per_run_and_mixes_the_memory_into_student_batches():
+    # 4 epochs x 2 rounds and memory_pushes=2: a push at the end of every 4th round, i.e. after epochs 1 and 3
+    method = build("mb_dfkd", replay_batch_size=3, memory_size=3, memory_pushes=2)
     epoch0 = run_epoch(method, 0)
-    assert all(len(x) == 8 for x in epoch0)  # empty memory: the novel batch alone
-    assert len(method.memory) == 3 and torch.equal(method.memory.rows(), to_uint8(epoch0[-1][:3]))
+    assert all(len(x) == 8 for x in epoch0) and len(method.memory) == 0  # empty memory: the novel batch alone
     epoch1 = run_epoch(method, 1)
-    assert all(len(x) == 8 + 3 for x in epoch1)  # B novel + replay_batch_size replayed
-    stored = {tuple(img.flatten().tolist()) for img in to_uint8(epoch0[-1][:3])}
-    assert all(tuple(img.flatten().tolist()) in stored for x in epoch1 for img in to_uint8(x[8:]))
-    assert len(method.memory) == 3  # epoch 1 is not a push epoch with memory_every=2
-    run_epoch(method, 2)
-    run_epoch(method, 4)
-    assert len(method.memory) == 6  # bounded: pushes after epochs 0, 2 and 4 into 6 slots keep the last two
-    prog = Progress(5, 0, 0, 6, 2, 2)
+    assert all(len(x) == 8 for x in epoch1)
+    assert len(method.memory) == 3 and torch.equal(method.memory.rows(), to_uint8(epoch1[-1][:3]))
+    epoch2 = run_epoch(method, 2)
+    assert all(len(x) == 8 + 3 for x in epoch2)  # B novel + replay_batch_size replayed
+    stored = {tuple(img.flatten().tolist()) for img in to_uint8(epoch1[-1][:3])}
+    assert all(tuple(img.flatten().tolist()) in stored for x in epoch2 for img in to_uint8(x[8:]))
+    assert len(method.memory) == 3  # no push in epoch 2
+    epoch3 = run_epoch(method, 3)
+    assert torch.equal(method.memory.rows(), to_uint8(epoch3[-1][:3]))  # bounded: the latest push replaced the first
+    prog = Progress(3, 1, 15, 4, 2, 2)
     loss = method.student_loss(method.next_batch(prog), method.ctx.student, prog)["loss"]
     assert torch.isfinite(loss)
+
+
+def test_mb_dfkd_memory_pushes_scale_with_the_run_length():
+    method = build("mb_dfkd", replay_batch_size=1, memory_size=100, memory_pushes=80)
+    assert method.push_interval(Progress(0, 0, 0, 400, 36, 10)) == 180  # the reference: every 5 epochs of 36 rounds
+    assert method.push_interval(Progress(0, 0, 0, 10, 40, 10)) == 5  # a 10-epoch run still pushes 80 times
+    assert method.push_interval(Progress(0, 0, 0, 1, 4, 10)) == 1  # shorter runs push after every round
 
 
 def test_pre_dfkd_replays_every_step_and_trains_its_memory_on_the_first_steps_of_each_round():

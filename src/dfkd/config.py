@@ -129,6 +129,7 @@ class ExpectedConfig:
     top1: float | None = None
     source: str | None = None
     note: str | None = None
+    budget: str | None = None  # the schedule the number was measured at (a number without it compares nothing)
 
 
 @dataclass

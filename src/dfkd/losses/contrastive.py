@@ -6,14 +6,14 @@ IJCAI 2021, arXiv 2105.08584; reference ``zju-vipa/CMI@9e79fa9`` ``datafree/synt
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfkd.data.pool import RingStore
+from dfkd.hooks import ForwardCapture
 from dfkd.losses.precision import upcast
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 BANK_DEVICE_LIMIT_BYTES = 4 * 1024**3
 
 
-class InstanceMeanHooks:
+class InstanceMeanHooks(ForwardCapture):
     """Per-sample spatial means of the *inputs* of ``modules``, concatenated: CMI's instance feature.
 
     Hooks only record inside ``with hooks.capture():`` so the teacher's other forwards (student batches) stay cheap.
@@ -36,35 +36,11 @@ class InstanceMeanHooks:
     """
 
     def __init__(self, modules: Sequence[nn.Module]):
-        if not modules:
-            raise ValueError("InstanceMeanHooks needs at least one module to hook")
-        self._means: list[Tensor] = []
-        self._capturing = False
-        self._handles = [m.register_forward_hook(self._hook) for m in modules]
-
-    def _hook(self, _module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
-        if self._capturing:
-            self._means.append(upcast(inputs[0]).mean(dim=(2, 3)))
-
-    @contextmanager
-    def capture(self) -> Iterator[None]:
-        self._means = []
-        self._capturing = True
-        try:
-            yield
-        finally:
-            self._capturing = False
+        super().__init__(modules, lambda _m, inputs, _out: upcast(inputs[0]).mean(dim=(2, 3)))
 
     def features(self) -> Tensor:
         """The features of the last captured forward, ``[B, D]``."""
-        if not self._means:
-            raise RuntimeError("no feature was captured: run the model inside `with hooks.capture():`")
-        return torch.cat(self._means, dim=1)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        return torch.cat(self.pop(), dim=1)
 
 
 class ContrastHead(nn.Module):

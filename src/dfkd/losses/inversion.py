@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dfkd.hooks import ForwardCapture
 from dfkd.losses.precision import upcast
 
 
@@ -26,7 +26,7 @@ def bn_stat_loss(x: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor
     return torch.linalg.vector_norm(var - upcast(running_var)) + torch.linalg.vector_norm(mean - upcast(running_mean))
 
 
-class BNStatsHooks:
+class BNStatsHooks(ForwardCapture):
     """Forward hooks on every BatchNorm2d of a model that compute :func:`bn_stat_loss` while capturing.
 
     The hooks only do work inside ``with hooks.capture():``, so teacher forwards on student batches stay cheap.
@@ -40,33 +40,13 @@ class BNStatsHooks:
 
     def __init__(self, model: nn.Module):
         self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        self._losses: list[Tensor] = []
-        self._capturing = False
-        self._handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
-
-    def _hook(self, module: nn.BatchNorm2d, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
-        if self._capturing:
-            self._losses.append(bn_stat_loss(inputs[0], module.running_mean, module.running_var))
-
-    @contextmanager
-    def capture(self) -> Iterator[None]:
-        self._losses = []
-        self._capturing = True
-        try:
-            yield
-        finally:
-            self._capturing = False
+        if not self.layers:
+            raise ValueError(f"{type(model).__name__} has no BatchNorm2d layer to match statistics with")
+        super().__init__(self.layers, lambda m, inputs, _out: bn_stat_loss(inputs[0], m.running_mean, m.running_var))
 
     def loss(self) -> Tensor:
         """Sum over layers of the last captured forward (unweighted, as in the reference)."""
-        if not self._losses:
-            raise RuntimeError("no BatchNorm2d input was captured: does the teacher have BatchNorm2d layers?")
-        return torch.stack(self._losses).sum()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        return torch.stack(self.pop()).sum()
 
 
 def onehot_ce(t: Tensor, targets: Tensor | None = None) -> Tensor:
@@ -81,6 +61,19 @@ def batch_entropy(t: Tensor, T: float = 1.0) -> Tensor:
     p_bar = F.softmax(upcast(t) / T, dim=1).mean(dim=0)
     # a class whose probability underflows to 0 contributes 0 (not 0 * log 0 = NaN), with a finite gradient
     return -(p_bar * p_bar.clamp_min(torch.finfo(p_bar.dtype).tiny).log()).sum()
+
+
+def class_entropy(t: Tensor) -> Tensor:
+    """Entropy of the histogram of the teacher's predicted classes ``argmax t`` over a batch, divided by ln(classes):
+    1 = every class equally often, 0 = one class only. A diagnostic (no gradient): a generator that has collapsed
+    onto a few classes shows here long before the student's accuracy can tell it from a short budget."""
+    classes = t.shape[1]
+    if classes < 2:
+        return t.new_zeros((), dtype=torch.float32)
+    predicted = t.argmax(dim=1, keepdim=True)
+    counts = (predicted == torch.arange(classes, device=t.device)).sum(dim=0).to(torch.float32)
+    p = counts / counts.sum()
+    return -torch.special.xlogy(p, p).sum() / math.log(classes)
 
 
 def class_balance(t: Tensor) -> Tensor:

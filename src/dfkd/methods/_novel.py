@@ -1,6 +1,6 @@
 """The novel-generator step that MB-DFKD and PRE-DFKD share (PRE-DFKD's ``train_novel_generator``; methods-spec §9).
 
-x = G(z), teacher and student frozen;
+x = G(z), teacher and student frozen (the student in train mode by default, as in the references);
 L_G = oh * CE(T(x), argmax) + ie * sum p_bar log10 p_bar + act * (-mean |f_T|) + adv * (1 - clip(JS_3(S(x), T(x)))).
 """
 
@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from dfkd.config import choice
+from dfkd.losses import kd_l1
 from dfkd.losses.replay import novel_generator_loss
-from dfkd.methods.base import Ctx, GeneratorConfig, GeneratorMethod, Progress, frozen, optimizer_step
+from dfkd.methods.base import Ctx, GeneratorConfig, GeneratorMethod, Progress
 from dfkd.models.replay import replay_generator
 
 
 @dataclass
 class NovelGeneratorConfig(GeneratorConfig):
-    generator: str = "dcgan"
+    generator: str = "pre_dfkd"  # the official novel generator (spectral norm, tanh -> affine-free BN output)
     nz: int = 1000
     lr_g: float = 0.02
     betas_g: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -28,6 +29,7 @@ class NovelGeneratorConfig(GeneratorConfig):
     adv: float = 1.0
     tau_adv: float = 3.0
     sample_mode: str = choice("train", "train", "eval")  # novel generator BN mode when drawing student batches
+    g_student_mode: str = choice("train", "eval", "train")  # the references leave the student in train mode
     replay_batch_size: int | None = None  # replayed images per student step; null = train.batch_size // 8
 
 
@@ -39,16 +41,14 @@ class NovelGeneratorMethod(GeneratorMethod):
         self.replay_batch_size = cfg.replay_batch_size or max(1, ctx.batch_size // 8)
         self.feature_hook = self.penultimate_features(cfg.act)
 
-    def synthesize(self, prog: Progress) -> dict[str, Tensor]:
-        c, teacher, student = self.cfg, self.ctx.teacher, self.ctx.student
-        self.generator.train()
-        with frozen(student):
-            for _ in range(c.g_steps):
-                x = self.generate(self.synthesis_batch_size)
-                with self.ctx.env.autocast():
-                    t = teacher(x)
-                    features = self.feature_hook.pop() if self.feature_hook is not None else None
-                    s = student(x) if c.adv != 0 else None
-                    terms = novel_generator_loss(t, s, features, c.oh, c.ie, c.act, c.adv, c.tau_adv)
-                optimizer_step(self.opt_g, terms["loss"], self.ctx.env, self.generator)
-        return {("loss_g" if k == "loss" else k): v.detach() for k, v in terms.items()}
+    def generator_loss(self, x: Tensor, prog: Progress) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        c = self.cfg
+        t = self.ctx.teacher(x)
+        features = self.feature_hook.pop() if self.feature_hook is not None else None
+        s = self.ctx.student(x) if c.adv != 0 else None
+        terms = novel_generator_loss(t, s, features, c.oh, c.ie, c.act, c.adv, c.tau_adv)
+        return terms.pop("loss"), t, terms
+
+    def imitation_loss(self, s: Tensor, t: Tensor) -> Tensor:
+        """The references' student loss: L1 between the logits (on novel and replayed images alike)."""
+        return kd_l1(s, t)

@@ -14,19 +14,19 @@ the student optimiser, evaluation, checkpoints and logging, and never branches o
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from dfkd.config import choice
-from dfkd.data import DatasetInfo
-from dfkd.engine.env import Env
+from dfkd.data import DatasetInfo, build_augment
+from dfkd.data.pool import SyntheticPool
 from dfkd.errors import ConfigError
 from dfkd.hooks import InputHook
-from dfkd.losses import BNStatsHooks, kd_kl
+from dfkd.losses import BNStatsHooks, activation_loss, class_entropy, kd_kl, onehot_ce
 from dfkd.models import classifier_module, create_generator, init_dcgan_
 from dfkd.models.generators import in_unit_range
 
@@ -61,6 +61,27 @@ class Progress:
         return self.step % self.kd_steps
 
 
+class Runtime(Protocol):
+    """What a method may ask of the engine about devices and processes (the engine's ``Env`` provides it).
+
+    A method knows no device types, precisions or ranks: it puts its networks through ``prepare``, runs its
+    forwards under ``autocast``, hands images through ``images`` and keeps a persistent network identical across
+    processes with ``all_reduce_grads`` / ``average_buffers`` (no-ops in a single process).
+    """
+
+    device: torch.device
+
+    def autocast(self) -> AbstractContextManager: ...
+
+    def prepare(self, module: nn.Module) -> nn.Module: ...
+
+    def images(self, x: Tensor) -> Tensor: ...
+
+    def all_reduce_grads(self, module: nn.Module) -> None: ...
+
+    def average_buffers(self, module: nn.Module) -> None: ...
+
+
 @dataclass
 class Ctx:
     """What the engine gives a method. A plain dataclass, so teacher and student are not in the method's state."""
@@ -68,7 +89,7 @@ class Ctx:
     teacher: nn.Module  # Normalized, eval mode, requires_grad False, never DDP-wrapped
     student: nn.Module  # the raw (unwrapped) Normalized student, for use inside synthesize()
     info: DatasetInfo
-    env: Env
+    env: Runtime
     batch_size: int  # the student batch size (train.batch_size)
 
 
@@ -110,11 +131,14 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def student_loss(self, batch: Batch, student: nn.Module, prog: Progress) -> dict[str, Tensor]:
-        """Default: KL(teacher || student) at temperature ``cfg.T``, scaled by T^2 (the CMI benchmark's KD)."""
+        """Default: :meth:`imitation_loss` of the student's logits against the teacher's on the batch."""
         with torch.no_grad():
             t = self.ctx.teacher(batch.x)
-        s = student(batch.x)
-        return {"loss": kd_kl(s, t, self.cfg.T)}
+        return {"loss": self.imitation_loss(student(batch.x), t)}
+
+    def imitation_loss(self, s: Tensor, t: Tensor) -> Tensor:
+        """Default: KL(teacher || student) at temperature ``cfg.T``, scaled by T^2 (the CMI benchmark's KD)."""
+        return kd_kl(s, t, self.cfg.T)
 
     # -- state -----------------------------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
@@ -144,15 +168,23 @@ class Method(nn.Module):
         """BN-statistics hooks on the teacher when the BN-loss ``weight`` is non-zero, else None."""
         if weight == 0:
             return None
-        hooks = BNStatsHooks(self.ctx.teacher)
-        if not hooks.layers:
-            hooks.remove()
+        if not any(isinstance(m, nn.BatchNorm2d) for m in self.ctx.teacher.modules()):
             raise ConfigError("method.bn > 0 needs a teacher with BatchNorm2d layers; set method.bn=0")
-        return self.track(hooks)
+        return self.track(BNStatsHooks(self.ctx.teacher))
 
     def penultimate_features(self, weight: float) -> InputHook | None:
         """A hook on the teacher's classifier input (its penultimate feature) when ``weight`` is non-zero."""
         return self.track(InputHook(classifier_module(self.ctx.teacher))) if weight != 0 else None
+
+    def teacher_priors(
+        self, x: Tensor, bn_hooks: BNStatsHooks | None = None, feature_hook: InputHook | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The teacher's logits on ``x`` and the priors the generator methods share: ``loss_bn`` (BatchNorm
+        statistics, with ``bn_hooks``), ``loss_oh`` (CE against its own argmax) and ``loss_act`` (-mean |f| of its
+        penultimate feature, with ``feature_hook``); a term without its hook is 0."""
+        t, loss_bn = self.teacher_with_bn(x, bn_hooks)
+        loss_act = activation_loss(feature_hook.pop()) if feature_hook is not None else torch.zeros_like(loss_bn)
+        return t, {"loss_bn": loss_bn, "loss_oh": onehot_ce(t), "loss_act": loss_act}
 
     def teacher_with_bn(self, x: Tensor, bn_hooks: BNStatsHooks | None) -> tuple[Tensor, Tensor]:
         """Teacher logits on ``x`` and the BN-statistics loss of that forward (zero without hooks)."""
@@ -162,6 +194,12 @@ class Method(nn.Module):
         with bn_hooks.capture():
             t = self.ctx.teacher(x)
         return t, bn_hooks.loss()
+
+
+def check_steps(g_steps: int) -> None:
+    """A synthesis round needs at least one step (a config check: raised as a one-line config error)."""
+    if g_steps < 1:
+        raise ValueError(f"g_steps={g_steps}: a synthesis round needs at least one step (give g_steps >= 1)")
 
 
 @dataclass
@@ -176,6 +214,12 @@ class GeneratorConfig(MethodConfig):
     g_steps: int = 1  # generator steps per round
     synthesis_batch_size: int | None = None  # generator-step batch; null = train.batch_size
     sample_mode: str = choice("eval", "eval", "train")  # generator BatchNorm mode when drawing student batches
+    # the student's mode during the generator step: eval (the CMI benchmark) or train (ZSKT's, DFAD's, MB-DFKD's and
+    # PRE-DFKD's own code: the student's BatchNorm normalises with batch statistics and updates its running ones)
+    g_student_mode: str = choice("eval", "eval", "train")
+
+    def __post_init__(self) -> None:
+        check_steps(self.g_steps)
 
 
 class GeneratorMethod(Method):
@@ -183,8 +227,10 @@ class GeneratorMethod(Method):
     PRE-DFKD, CuDFKD).
 
     Builds the generator from ``cfg.generator``/``nz``/``ngf`` (its images in [0, 1]) with its Adam optimiser
-    (``lr_g``, ``betas_g``), draws fresh images, serves student batches from it (generator BatchNorm in
+    (``lr_g``, ``betas_g``), runs the generator step (:meth:`synthesize`: ``g_steps`` Adam steps on the method's
+    :meth:`generator_loss`, student frozen), serves student batches from it (generator BatchNorm in
     ``cfg.sample_mode``), keeps a fixed latent batch for the sample grid and saves the optimiser with checkpoints.
+    A method file then holds its algorithm only: its generator loss, and its student batches and loss if they differ.
     """
 
     def __init__(self, cfg: Any, ctx: Ctx, generator: nn.Module | None = None, init: bool = False):
@@ -208,6 +254,42 @@ class GeneratorMethod(Method):
         self.images_synthesized += z.shape[0]
         return self.ctx.env.images(self.generator(z))
 
+    # -- the generator step: a template; methods supply generator_loss (and, rarely, lr and inputs) ----------------
+    def generator_loss(self, x: Tensor, prog: Progress) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """The method's L_G on images ``x`` (with their graph to G): (loss, teacher logits on x, terms to log)."""
+        raise NotImplementedError
+
+    def generator_lr(self, prog: Progress) -> float:
+        """The generator's learning rate for this round (constant ``lr_g`` unless the method schedules it)."""
+        return self.cfg.lr_g
+
+    def generator_input(self, prog: Progress) -> Tensor:
+        """The images of one generator step: G(z) on fresh latents (with the graph to G)."""
+        return self.generate(self.synthesis_batch_size)
+
+    def generator_step(self, x: Tensor, prog: Progress) -> tuple[dict[str, Any], Tensor]:
+        """One Adam step of G on ``generator_loss(x)``; returns the terms to log (the teacher's class entropy on x
+        among them) and the teacher's logits on x (detached)."""
+        with self.ctx.env.autocast():
+            loss, t, terms = self.generator_loss(x, prog)
+        optimizer_step(self.opt_g, loss, self.ctx.env, self.generator)
+        t = t.detach()
+        logs = {k: v.detach() if torch.is_tensor(v) else v for k, v in terms.items()}
+        return {"loss_g": loss.detach(), **logs, "class_entropy": class_entropy(t)}, t
+
+    def synthesize(self, prog: Progress) -> dict[str, Any]:
+        """``g_steps`` generator steps, G in train mode, the student frozen in ``cfg.g_student_mode``."""
+        c, student = self.cfg, self.ctx.student
+        lr = self.generator_lr(prog)
+        for group in self.opt_g.param_groups:
+            group["lr"] = lr
+        self.generator.train()
+        with frozen(student):
+            student.train(c.g_student_mode == "train")
+            for _ in range(c.g_steps):
+                logs, _ = self.generator_step(self.generator_input(prog), prog)
+        return {**logs, "lr_g": lr}
+
     @torch.no_grad()
     def next_batch(self, prog: Progress) -> Batch:
         """A fresh batch from the generator, its BatchNorm in ``cfg.sample_mode`` (running statistics by default)."""
@@ -224,6 +306,47 @@ class GeneratorMethod(Method):
     def preview(self, n: int) -> Tensor:
         self.generator.eval()
         return self.generator(self.preview_z[:n])
+
+
+@dataclass
+class PoolConfig(MethodConfig):
+    """The knobs shared by the inversion methods (:class:`PoolMethod`); methods override the defaults."""
+
+    g_steps: int = 200  # optimisation steps per round (one pool batch per round)
+    synthesis_batch_size: int | None = None  # images per round; null = train.batch_size
+    pool_size: int | None = None  # images kept; null = all of them (the references never prune)
+    # student batches: pool draws through this augmentation (the dataset's training transform in the references)
+    augment: str = "crop_flip"
+    padding: int = 4
+    T: float = 20.0  # KD temperature of the student loss
+
+    def __post_init__(self) -> None:
+        check_steps(self.g_steps)
+
+
+class PoolMethod(Method):
+    """A method that inverts the teacher into batches of images and trains the student on a pool of them (CMI,
+    DeepInversion): each round's :meth:`synthesize` optimises one batch and :meth:`add_to_pool` keeps it; student
+    batches are uniform draws from the pool (uint8 on the device), augmented by ``cfg.augment``."""
+
+    def __init__(self, cfg: Any, ctx: Ctx):
+        super().__init__(cfg, ctx)
+        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
+        self.pool = SyntheticPool(ctx.info.image_shape, cfg.pool_size, ctx.env.device)
+        self.augment = build_augment(cfg.augment, padding=cfg.padding)
+
+    def add_to_pool(self, x: Tensor) -> dict[str, Any]:
+        """Keep a synthesised batch (images in [0, 1]); returns its share of the round's log."""
+        self.pool.add(x)
+        self.images_synthesized += x.shape[0]
+        return {"pool_size": len(self.pool)}
+
+    @torch.no_grad()
+    def next_batch(self, prog: Progress) -> Batch:
+        return Batch(x=self.ctx.env.images(self.augment(self.pool.sample(self.ctx.batch_size))))
+
+    def preview(self, n: int) -> Tensor | None:
+        return self.pool.latest(n) if len(self.pool) else None
 
 
 class BestIterate:
@@ -267,7 +390,9 @@ def frozen(*models: nn.Module) -> Iterator[None]:
                 p.requires_grad_(flag)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, env: Env, module: nn.Module | None = None) -> None:
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, loss: Tensor, env: Runtime, module: nn.Module | None = None
+) -> None:
     """zero_grad, backward, step; for a persistent ``module`` (one that lives across rounds), gradients and BN
     statistics are averaged across ranks so that it stays identical on every rank under DDP."""
     optimizer.zero_grad(set_to_none=True)

@@ -44,11 +44,10 @@ from torch import Tensor, nn
 
 from dfkd.config import choice
 from dfkd.data import build_augment
-from dfkd.data.pool import SyntheticPool
 from dfkd.errors import ConfigError, closest
-from dfkd.losses import adv_masked_kl, onehot_ce
+from dfkd.losses import adv_masked_kl, class_entropy, onehot_ce
 from dfkd.losses.contrastive import ContrastHead, InstanceMeanHooks, MemoryBank, contrastive_loss
-from dfkd.methods.base import Batch, BestIterate, Ctx, Method, MethodConfig, Progress, frozen
+from dfkd.methods.base import BestIterate, Ctx, PoolConfig, PoolMethod, Progress, frozen
 from dfkd.methods.registry import METHODS
 from dfkd.models import create_generator, init_dcgan_
 
@@ -81,7 +80,7 @@ def feature_modules(teacher: nn.Module, names: list[str]) -> list[nn.Module]:
 
 
 @dataclass
-class CMIConfig(MethodConfig):
+class CMIConfig(PoolConfig):
     name: str = "cmi"
     # generator (G-S), re-initialised every round
     generator: str = "dcgan"
@@ -90,12 +89,18 @@ class CMIConfig(MethodConfig):
     g_steps: int = 200
     lr_g: float = 1.0e-3
     betas_g: list[float] = field(default_factory=lambda: [0.5, 0.999])
-    synthesis_batch_size: int | None = None  # null = train.batch_size
     # inversion loss
     bn: float = 1.0
     oh: float = 1.0
     adv: float = 0.5
     tau_adv: float = 1.0
+    # the two views of each synthetic batch: the inversion loss is scored on the global one, the contrastive loss
+    # contrasts both; match the global view to what the teacher was trained with (the reference's views suit a
+    # CIFAR teacher trained with crop and flip; `none` = the plain image)
+    global_view: str = "crop_flip"
+    global_padding: int = 4
+    local_view: str = "resized_crop_flip"
+    local_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
     # contrastive loss
     cr: float = 0.8
     cr_T: float = 0.1
@@ -104,15 +109,10 @@ class CMIConfig(MethodConfig):
     bank_size: int = 40960  # rows of the feature memory bank
     n_neg: int = 4096  # bank rows drawn per step
     feature_layers: list[str] = field(default_factory=list)  # empty = ResNet stages, else every BatchNorm2d
-    pool_size: int | None = None  # images kept; null = all of them (the reference never prunes)
-    # student
-    augment: str = "crop_flip"
-    padding: int = 4
-    T: float = 20.0
 
 
 @METHODS.register("cmi")
-class CMI(Method):
+class CMI(PoolMethod):
     name = "cmi"
     Config = CMIConfig
 
@@ -120,7 +120,6 @@ class CMI(Method):
         super().__init__(cfg, ctx)
         c, h, w = ctx.info.image_shape
         dev = ctx.env.device
-        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
         self.generator = ctx.env.prepare(create_generator(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c))
         self.bn_hooks = self.bn_statistics(cfg.bn)
         self.feature_hooks = self.track(InstanceMeanHooks(feature_modules(ctx.teacher, cfg.feature_layers)))
@@ -130,10 +129,8 @@ class CMI(Method):
         self.head = ctx.env.prepare(ContrastHead(dim, cfg.head_dim))
         self.opt_head = torch.optim.Adam(self.head.parameters(), lr=cfg.lr_g)
         self.bank = MemoryBank(2 * dim, cfg.bank_size, dev)
-        self.pool = SyntheticPool((c, h, w), cfg.pool_size, dev)
-        self.global_view = build_augment("crop_flip", padding=4)
-        self.local_view = build_augment("resized_crop_flip", scale=(0.25, 1.0))
-        self.augment = build_augment(cfg.augment, padding=cfg.padding)
+        self.global_view = build_augment(cfg.global_view, padding=cfg.global_padding)
+        self.local_view = build_augment(cfg.local_view, scale=tuple(cfg.local_scale))
 
     def _teacher_features(self, x: Tensor) -> Tensor:
         with self.feature_hooks.capture():
@@ -176,9 +173,7 @@ class CMI(Method):
                 self.opt_head.step()
         # Step 3: the best batch into the pool, its features into the bank
         best_x, best_features = best.values
-        self.pool.add(best_x)
         self.bank.add(best_features)
-        self.images_synthesized += n
         return {
             "loss_g": loss.detach(),
             "loss_bn": loss_bn.detach(),
@@ -186,18 +181,12 @@ class CMI(Method):
             "loss_adv": loss_adv.detach(),
             "loss_cr": loss_cr.detach(),
             "best_loss": best.loss,
-            "pool_size": len(self.pool),
+            "class_entropy": class_entropy(t.detach()),
+            **self.add_to_pool(best_x),
         }
-
-    @torch.no_grad()
-    def next_batch(self, prog: Progress) -> Batch:
-        return Batch(x=self.ctx.env.images(self.augment(self.pool.sample(self.ctx.batch_size))))
 
     def checkpoint_state(self) -> dict:
         return {"opt_head": self.opt_head.state_dict()}
 
     def load_checkpoint_state(self, state: dict) -> None:
         self.opt_head.load_state_dict(state["opt_head"])
-
-    def preview(self, n: int) -> Tensor | None:
-        return self.pool.latest(n) if len(self.pool) else None

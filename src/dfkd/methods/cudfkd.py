@@ -45,16 +45,8 @@ import torch
 from torch import Tensor
 
 from dfkd.config import choice
-from dfkd.losses import activation_loss, adv_js, adv_masked_kl, batch_entropy, kd_kl, kd_l1, kd_mse, onehot_ce
-from dfkd.methods.base import (
-    Batch,
-    Ctx,
-    GeneratorConfig,
-    GeneratorMethod,
-    Progress,
-    frozen,
-    optimizer_step,
-)
+from dfkd.losses import adv_js, adv_masked_kl, batch_entropy, kd_kl, kd_l1, kd_mse
+from dfkd.methods.base import Batch, Ctx, GeneratorConfig, GeneratorMethod, Progress
 from dfkd.methods.registry import METHODS
 
 # -- the curriculum as pure functions (golden-tested against the reference) ------------------------------------------
@@ -148,33 +140,20 @@ class CuDFKD(GeneratorMethod):
         return adv_weight(prog.epoch, prog.epochs, c.adv, c.grad_adv, c.begin_fraction, c.end_fraction)
 
     # 1. generator step
-    def synthesize(self, prog: Progress) -> dict[str, Tensor]:
-        c, student = self.cfg, self.ctx.student
+    def generator_loss(self, x: Tensor, prog: Progress) -> tuple[Tensor, Tensor, dict[str, Tensor | float]]:
+        c = self.cfg
         adv = self.adv_weight(prog)
-        self.generator.train()
-        with frozen(student):
-            for _ in range(c.g_steps):
-                x = self.generate(self.synthesis_batch_size)
-                with self.ctx.env.autocast():
-                    t, loss_bn = self.teacher_with_bn(x, self.bn_hooks)
-                    entropy = batch_entropy(t, c.ent_T if c.ent_T is not None else c.T)
-                    loss_oh = onehot_ce(t)
-                    loss_act = activation_loss(self.feature_hook.pop()) if self.feature_hook else t.new_zeros(())
-                    if adv > 0:
-                        s = student(x)
-                        loss_adv = adv_masked_kl(s, t, c.tau_adv) if c.adv_type == "kl" else adv_js(s, t, c.tau_adv)
-                    else:
-                        loss_adv = t.new_zeros(())
-                    loss = c.lmda_ent * entropy + adv * loss_adv + c.oh * loss_oh + c.act * loss_act + c.bn * loss_bn
-                optimizer_step(self.opt_g, loss, self.ctx.env, self.generator)
-        return {
-            "loss_g": loss.detach(),
-            "entropy": entropy.detach(),
-            "loss_oh": loss_oh.detach(),
-            "loss_bn": loss_bn.detach(),
-            "loss_adv": loss_adv.detach(),
-            "adv_weight": adv,
-        }
+        t, priors = self.teacher_priors(x, self.bn_hooks, self.feature_hook)
+        loss_bn, loss_oh, loss_act = priors["loss_bn"], priors["loss_oh"], priors["loss_act"]
+        entropy = batch_entropy(t, c.ent_T if c.ent_T is not None else c.T)
+        if adv > 0:
+            s = self.ctx.student(x)
+            loss_adv = adv_masked_kl(s, t, c.tau_adv) if c.adv_type == "kl" else adv_js(s, t, c.tau_adv)
+        else:
+            loss_adv = t.new_zeros(())
+        loss = c.lmda_ent * entropy + adv * loss_adv + c.oh * loss_oh + c.act * loss_act + c.bn * loss_bn
+        logs = {"entropy": entropy, "loss_oh": loss_oh, "loss_bn": loss_bn, "loss_adv": loss_adv, "adv_weight": adv}
+        return loss, t, logs
 
     def _difficulty(self, s: Tensor, t: Tensor, per_sample: bool) -> Tensor:
         reduction = "sample" if per_sample else ("batchmean" if self.cfg.loss == "kl" else "mean")

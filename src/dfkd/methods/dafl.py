@@ -47,16 +47,8 @@ import torch
 from torch import Tensor
 
 from dfkd.config import choice
-from dfkd.losses import activation_loss, class_balance, kd_kl, onehot_ce
-from dfkd.methods.base import (
-    Batch,
-    Ctx,
-    GeneratorConfig,
-    GeneratorMethod,
-    Progress,
-    frozen,
-    optimizer_step,
-)
+from dfkd.losses import class_balance, kd_kl
+from dfkd.methods.base import Batch, Ctx, GeneratorConfig, GeneratorMethod, Progress
 from dfkd.methods.registry import METHODS
 
 
@@ -84,29 +76,18 @@ class DAFL(GeneratorMethod):
         self.feature_hook = self.penultimate_features(cfg.act)
         self._joint: tuple[Tensor, Tensor] | None = None  # (student batch, the same images with their graph to G)
 
-    def _generator_loss(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """L_G on images x (with their graph to G); returns it, the teacher's logits and the terms to log."""
+    # 1. the generator loss (run by GeneratorMethod.synthesize, or by student_loss in the joint step)
+    def generator_loss(self, x: Tensor, prog: Progress) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         c = self.cfg
-        t = self.ctx.teacher(x)
-        loss_oh = onehot_ce(t)
-        loss_act = activation_loss(self.feature_hook.pop()) if self.feature_hook is not None else t.new_zeros(())
+        t, priors = self.teacher_priors(x, feature_hook=self.feature_hook)
         loss_balance = class_balance(t)
-        loss = c.oh * loss_oh + c.act * loss_act + c.balance * loss_balance
-        logs = {"loss_g": loss.detach(), "loss_oh": loss_oh.detach(), "loss_act": loss_act.detach()}
-        return loss, t, {**logs, "loss_balance": loss_balance.detach()}
+        loss = c.oh * priors["loss_oh"] + c.act * priors["loss_act"] + c.balance * loss_balance
+        return loss, t, {"loss_oh": priors["loss_oh"], "loss_act": priors["loss_act"], "loss_balance": loss_balance}
 
-    # 1. generator step (alternating)
     def synthesize(self, prog: Progress) -> dict[str, Tensor]:
         if self.cfg.step == "joint":  # the generator is stepped in student_loss, on the student's batch
             return {}
-        self.generator.train()
-        with frozen(self.ctx.student):
-            for _ in range(self.cfg.g_steps):
-                x = self.generate(self.synthesis_batch_size)
-                with self.ctx.env.autocast():
-                    loss, _, logs = self._generator_loss(x)
-                optimizer_step(self.opt_g, loss, self.ctx.env, self.generator)
-        return logs
+        return super().synthesize(prog)
 
     # 2. student batches
     def next_batch(self, prog: Progress) -> Batch:
@@ -123,7 +104,6 @@ class DAFL(GeneratorMethod):
         if self._joint is None or batch.x is not self._joint[0]:
             raise RuntimeError("DAFL step=joint: student_loss must get the batch of the preceding next_batch")
         x_graph, self._joint = self._joint[1], None
-        loss_g, t, logs = self._generator_loss(x_graph)
-        optimizer_step(self.opt_g, loss_g, self.ctx.env, self.generator)  # Alg. 1: update G
-        loss = kd_kl(student(batch.x), t.detach(), self.cfg.T)  # Alg. 1: update S (the engine steps it)
+        logs, t = self.generator_step(x_graph, prog)  # Alg. 1: update G (its teacher forward serves the student)
+        loss = kd_kl(student(batch.x), t, self.cfg.T)  # Alg. 1: update S (the engine steps it)
         return {"loss": loss, **logs}

@@ -37,10 +37,8 @@ import torch
 from torch import Tensor
 
 from dfkd.config import choice
-from dfkd.data import build_augment
-from dfkd.data.pool import SyntheticPool
-from dfkd.losses import js_div, onehot_ce, tv_l1, tv_l2
-from dfkd.methods.base import Batch, BestIterate, Ctx, Method, MethodConfig, Progress, frozen
+from dfkd.losses import class_entropy, js_div, onehot_ce, tv_l1, tv_l2
+from dfkd.methods.base import BestIterate, Ctx, PoolConfig, PoolMethod, Progress, frozen
 from dfkd.methods.registry import METHODS
 
 
@@ -57,12 +55,11 @@ def jitter_and_flip(x: Tensor, lim: float = 1 / 8, flip: bool = True) -> Tensor:
 
 
 @dataclass
-class DeepInvConfig(MethodConfig):
+class DeepInvConfig(PoolConfig):
     name: str = "deepinv"
     g_steps: int = 1000  # pixel-optimisation steps per round (one pool batch per round)
     lr_g: float = 0.1
     betas_g: list[float] = field(default_factory=lambda: [0.5, 0.99])
-    synthesis_batch_size: int | None = None  # null = train.batch_size
     # inversion loss
     bn: float = 10.0
     oh: float = 1.0
@@ -71,28 +68,21 @@ class DeepInvConfig(MethodConfig):
     tv: float = 1.0e-3
     tv_type: str = choice("l1", "l1", "l2")
     l2: float = 0.0
+    # the view the inversion loss is scored on: match it to what the teacher was trained with (the reference's
+    # jitter 1/8 + flip suit a CIFAR teacher trained with crop and flip; jitter 0, flip false = the plain image)
     jitter: float = 0.125  # largest roll, as a fraction of the image size
     flip: bool = True
     pool_iterate: str = choice("last", "last", "best")
-    pool_size: int | None = None  # images kept; null = all of them (the reference never prunes)
-    # student
-    augment: str = "crop_flip"  # of pool batches (the dataset's train transform in the reference)
-    padding: int = 4
-    T: float = 20.0
 
 
 @METHODS.register("deepinv")
-class DeepInversion(Method):
+class DeepInversion(PoolMethod):
     name = "deepinv"
     Config = DeepInvConfig
 
     def __init__(self, cfg: DeepInvConfig, ctx: Ctx):
         super().__init__(cfg, ctx)
-        c, h, w = ctx.info.image_shape
-        self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
         self.bn_hooks = self.bn_statistics(cfg.bn)
-        self.augment = build_augment(cfg.augment, padding=cfg.padding)
-        self.pool = SyntheticPool((c, h, w), cfg.pool_size, ctx.env.device)
         dev = ctx.env.device
         self.register_buffer("mean", torch.tensor(ctx.info.mean, device=dev).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(ctx.info.std, device=dev).view(1, -1, 1, 1), persistent=False)
@@ -105,7 +95,8 @@ class DeepInversion(Method):
         v.clamp_(min=-self.mean / self.std, max=(1 - self.mean) / self.std)
 
     def inversion_loss(self, v: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """Step 2's objective for pixels ``v`` (normalised space) and labels ``y``, on one jittered view."""
+        """Step 2's objective for pixels ``v`` (normalised space) and labels ``y``, on one jittered view: the total
+        ``loss``, its terms, and the teacher's logits ``t`` on the view."""
         c = self.cfg
         x = self._to01(jitter_and_flip(v, c.jitter, c.flip))
         with self.ctx.env.autocast():
@@ -115,7 +106,7 @@ class DeepInversion(Method):
         loss_tv = (tv_l1 if c.tv_type == "l1" else tv_l2)(v)
         loss_l2 = torch.linalg.vector_norm(v) if c.l2 > 0 else torch.zeros_like(loss_tv)
         loss = c.bn * loss_bn + c.oh * loss_oh + c.adv * loss_adv + c.tv * loss_tv + c.l2 * loss_l2
-        return {"loss": loss, "loss_bn": loss_bn, "loss_oh": loss_oh, "loss_adv": loss_adv, "loss_tv": loss_tv}
+        return {"loss": loss, "loss_bn": loss_bn, "loss_oh": loss_oh, "loss_adv": loss_adv, "loss_tv": loss_tv, "t": t}
 
     def synthesize(self, prog: Progress) -> dict[str, Tensor]:
         c, n = self.cfg, self.synthesis_batch_size
@@ -136,16 +127,9 @@ class DeepInversion(Method):
                 self._clamp_(v)
         # Step 3: the last (or best) iterate into the pool
         pooled = best.values[0] if best.values else v.detach()
-        self.pool.add(pooled * self.std + self.mean)
-        self.images_synthesized += n
+        logs = self.add_to_pool(pooled * self.std + self.mean)
         return {
-            **{("loss_g" if k == "loss" else k): value.detach() for k, value in terms.items()},
-            "pool_size": len(self.pool),
+            **{("loss_g" if k == "loss" else k): value.detach() for k, value in terms.items() if k != "t"},
+            "class_entropy": class_entropy(terms["t"]),
+            **logs,
         }
-
-    @torch.no_grad()
-    def next_batch(self, prog: Progress) -> Batch:
-        return Batch(x=self.ctx.env.images(self.augment(self.pool.sample(self.ctx.batch_size))))
-
-    def preview(self, n: int) -> Tensor | None:
-        return self.pool.latest(n) if len(self.pool) else None

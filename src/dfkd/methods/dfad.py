@@ -36,12 +36,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
-from dfkd.config import choice
 from dfkd.losses import adv_l1, kd_l1
-from dfkd.methods.base import Batch, GeneratorConfig, GeneratorMethod, Progress, frozen, optimizer_step
+from dfkd.methods.base import GeneratorConfig, GeneratorMethod, Progress
 from dfkd.methods.registry import METHODS
 
 
@@ -57,7 +55,6 @@ class DFADConfig(GeneratorConfig):
     # the original: generator dfad, nz 256, Adam's default betas)
     lr_g_milestones: list[int] = field(default_factory=list)  # 0-based epochs where lr_g is multiplied by gamma
     lr_g_gamma: float = 0.1
-    g_student_mode: str = choice("eval", "eval", "train")  # student BN mode during the generator step
 
 
 @METHODS.register("dfad")
@@ -66,23 +63,13 @@ class DFAD(GeneratorMethod):
     Config = DFADConfig
 
     # 1. generator step: maximise the teacher-student L1 discrepancy
-    def synthesize(self, prog: Progress) -> dict[str, Tensor]:
-        c, teacher, student = self.cfg, self.ctx.teacher, self.ctx.student
-        lr = c.lr_g * step_decay(prog.epoch, c.lr_g_milestones, c.lr_g_gamma)
-        for group in self.opt_g.param_groups:
-            group["lr"] = lr
-        self.generator.train()
-        with frozen(student):
-            student.train(c.g_student_mode == "train")
-            for _ in range(c.g_steps):
-                x = self.generate(self.synthesis_batch_size)
-                with self.ctx.env.autocast():
-                    loss = adv_l1(student(x), teacher(x))
-                optimizer_step(self.opt_g, loss, self.ctx.env, self.generator)
-        return {"loss_g": loss.detach(), "lr_g": lr}
+    def generator_loss(self, x: Tensor, prog: Progress) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        t = self.ctx.teacher(x)
+        return adv_l1(self.ctx.student(x), t), t, {}
+
+    def generator_lr(self, prog: Progress) -> float:
+        return self.cfg.lr_g * step_decay(prog.epoch, self.cfg.lr_g_milestones, self.cfg.lr_g_gamma)
 
     # 2. the L1 imitation loss, on fresh generator batches
-    def student_loss(self, batch: Batch, student: torch.nn.Module, prog: Progress) -> dict[str, Tensor]:
-        with torch.no_grad():
-            t = self.ctx.teacher(batch.x)
-        return {"loss": kd_l1(student(batch.x), t)}
+    def imitation_loss(self, s: Tensor, t: Tensor) -> Tensor:
+        return kd_l1(s, t)

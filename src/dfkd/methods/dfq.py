@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from dfkd.losses import adv_unmasked_kl, class_balance, onehot_ce
-from dfkd.methods.base import Ctx, GeneratorConfig, GeneratorMethod, Progress, frozen, optimizer_step
+from dfkd.losses import adv_unmasked_kl, class_balance
+from dfkd.methods.base import Ctx, GeneratorConfig, GeneratorMethod, Progress
 from dfkd.methods.registry import METHODS
 
 
@@ -59,23 +59,11 @@ class DFQ(GeneratorMethod):
         self.bn_hooks = self.bn_statistics(cfg.bn)
 
     # 1. generator step
-    def synthesize(self, prog: Progress) -> dict[str, Tensor]:
-        c, student = self.cfg, self.ctx.student
-        self.generator.train()
-        with frozen(student):
-            for _ in range(c.g_steps):
-                x = self.generate(self.synthesis_batch_size)
-                with self.ctx.env.autocast():
-                    t, loss_bn = self.teacher_with_bn(x, self.bn_hooks)
-                    loss_oh = onehot_ce(t)
-                    loss_adv = adv_unmasked_kl(student(x), t, c.T) if c.adv > 0 else t.new_zeros(())
-                    loss_balance = class_balance(t)
-                    loss = c.bn * loss_bn + c.oh * loss_oh + c.adv * loss_adv + c.balance * loss_balance
-                optimizer_step(self.opt_g, loss, self.ctx.env, self.generator)
-        return {
-            "loss_g": loss.detach(),
-            "loss_bn": loss_bn.detach(),
-            "loss_oh": loss_oh.detach(),
-            "loss_adv": loss_adv.detach(),
-            "loss_balance": loss_balance.detach(),
-        }
+    def generator_loss(self, x: Tensor, prog: Progress) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        c = self.cfg
+        t, priors = self.teacher_priors(x, self.bn_hooks)
+        loss_adv = adv_unmasked_kl(self.ctx.student(x), t, c.T) if c.adv > 0 else t.new_zeros(())
+        loss_balance = class_balance(t)
+        loss = c.bn * priors["loss_bn"] + c.oh * priors["loss_oh"] + c.adv * loss_adv + c.balance * loss_balance
+        return loss, t, {"loss_bn": priors["loss_bn"], "loss_oh": priors["loss_oh"], "loss_adv": loss_adv,
+                         "loss_balance": loss_balance}  # fmt: skip

@@ -13,18 +13,21 @@ per epoch):
    the JS averaged over batch and classes, the teacher detached in it.
 2. Student steps: a fresh novel batch G(z) (B images, G in train mode as in the reference) plus ``replay_batch_size``
    (B/8) images drawn from the replay memory; L_S = mean |S(x) - T(x)| over the union.
-3. Replay memory: after every ``memory_every``-th epoch (epochs 0, 5, 10, ...) the first B/8 images of the epoch's last
-   novel batch join the memory, which keeps the latest ``memory_size`` images (10 such batches by default).
+3. Replay memory: ``memory_pushes`` times over the run (the reference: after every 5th of its 400 epochs, 80 times),
+   the first B/8 images of the last novel batch join the memory, which keeps the latest ``memory_size`` images
+   (10 such batches by default).
 
 Deviations:
-- Generator: the library's DCGAN generator (``dcgan`` = CMI's G-S layout, which is the reference's layout) with a
-  sigmoid output in [0, 1] under the teacher's normaliser; the reference ends in tanh + an affine-free BatchNorm in
-  normalised space, uses spectral-norm convolutions with bias and BN eps 0.8. The reference's uniform(-0.08, 0.08)
-  initialisation is kept.
-- The student is frozen in eval mode during the generator step (the reference runs it in train mode there, which
-  updates its BN statistics on the generator's batch).
+- Generator: the reference's by default (``pre_dfkd``: spectral-norm convolutions, BN eps 0.8, tanh -> affine-free
+  BatchNorm in normalised space, uniform(-0.08, 0.08) init); its images are mapped to [0, 1] with the dataset's mean
+  and std and clamped to the valid image range (clamped pixels pass no gradient).
+- The student runs in train mode during the generator step by default, as in the reference (its BatchNorm updates
+  its running statistics on the generator's batch); ``g_student_mode: eval`` freezes them.
 - The memory is a uint8 ring of images on the device (the reference keeps float batches on the CPU), sampled
   uniformly across entries (the reference picks one stored batch per step); it is saved in the checkpoint.
+- The push schedule is a number of pushes over the run (every ``rounds // memory_pushes`` rounds), so that runs of
+  any length fill and refresh the memory as the reference's 400 epochs do; the reference pushes after epochs 0, 5,
+  10, ... (the first push at the end of the first epoch), here after every interval (the first one interval in).
 - The memory holds images of the novel generator only; the paper's real-distribution-matching constraint is not in
   the re-implementation and not here.
 - Under DDP the novel generator's gradients are averaged across ranks (it persists); each rank keeps its own memory.
@@ -40,7 +43,6 @@ import torch
 from torch import Tensor
 
 from dfkd.data.pool import SyntheticPool
-from dfkd.losses import kd_l1
 from dfkd.methods._novel import NovelGeneratorConfig, NovelGeneratorMethod
 from dfkd.methods.base import Batch, Ctx, Progress
 from dfkd.methods.registry import METHODS
@@ -51,7 +53,12 @@ class MBDFKDConfig(NovelGeneratorConfig):
     name: str = "mb_dfkd"
     # replay memory
     memory_size: int | None = None  # images kept; null = 10 pushes of replay_batch_size
-    memory_every: int = 5  # epochs between pushes
+    memory_pushes: int = 80  # pushes over the run (the reference: every 5 of 400 epochs)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.memory_pushes < 1:
+            raise ValueError(f"memory_pushes={self.memory_pushes}: give the number of memory pushes, >= 1")
 
 
 @METHODS.register("mb_dfkd")
@@ -60,27 +67,26 @@ class MBDFKD(NovelGeneratorMethod):
     Config = MBDFKDConfig
 
     def __init__(self, cfg: MBDFKDConfig, ctx: Ctx):
-        if cfg.memory_every < 1:
-            raise ValueError(f"method.memory_every must be >= 1, got {cfg.memory_every}")
         super().__init__(cfg, ctx)
         memory_size = cfg.memory_size or 10 * self.replay_batch_size
         self.memory = SyntheticPool(ctx.info.image_shape, memory_size, ctx.env.device)
 
-    # 1. the novel generator step: NovelGeneratorMethod.synthesize
+    # 1. the novel generator step: GeneratorMethod.synthesize on NovelGeneratorMethod.generator_loss
 
-    # 2. a fresh novel batch plus replayed images; 3. the memory update at the end of every memory_every-th epoch
+    def push_interval(self, prog: Progress) -> int:
+        """Rounds between memory pushes: the run's rounds spread over ``memory_pushes`` pushes."""
+        return max(1, prog.epochs * prog.rounds_per_epoch // self.cfg.memory_pushes)
+
+    # 2. a fresh novel batch plus replayed images; 3. the memory update after every push_interval rounds
     @torch.no_grad()
     def next_batch(self, prog: Progress) -> Batch:
-        k = prog.step_in_round
         self.generator.train(self.cfg.sample_mode == "train")
         novel = self.generate(self.ctx.batch_size)
         x = torch.cat([novel, self.memory.sample(self.replay_batch_size)]) if len(self.memory) else novel
-        end_of_epoch = prog.round == prog.rounds_per_epoch - 1 and k == prog.kd_steps - 1
-        if end_of_epoch and prog.epoch % self.cfg.memory_every == 0:
+        rounds_done = prog.epoch * prog.rounds_per_epoch + prog.round + 1
+        if prog.step_in_round == prog.kd_steps - 1 and rounds_done % self.push_interval(prog) == 0:
             self.memory.add(novel[: self.replay_batch_size])
         return Batch(x=self.ctx.env.images(x))
 
     def student_loss(self, batch: Batch, student: torch.nn.Module, prog: Progress) -> dict[str, Tensor]:
-        with torch.no_grad():
-            t = self.ctx.teacher(batch.x)
-        return {"loss": kd_l1(student(batch.x), t), "memory_size": len(self.memory)}
+        return {**super().student_loss(batch, student, prog), "memory_size": len(self.memory)}

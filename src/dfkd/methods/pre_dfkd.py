@@ -18,11 +18,11 @@ per epoch):
    L_M = |G_m(z) - x| + |T(G_m(z)) - T(x)| + kld * KLD(mu, logvar); one Adam step on G_m and E (lr_memory).
 
 Deviations:
-- Generators: the library's DCGAN generator (``dcgan`` = CMI's G-S layout, the reference's layout) with a sigmoid
-  output in [0, 1] under the teacher's normaliser; the reference ends in tanh + an affine-free BatchNorm in normalised
-  space and uses spectral-norm convolutions (novel generator) and BN eps 0.8. Its uniform(-0.08, 0.08) init is kept.
-  The VAE's image L1 and the encoder's input are computed on normalised images, as the reference's generators emit.
-- The student is frozen in eval mode during the generator step (the reference leaves it in train mode).
+- Generators: the official ones by default (``pre_dfkd``: spectral-norm convolutions, BN eps 0.8, tanh -> affine-free
+  BatchNorm in normalised space; ``pre_dfkd_memory``: the same without spectral norm), with their uniform(-0.08, 0.08)
+  init. Their normalised-space images are mapped to [0, 1] with the dataset's mean and std and clamped to the valid
+  image range (clamped pixels pass no gradient); the VAE's image L1 and the encoder's input are computed on
+  normalised images, as in the reference. The encoder's BatchNorms keep the default eps (the reference: 0.8).
 - The latent tuning takes gradients with respect to z only (the reference's backward also fills G_m's gradients,
   which its next ``zero_grad`` discards).
 - The memory's two Adam optimisers (G_m, E; same learning rate) are one Adam over both (identical updates).
@@ -40,11 +40,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dfkd.losses import kd_l1, onehot_ce
+from dfkd.losses import onehot_ce
 from dfkd.losses.replay import balance_log10, latent_prior_loss, vae_loss
 from dfkd.methods._novel import NovelGeneratorConfig, NovelGeneratorMethod
 from dfkd.methods.base import Batch, Ctx, Progress, optimizer_step
 from dfkd.methods.registry import METHODS
+from dfkd.models.generators import in_unit_range
 from dfkd.models.replay import ReplayEncoder, init_uniform_, replay_generator
 
 
@@ -52,6 +53,7 @@ from dfkd.models.replay import ReplayEncoder, init_uniform_, replay_generator
 class PREDFKDConfig(NovelGeneratorConfig):
     name: str = "pre_dfkd"
     # generative replay memory (a VAE: memory generator of the novel generator's layout + encoder)
+    memory_generator: str = "pre_dfkd_memory"  # the official memory generator (no spectral norm)
     latent_dim: int = 1000
     lr_memory: float = 5.0e-4  # lr_g / 40 in the reference
     replay_z_steps: int = 1  # Adam steps on the replay latents
@@ -67,9 +69,10 @@ class PREDFKD(NovelGeneratorMethod):
     def __init__(self, cfg: PREDFKDConfig, ctx: Ctx):
         shape, env = ctx.info.image_shape, ctx.env
         super().__init__(cfg, ctx)
+        memory_generator = replay_generator(cfg.memory_generator, cfg.latent_dim, cfg.ngf, shape)
         # The generative memory (a VAE: decoder = memory generator, plus encoder), stepped and synchronised as one.
         self.memory = nn.ModuleDict({
-            "generator": env.prepare(replay_generator(cfg.generator, cfg.latent_dim, cfg.ngf, shape)),
+            "generator": env.prepare(in_unit_range(memory_generator, ctx.info.mean, ctx.info.std)),
             "encoder": env.prepare(init_uniform_(ReplayEncoder(shape[0], shape[1], cfg.latent_dim, cfg.ngf))),
         })  # fmt: skip
         self.opt_memory = torch.optim.Adam(self.memory.parameters(), lr=cfg.lr_memory)
@@ -113,7 +116,7 @@ class PREDFKD(NovelGeneratorMethod):
             optimizer_step(self.opt_memory, terms["loss"], self.ctx.env, self.memory)
         self._memory_log = {f"memory/{k}": v.detach() for k, v in terms.items()}
 
-    # 1. the novel generator step: NovelGeneratorMethod.synthesize
+    # 1. the novel generator step: GeneratorMethod.synthesize on NovelGeneratorMethod.generator_loss
 
     # 2. a fresh novel batch plus pseudo-replay; 3. the memory update on the round's first memory_steps steps
     def next_batch(self, prog: Progress) -> Batch:
@@ -128,9 +131,7 @@ class PREDFKD(NovelGeneratorMethod):
         return Batch(x=torch.cat([novel, replay]))
 
     def student_loss(self, batch: Batch, student: nn.Module, prog: Progress) -> dict[str, Tensor]:
-        with torch.no_grad():
-            t = self.ctx.teacher(batch.x)
-        out = {"loss": kd_l1(student(batch.x), t), **self._memory_log}
+        out = {**super().student_loss(batch, student, prog), **self._memory_log}
         self._memory_log = {}
         return out
 

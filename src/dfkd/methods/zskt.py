@@ -12,7 +12,7 @@ from the teacher's, the student matches the teacher there, optionally also match
 
 Algorithm (one round; the engine runs ``rounds_per_epoch`` rounds per epoch):
 
-1. Generator steps (G train mode; T, S eval mode), ``g_steps`` (n_G) times:
+1. Generator steps (G train mode; T eval mode; S frozen in ``g_student_mode``), ``g_steps`` (n_G) times:
    L_G = -adv * KL_T(T(x) || S(x)),  x = G(z)
    with z ~ N(0, I) fresh at every step (``loader: fresh``, the benchmark), or one z kept for the whole round
    (``loader: shared``, the original's "learnable loader").
@@ -36,8 +36,9 @@ Deviations:
   per pseudo-batch, and the engine anneals the student per epoch.
 - The original generator (``generator: zskt``) emits normalised-space images; they are mapped to [0, 1] with the
   dataset's mean and std and clamped to the valid image range (clamped pixels pass no gradient).
-- The student is in eval mode during the generator step in both variants (the benchmark's choice; the spec does not
-  record the original's).
+- The student's mode during the generator step is ``g_student_mode``: eval by default (the benchmark), train in the
+  ``zskt_original`` recipes (the original never switches its student out of train mode, so its BatchNorm normalises
+  the generator's batch with batch statistics and updates its running ones).
 - Under DDP the persistent generator's gradients are all-reduced before each step (and before ``grad_clip_g``), so
   it stays identical on every rank.
 """
@@ -46,8 +47,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -55,16 +54,9 @@ from torch import Tensor, nn
 
 from dfkd.config import choice
 from dfkd.errors import ConfigError
+from dfkd.hooks import OutputHooks
 from dfkd.losses import adv_unmasked_kl, attention_transfer, kd_kl
-from dfkd.methods.base import (
-    Batch,
-    Ctx,
-    GeneratorConfig,
-    GeneratorMethod,
-    Progress,
-    frozen,
-    optimizer_step,
-)
+from dfkd.methods.base import Batch, Ctx, GeneratorConfig, GeneratorMethod, Progress, frozen
 from dfkd.methods.registry import METHODS
 from dfkd.models import Normalized
 
@@ -74,44 +66,14 @@ log = logging.getLogger(__name__)
 STAGES = (("block1", "block2", "block3"), ("layer1", "layer2", "layer3", "layer4"))
 
 
-class OutputHooks:
-    """Forward hooks that keep the outputs of named modules of a network, only inside ``with hooks.capture():``."""
-
-    def __init__(self, model: nn.Module, names: list[str]):
-        net = model.net if isinstance(model, Normalized) else model
-        modules = dict(net.named_modules())
-        unknown = [n for n in names if n not in modules or not n]
-        if unknown:
-            raise ConfigError(f"attention-transfer layer(s) {unknown} not found in {type(net).__name__}")
-        self.names = names
-        self._outputs: dict[str, Tensor] = {}
-        self._capturing = False
-        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
-
-    def _hook(self, name: str):
-        def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if self._capturing:
-                self._outputs[name] = output
-
-        return hook
-
-    @contextmanager
-    def capture(self) -> Iterator[None]:
-        self._outputs = {}
-        self._capturing = True
-        try:
-            yield
-        finally:
-            self._capturing = False
-
-    def pop(self) -> list[Tensor]:
-        outputs, self._outputs = self._outputs, {}
-        return [outputs[n] for n in self.names]
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+def output_hooks(model: nn.Module, names: list[str]) -> OutputHooks:
+    """Hooks that keep the outputs of the named modules of ``model`` (inside its normalising wrapper)."""
+    net = model.net if isinstance(model, Normalized) else model
+    modules = dict(net.named_modules())
+    unknown = [n for n in names if n not in modules or not n]
+    if unknown:
+        raise ConfigError(f"attention-transfer layer(s) {unknown} not found in {type(net).__name__}")
+    return OutputHooks([modules[n] for n in names])
 
 
 @torch.no_grad()
@@ -187,9 +149,11 @@ class ZSKT(GeneratorMethod):
             if not t_layers:
                 t_layers, s_layers = attention_layers(ctx.teacher, ctx.student, ctx.info.image_shape, ctx.env.device)
                 log.info("zskt: attention transfer between teacher %s and student %s", t_layers, s_layers)
-            self.t_hooks = self.track(OutputHooks(ctx.teacher, t_layers))
-            self.s_hooks = self.track(OutputHooks(ctx.student, s_layers))
+            self.at_layers = (t_layers, s_layers)
+            self.t_hooks = self.track(output_hooks(ctx.teacher, t_layers))
+            self.s_hooks = self.track(output_hooks(ctx.student, s_layers))
         self._round: tuple[Tensor, Tensor, list[Tensor]] | None = None  # loader=shared: images, teacher logits, maps
+        self._z: Tensor | None = None  # loader=shared: the round's latents
 
     def _clip_generator(self, *_args) -> None:
         nn.utils.clip_grad_norm_(self.generator.parameters(), self.cfg.grad_clip_g)
@@ -204,32 +168,34 @@ class ZSKT(GeneratorMethod):
             return t, self.t_hooks.pop()
 
     # 1. generator steps: maximise KL(T || S)
+    def generator_loss(self, x: Tensor, prog: Progress) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        c = self.cfg
+        t = self.ctx.teacher(x)
+        loss_adv = adv_unmasked_kl(self.ctx.student(x), t, c.T, reduction=c.kl_reduction)
+        return c.adv * loss_adv, t, {"loss_adv": loss_adv}
+
+    def generator_lr(self, prog: Progress) -> float:
+        if self.cfg.lr_g_schedule == "constant":
+            return self.cfg.lr_g
+        done = (prog.epoch * prog.rounds_per_epoch + prog.round) / (prog.epochs * prog.rounds_per_epoch)
+        return self.cfg.lr_g * 0.5 * (1.0 + math.cos(math.pi * done))
+
+    def generator_input(self, prog: Progress) -> Tensor:
+        return self.generate(self._z if self._z is not None else self.synthesis_batch_size)
+
     def synthesize(self, prog: Progress) -> dict[str, Tensor]:
-        c, teacher, student = self.cfg, self.ctx.teacher, self.ctx.student
-        lr = c.lr_g
-        if c.lr_g_schedule == "cosine":
-            done = (prog.epoch * prog.rounds_per_epoch + prog.round) / (prog.epochs * prog.rounds_per_epoch)
-            lr = c.lr_g * 0.5 * (1.0 + math.cos(math.pi * done))
-        for group in self.opt_g.param_groups:
-            group["lr"] = lr
+        c = self.cfg
         self._round = None
-        n = self.synthesis_batch_size
-        z = self.sample_z(n) if c.loader == "shared" else None  # the learnable loader's z, kept for n_G + n_S steps
-        self.generator.train()
-        with frozen(student):
-            for _ in range(c.g_steps):
-                x = self.generate(z if z is not None else n)
-                with self.ctx.env.autocast():
-                    loss_adv = adv_unmasked_kl(student(x), teacher(x), c.T, reduction=c.kl_reduction)
-                    loss = c.adv * loss_adv
-                optimizer_step(self.opt_g, loss, self.ctx.env, self.generator)
-        if c.loader == "shared":  # the round's student batch, from the just-updated generator
+        # the learnable loader's z, kept for the round's n_G + n_S steps
+        self._z = self.sample_z(self.synthesis_batch_size) if c.loader == "shared" else None
+        logs = super().synthesize(prog)
+        if self._z is not None:  # the round's student batch, from the just-updated generator
             with torch.no_grad():
                 self.generator.train(c.sample_mode == "train")
-                x = self.generate(z)
+                x = self.generate(self._z)
             with self.ctx.env.autocast():
                 self._round = (x, *self._teacher(x))
-        return {"loss_g": loss.detach(), "loss_adv": loss_adv.detach(), "lr_g": lr}
+        return logs
 
     # 2. student batches
     def next_batch(self, prog: Progress) -> Batch:

@@ -158,11 +158,12 @@ class GeneratorA(nn.Module):
         img_size: Output height and width, divisible by 4.
         ngf: Width of the last hidden stage (the projected map has 2 * ngf channels; 64 in both papers).
         bn_eps: eps of the two hidden BatchNorms (DAFL passes 0.8 where a momentum was presumably meant).
+        spectral_norm: spectral normalisation of the three convolutions (PRE-DFKD's novel generator).
     """
 
     output_space = "normalized"
 
-    def __init__(self, nz: int, nc: int, img_size: int, ngf: int, bn_eps: float):
+    def __init__(self, nz: int, nc: int, img_size: int, ngf: int, bn_eps: float, spectral_norm: bool = False):
         super().__init__()
         self.init_size = img_size // 4
         self.l1 = nn.Sequential(nn.Linear(nz, 2 * ngf * self.init_size**2))
@@ -180,6 +181,9 @@ class GeneratorA(nn.Module):
             nn.Tanh(),
             nn.BatchNorm2d(nc, affine=False),
         )
+        if spectral_norm:
+            for conv in (self.conv_blocks1[0], self.conv_blocks2[0], self.conv_blocks2[3]):
+                nn.utils.parametrizations.spectral_norm(conv)
 
     def forward(self, z: Tensor) -> Tensor:
         out = self.l1(torch.flatten(z, 1))
@@ -233,6 +237,21 @@ def dfad(nz: int, ngf: int, img_size: int, nc: int, **kw: Any) -> nn.Module:
     """DFAD's GeneratorA (Fang et al. 2019): DAFL's layout with default BatchNorm eps; nz 256, ngf 64."""
     _check("dfad", nz, ngf, img_size, nc, 4, kw)
     return GeneratorA(nz, nc, img_size, ngf, bn_eps=1e-5)
+
+
+@GENERATORS.register("pre_dfkd")
+def pre_dfkd(nz: int, ngf: int, img_size: int, nc: int, **kw: Any) -> nn.Module:
+    """PRE-DFKD's (and MB-DFKD's) novel generator (Binici et al. 2022): DAFL's GeneratorA with spectral-norm
+    convolutions, hidden BatchNorm eps 0.8, Tanh then an affine-free BatchNorm at the output; latent 1000, ngf 64."""
+    _check("pre_dfkd", nz, ngf, img_size, nc, 4, kw)
+    return GeneratorA(nz, nc, img_size, ngf, bn_eps=0.8, spectral_norm=True)
+
+
+@GENERATORS.register("pre_dfkd_memory")
+def pre_dfkd_memory(nz: int, ngf: int, img_size: int, nc: int, **kw: Any) -> nn.Module:
+    """PRE-DFKD's memory generator (the VAE decoder): the novel generator's layout without spectral normalisation."""
+    _check("pre_dfkd_memory", nz, ngf, img_size, nc, 4, kw)
+    return GeneratorA(nz, nc, img_size, ngf, bn_eps=0.8)
 
 
 @GENERATORS.register("zskt")

@@ -1,8 +1,8 @@
 """Networks of the replay methods (Binici et al., MB-DFKD and PRE-DFKD): PRE-DFKD's VAE encoder and the uniform
 initialisation of its generators (official code ``kuluhan/PRE-DFKD@0b39f6a`` ``networks/generator.py``).
 
-The novel and memory generators themselves are the library's DCGAN generators (:func:`~dfkd.models.create_generator`),
-which have the layout of the official ones; see the methods' docstrings for the differences.
+The novel and memory generators themselves are registered generators (:func:`~dfkd.models.create_generator`): the
+official ones are ``pre_dfkd`` (spectral-norm convolutions) and ``pre_dfkd_memory``.
 """
 
 from __future__ import annotations
@@ -10,16 +10,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from dfkd.models.generators import create_generator
 
 
 @torch.no_grad()
 def init_uniform_(module: nn.Module, bound: float = 0.08) -> nn.Module:
-    """Conv and linear weights ~ U(-bound, bound), biases 0, as the official PRE-DFKD networks; return ``module``."""
+    """Conv and linear weights ~ U(-bound, bound), biases 0, as the official PRE-DFKD networks; return ``module``.
+
+    A spectrally normalised weight is initialised through its unnormalised original (the official code's init writes
+    the same storage), so the normalisation still applies.
+    """
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.uniform_(m.weight, -bound, bound)
+            if parametrize.is_parametrized(m, "weight"):
+                nn.init.uniform_(m.parametrizations.weight.original, -bound, bound)
+            else:
+                nn.init.uniform_(m.weight, -bound, bound)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     return module
