@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dfkd.bench import SUITES, suite_recipes
 from dfkd.config import find_recipe, load_config, read_yaml, recipe_names
 from dfkd.data import build_augment, dataset_info
 from dfkd.engine.env import Env
@@ -16,9 +17,12 @@ DISTILL = [name for name in RECIPES if "method" in read_yaml(find_recipe(name))]
 SUPERVISED = [name for name in RECIPES if name not in DISTILL]
 
 
-LENET_SUITE = [
-    name for name in DISTILL if name.startswith("fashion-mnist/") and name.endswith("-lenet5_bn-lenet5_half")
-]
+LENET_SUITE = suite_recipes(SUITES["fashion-mnist"], None)
+
+
+def test_the_lenet_suite_has_one_row_per_method_and_no_variants():
+    assert LENET_SUITE == [f"fashion-mnist/{m}-lenet5_bn-lenet5_half" for m in sorted(METHODS.names())]
+    assert "fashion-mnist/dfad_original-lenet5_bn-lenet5_half" in DISTILL  # a recipe, not a row
 
 
 @pytest.mark.parametrize("name", LENET_SUITE)

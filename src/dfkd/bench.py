@@ -21,6 +21,7 @@ from dfkd.engine.meters import format_seconds
 from dfkd.engine.supervised import train_teacher
 from dfkd.errors import ConfigError, DivergedError, closest
 from dfkd.images import plot_seed_curves
+from dfkd.methods import METHODS
 from dfkd.sysinfo import cpu_model
 
 log = logging.getLogger("dfkd")
@@ -48,11 +49,11 @@ SUITES = {
 
 
 def suite_recipes(suite: Suite, methods: list[str] | None) -> list[str]:
+    """The suite's recipe of every registered method that has one (variants such as ``dfad_original-*`` are not rows:
+    they follow another code base's budget)."""
     available = set(recipe_names())
     prefix, suffix = suite.pattern.split("{method}")
-    found = sorted(
-        name[len(prefix) : -len(suffix)] for name in available if name.startswith(prefix) and name.endswith(suffix)
-    )
+    found = sorted(m for m in METHODS.names() if f"{prefix}{m}{suffix}" in available)
     for method in methods or []:
         if method not in found:
             raise ConfigError(f"the suite has no recipe for method '{method}'{closest(method, found)}")
