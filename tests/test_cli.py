@@ -191,6 +191,28 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert proc.stderr.strip() == "dfkd: error: unknown config key 'train.epohcs' (did you mean 'train.epochs'?)"
 
 
+def test_bench_throughput_reports_every_setting_it_ran(capsys, data_root, tmp_path):
+    tiny = [o for o in TINY_DISTILL if not o.startswith("train.rounds_per_epoch=")]
+    recipe = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"
+    args = ["bench", "throughput", "--recipe", recipe, "--rounds", "2", "--settings", "fp32,bf16-cl"]
+    code, out, err = run(capsys, *args, "--out", str(tmp_path), f"data.root={data_root}", *tiny)
+    assert code == 0, err
+    assert "| fp32 |" in out and "| bf16-cl |" in out and "Machine:" in out
+    assert (tmp_path / "throughput.md").read_text().strip() == out.strip()
+    numbers = json.loads((tmp_path / "throughput.json").read_text())
+    assert list(numbers) == ["fp32", "bf16-cl"]
+    for summary in numbers.values():
+        assert summary["student_steps"] == 2 * 2 and summary["student_steps_per_second"] > 0
+        assert 0 < summary["batch_seconds"] < summary["synth_seconds"]
+    assert "bf16" in numbers["bf16-cl"]["device"] and "fp32" in numbers["fp32"]["device"]
+    code, _, err = run(capsys, "bench", "throughput", "--settings", "fp16")
+    assert_one_line_error(code, err, "unknown setting 'fp16'")
+    code, _, err = run(capsys, "bench", "throughput", "--out", str(tmp_path), "train.epochs=3")
+    assert_one_line_error(code, err, "sets train.epochs itself")
+    code, _, err = run(capsys, "bench", "fashion-mnist", "--rounds", "3")
+    assert_one_line_error(code, err, "belong to `dfkd bench throughput`")
+
+
 def test_bench_runs_a_suite_and_reuses_finished_runs(capsys, data_root, teacher_run, tmp_path):
     args = tiny_bench_args(teacher_run, tmp_path, data_root, "train.epochs=1")
     code, out, err = run(capsys, *args)

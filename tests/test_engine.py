@@ -49,7 +49,9 @@ def test_distill_writes_a_complete_run_dir(data_root, teacher_run, tmp_path):
         "eval/prob_loyalty_reference",
         "train/loss",
         "synth/loss_g",
+        "synth/class_entropy",
         "time/synth_seconds",
+        "time/batch_seconds",
     } <= set(rows[0])
     required = {
         "method",
@@ -70,6 +72,7 @@ def test_distill_writes_a_complete_run_dir(data_root, teacher_run, tmp_path):
     }
     assert required <= set(summary)
     assert summary == json.loads((out / "summary.json").read_text())
+    assert 0 < summary["batch_seconds"] < summary["synth_seconds"]  # student batches are part of synthesis time
     assert summary["method"] == "cudfkd" and summary["student_steps"] == 2 * 2 * 2
     # 2 epochs x 2 rounds x (1 generator batch of 32 + 2 student batches of 32)
     assert summary["images_synthesized"] == 2 * 2 * (32 + 2 * 32)

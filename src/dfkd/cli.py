@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "suite",
         help="fashion-mnist | fashion-mnist-resnet | gpu-check (one short epoch of every method in fp32 and bf16: "
-        "the first thing to run on a GPU machine)",
+        "the first thing to run on a GPU machine) | throughput (the speed of one recipe in fp32 and each fast "
+        "setting on this machine)",
     )
     p.add_argument(
         "--out", metavar="DIR", help="where the runs go (default: runs/bench-SUITE); finished runs are reused"
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", metavar="RUN", help="an existing teacher run or checkpoint (default: train one)")
     p.add_argument("--seeds", metavar="A,B", help="run every recipe once per seed; rows become mean ± std")
     p.add_argument("--tiny", action="store_true", help="gpu-check only: tiny sizes, so that it runs on a CPU")
+    p.add_argument("--recipe", metavar="NAME|PATH", help="throughput only: the recipe (default: the demo's)")
+    p.add_argument("--rounds", type=int, help="throughput only: rounds per setting (default: 8)")
+    p.add_argument("--settings", metavar="A,B", help="throughput only: fp32,fp32-cl,bf16,bf16-cl (default: all)")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="applied to every distillation, e.g. train.epochs=2"
     )
@@ -329,6 +333,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ok, table = run_gpu_check(out, args.teacher, args.tiny, methods)
         _write(table)
         return 0 if ok else 1
+    if args.suite == "throughput":
+        from dfkd.throughput import DEFAULT_RECIPE, DEFAULT_ROUNDS, parse_settings, run_throughput
+
+        if args.seeds or args.methods or args.tiny:
+            raise ConfigError("throughput measures one recipe: drop --seeds, --methods and --tiny (use --recipe)")
+        rounds = args.rounds if args.rounds is not None else DEFAULT_ROUNDS
+        settings = parse_settings(args.settings)
+        recipe = args.recipe or DEFAULT_RECIPE
+        _write(run_throughput(out, recipe, settings, rounds, args.teacher, list(args.overrides)))
+        return 0
+    if args.recipe or args.rounds is not None or args.settings:
+        raise ConfigError("--recipe, --rounds and --settings belong to `dfkd bench throughput`; drop them for a suite")
     if args.tiny:
         raise ConfigError("--tiny belongs to `dfkd bench gpu-check`; drop it for a suite")
     seeds = parse_seeds(args.seeds) if args.seeds else None

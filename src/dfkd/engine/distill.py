@@ -137,7 +137,8 @@ def _distill(
         prog.epoch = epoch
         meters = Meters()
         # Synthesis time is every moment spent producing images (the method's synthesis round and the student
-        # batches it generates); student time is the student's forward, backward and optimiser step.
+        # batches it generates; the latter also booked as batch time); student time is the student's forward,
+        # backward and optimiser step.
         scheduled_lr = [group["lr"] for group in optimizer.param_groups]
         watch = Stopwatch(env.device)
         watch.start()
@@ -148,7 +149,7 @@ def _distill(
             student_ddp.train()
             for _ in range(t.kd_steps):
                 batch = method.next_batch(prog)
-                watch.lap("synth")
+                watch.lap("batch")
                 with env.autocast():
                     out = method.student_loss(batch, student_ddp, prog)
                 optimizer.zero_grad(set_to_none=True)
@@ -166,7 +167,8 @@ def _distill(
                 watch.lap("student")
             bar.update(t.kd_steps)
         booked = watch.totals()
-        timers["synth_seconds"] += booked.get("synth", 0.0)
+        timers["synth_seconds"] += booked.get("synth", 0.0) + booked.get("batch", 0.0)
+        timers["batch_seconds"] = timers.get("batch_seconds", 0.0) + booked.get("batch", 0.0)
         timers["student_seconds"] += booked.get("student", 0.0)
 
         losses = meters.means()
@@ -275,7 +277,13 @@ def _arch_name(arch: str, module: nn.Module | None) -> str:
 
 
 def _fresh_state() -> dict:
-    timers = {"synth_seconds": 0.0, "student_seconds": 0.0, "eval_seconds": 0.0, "total_seconds": 0.0}
+    timers = {
+        "synth_seconds": 0.0,
+        "batch_seconds": 0.0,
+        "student_seconds": 0.0,
+        "eval_seconds": 0.0,
+        "total_seconds": 0.0,
+    }
     return {
         "epoch": 0,
         "step": 0,
@@ -422,6 +430,7 @@ def _summary(cfg, env: Env, state, method: Method, teacher_top1, teacher_module,
         "student_steps": student_steps,
         "images_synthesized": int(images),
         "synth_seconds": timers["synth_seconds"],
+        "batch_seconds": timers.get("batch_seconds", 0.0),  # the part of synth_seconds that made student batches
         "student_seconds": timers["student_seconds"],
         "eval_seconds": timers["eval_seconds"],
         "total_seconds": timers["total_seconds"],

@@ -1,0 +1,139 @@
+"""``dfkd bench throughput``: how fast a recipe runs on this machine, in fp32 and in each fast setting.
+
+Runs ``rounds`` rounds (one epoch) of a recipe once per setting and reports, per setting: student steps per second,
+synthetic images per second, the split of the time into the generator step (the method's synthesis round), student
+batch generation, the student step and evaluation, the wall time and the peak memory of the run, with the CPU model
+and its relevant instruction sets (AVX2, AVX-512, AVX512-BF16, AMX). Speeds are comparable only within one table:
+every row is measured in the same process, one after the other.
+
+It measures speed, not accuracy: without ``--teacher`` the teacher is the recipe's architecture at its random
+initialisation (the same for every setting), which costs exactly what a trained one does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from pathlib import Path
+
+import torch
+
+from dfkd.config import load_config
+from dfkd.data import dataset_info
+from dfkd.engine.distill import distill
+from dfkd.engine.meters import format_seconds
+from dfkd.errors import ConfigError, closest
+from dfkd.models import create_model
+from dfkd.sysinfo import cpu_model
+
+log = logging.getLogger("dfkd")
+
+# name -> (engine.precision, engine.channels_last)
+SETTINGS = {
+    "fp32": ("fp32", False),
+    "fp32-cl": ("fp32", True),
+    "bf16": ("bf16", False),
+    "bf16-cl": ("bf16", True),
+}
+# the settings a throughput run makes itself, and where the user chooses them instead of a key=value override
+OWN_KEYS = {
+    "train.epochs": "one epoch of --rounds rounds",
+    "train.rounds_per_epoch": "choose it with --rounds",
+    "engine.precision": "choose it with --settings",
+    "engine.channels_last": "choose it with --settings",
+    "out": "choose the folder with --out",
+}
+DEFAULT_RECIPE = "demo/fashion-mnist-cudfkd"
+DEFAULT_ROUNDS = 8
+
+
+def parse_settings(text: str | None) -> list[str]:
+    """``"fp32,bf16"`` -> the named settings, checked (default: all of them, fp32 first)."""
+    if not text:
+        return list(SETTINGS)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in SETTINGS:
+            raise ConfigError(f"unknown setting '{name}'{closest(name, SETTINGS)}; settings: {', '.join(SETTINGS)}")
+    return names
+
+
+def run_throughput(
+    out: str | Path,
+    recipe: str = DEFAULT_RECIPE,
+    settings: list[str] | None = None,
+    rounds: int = DEFAULT_ROUNDS,
+    teacher: str | None = None,
+    overrides: list[str] | None = None,
+) -> str:
+    """Run ``recipe`` for ``rounds`` rounds per setting into ``out/<setting>``; return the markdown table (also
+    written to ``out/throughput.md``, the numbers to ``out/throughput.json``)."""
+    if rounds < 1:
+        raise ConfigError(f"--rounds {rounds}: give at least one round")
+    for item in overrides or []:
+        key = item.partition("=")[0]
+        if key in OWN_KEYS:
+            raise ConfigError(f"bench throughput sets {key} itself: {OWN_KEYS[key]}")
+    root = Path(out)
+    rows = []
+    for name in settings or list(SETTINGS):
+        precision, channels_last = SETTINGS[name]
+        cfg = load_config(
+            "distill",
+            recipe,
+            [
+                *(overrides or []),
+                "train.epochs=1",
+                f"train.rounds_per_epoch={rounds}",
+                f"engine.precision={precision}",
+                f"engine.channels_last={str(channels_last).lower()}",
+                f"out={root / name}",
+            ],
+        )
+        module = None
+        if teacher:
+            cfg.teacher.weights = teacher
+        else:
+            info = dataset_info(cfg.data.name)
+            torch.manual_seed(0)  # the same untrained teacher for every setting
+            module = create_model(cfg.teacher.arch, info.num_classes, info.image_shape[0])
+        log.info("throughput: %s, %s, %d rounds", recipe, name, rounds)
+        rows.append((name, distill(cfg, teacher=module, overwrite=True)))
+    table = format_throughput(recipe, rounds, rows)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "throughput.md").write_text(table + "\n")
+    (root / "throughput.json").write_text(json.dumps({name: summary for name, summary in rows}, indent=2) + "\n")
+    return table
+
+
+def format_throughput(recipe: str, rounds: int, rows: list[tuple[str, dict]]) -> str:
+    """The table: one row per setting, speeds also as a ratio to the first row."""
+    first = rows[0][1].get("student_steps_per_second") or 0.0
+    lines = [
+        f"### Throughput of {recipe}, {rounds} rounds per setting",
+        "",
+        f"Machine: {cpu_model()}; torch {torch.__version__}; {rows[0][1].get('device', '')}; "
+        f"Python {platform.python_version()}.",
+        "",
+        "| setting | student steps/s | x first row | images/s | generator step | student batches | student step "
+        "| evaluation | wall | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in rows:
+        rate = s.get("student_steps_per_second") or 0.0
+        batch = s.get("batch_seconds", 0.0)
+        generator = s["synth_seconds"] - batch
+        lines.append(
+            f"| {name} | {rate:.2f} | {rate / first if first else 0:.2f} | {s.get('images_per_second') or 0:.0f} "
+            f"| {format_seconds(generator)} | {format_seconds(batch)} | {format_seconds(s['student_seconds'])} "
+            f"| {format_seconds(s['eval_seconds'])} | {format_seconds(s['total_seconds'])} "
+            f"| {s['peak_memory_bytes'] / 2**30:.2f} GiB |"
+        )
+    lines += [
+        "",
+        "Student steps/s and images/s count the training time only (generator step + student batches + student step); "
+        "the wall time adds set-up, evaluation, checkpoints and pictures. Peak memory: CUDA max allocated on a GPU, "
+        "the run's peak RSS on CPU.",
+    ]
+    return "\n".join(lines)
