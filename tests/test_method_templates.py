@@ -188,6 +188,13 @@ def test_forward_capture_records_the_latest_forward_only_while_capturing():
     net(torch.zeros(5, 3))  # after the block: not recorded
     first, second = hooks.pop()
     assert first.shape == (2, 4) and torch.equal(second, last)
+    with hooks.capture():
+        net[0](torch.ones(1, 3))  # the second hooked module does not run
+    with pytest.raises(RuntimeError, match=r"\[1\]"):
+        hooks.pop()
+    with hooks.capture():
+        net[0](torch.ones(1, 3))
+    assert len(hooks.pop(partial=True)) == 1
     with pytest.raises(RuntimeError):
         hooks.pop()  # popped values are gone
     hooks.remove()

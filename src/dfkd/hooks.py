@@ -60,11 +60,15 @@ class ForwardCapture:
         finally:
             self._capturing = self._always
 
-    def pop(self) -> list[Any]:
-        """The values of the hooked modules that ran since the last pop (modules that did not run are left out)."""
+    def pop(self, partial: bool = False) -> list[Any]:
+        """The values of the hooked modules since the last pop, one per module; with ``partial`` the modules that
+        did not run are left out, else they are an error."""
         values = [v for v in self._values if v is not None]
         if not values:
             raise RuntimeError("no hooked module has run a forward: run the model (inside `with hooks.capture():`)")
+        if len(values) < len(self._values) and not partial:
+            missing = [i for i, v in enumerate(self._values) if v is None]
+            raise RuntimeError(f"hooked modules {missing} (in hook order) did not run in the captured forward")
         self._values = [None] * len(self._values)
         return values
 

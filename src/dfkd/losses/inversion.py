@@ -45,8 +45,8 @@ class BNStatsHooks(ForwardCapture):
         super().__init__(self.layers, lambda m, inputs, _out: bn_stat_loss(inputs[0], m.running_mean, m.running_var))
 
     def loss(self) -> Tensor:
-        """Sum over layers of the last captured forward (unweighted, as in the reference)."""
-        return torch.stack(self.pop()).sum()
+        """Sum over the layers that ran in the last captured forward (unweighted, as in the reference)."""
+        return torch.stack(self.pop(partial=True)).sum()
 
 
 def onehot_ce(t: Tensor, targets: Tensor | None = None) -> Tensor:
