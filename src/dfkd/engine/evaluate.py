@@ -9,7 +9,7 @@ from dfkd.data import to_float
 from dfkd.metrics import agreement_percent, prob_loyalty, prob_loyalty_reference, top1_percent
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model: nn.Module, images_u8: Tensor, batch_size: int, channels_last: bool = False) -> Tensor:
     """Logits (float32) of ``model`` in eval mode on uint8 images, batched; the model's train mode is restored."""
     was_training = model.training
