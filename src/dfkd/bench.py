@@ -231,13 +231,14 @@ def format_table(title: str, rows: list[tuple[str, dict]]) -> str:
 
 def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
     """One row per recipe (mean ± std over its seeds, failed seeds counted), then every seed's own row."""
-    header = ("method", "seeds", "failed", "best %", "last %", "agree % (best epoch)", "μ", "σ²", "total per seed")
+    header = ("method", "seeds", "failed", "best %", "last %", "agree % (best epoch)", "μ", "σ²", "img/s", "total/seed")
     lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _recipe, summaries in cells:
         agg = aggregate_seeds(summaries)
         failed = agg["collapsed"] + agg["diverged"]
         failed_cell = f"**{failed}/{agg['n']}** (seeds {', '.join(map(str, agg['failed_seeds']))})" if failed else "0"
         total = mean_std([s["total_seconds"] for s in summaries])[0]
+        rate = mean_std([s["images_per_second"] for s in summaries if s.get("images_per_second") is not None])[0]
         row = (
             summaries[0]["method"],
             ",".join(str(s) for s in agg["seeds"]),
@@ -247,6 +248,7 @@ def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
             _pm(agg["agreement_best"]),
             _pm(agg["mu"]),
             _pm(agg["var"]),
+            f"{rate:,.0f}" if rate is not None else "-",
             format_seconds(total) if total is not None else "-",
         )
         lines.append("| " + " | ".join(row) + " |")
