@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from dfkd.config import choice
-from dfkd.losses import adv_js, adv_masked_kl, batch_entropy, kd_kl, kd_l1, kd_mse
+from dfkd.losses import activation_loss, adv_js, adv_masked_kl, batch_entropy, kd_kl, kd_l1, kd_mse, onehot_ce
 from dfkd.methods.base import Batch, Ctx, GeneratorConfig, GeneratorMethod, Progress
 from dfkd.methods.registry import METHODS
 
@@ -143,9 +143,12 @@ class CuDFKD(GeneratorMethod):
     def generator_loss(self, x: Tensor, prog: Progress) -> tuple[Tensor, Tensor, dict[str, Tensor | float]]:
         c = self.cfg
         adv = self.adv_weight(prog)
-        t, priors = self.teacher_priors(x, self.bn_hooks, self.feature_hook)
-        loss_bn, loss_oh, loss_act = priors["loss_bn"], priors["loss_oh"], priors["loss_act"]
+        # The terms are built in this order on purpose: the gradients of those that read t are summed in reverse
+        # order of creation, and this order reproduces the recorded demo numbers bit for bit (BENCHMARKS.md).
+        t, loss_bn = self.teacher_with_bn(x, self.bn_hooks)
         entropy = batch_entropy(t, c.ent_T if c.ent_T is not None else c.T)
+        loss_oh = onehot_ce(t)
+        loss_act = activation_loss(self.feature_hook.pop()) if self.feature_hook else torch.zeros_like(loss_bn)
         if adv > 0:
             s = self.ctx.student(x)
             loss_adv = adv_masked_kl(s, t, c.tau_adv) if c.adv_type == "kl" else adv_js(s, t, c.tau_adv)
