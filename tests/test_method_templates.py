@@ -212,3 +212,10 @@ def test_input_hook_always_keeps_the_latest_input():
     net(x)
     assert torch.equal(hook.pop(), net[0](x))
     hook.remove()
+
+
+def test_a_bn_statistics_method_on_a_teacher_without_batchnorm_names_the_option():
+    teacher = Normalized(nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, INFO.num_classes)), INFO.mean, INFO.std)
+    ctx = Ctx(teacher.eval(), Normalized(TinyNet(4), INFO.mean, INFO.std), INFO, Env(torch.device("cpu")), 8)
+    with pytest.raises(ConfigError, match=r"set method\.bn=0"):
+        METHODS.get("dfq")(METHODS.get("dfq").Config(nz=8, ngf=4), ctx)

@@ -168,9 +168,11 @@ class Method(nn.Module):
         """BN-statistics hooks on the teacher when the BN-loss ``weight`` is non-zero, else None."""
         if weight == 0:
             return None
-        if not any(isinstance(m, nn.BatchNorm2d) for m in self.ctx.teacher.modules()):
-            raise ConfigError("method.bn > 0 needs a teacher with BatchNorm2d layers; set method.bn=0")
-        return self.track(BNStatsHooks(self.ctx.teacher))
+        try:
+            hooks = BNStatsHooks(self.ctx.teacher)
+        except ValueError:  # no BatchNorm2d layer
+            raise ConfigError("method.bn > 0 needs a teacher with BatchNorm2d layers; set method.bn=0") from None
+        return self.track(hooks)
 
     def penultimate_features(self, weight: float) -> InputHook | None:
         """A hook on the teacher's classifier input (its penultimate feature) when ``weight`` is non-zero."""
