@@ -222,5 +222,10 @@ def test_bench_runs_a_suite_and_reuses_finished_runs(capsys, data_root, teacher_
     code, out2, _ = run(capsys, *args)
     assert code == 0 and out2 == out
     assert (tmp_path / "cudfkd-lenet5_bn-lenet5_half" / "summary.json").stat().st_mtime == stamp
+    # the same folder under other settings is refused, not reused as if it were their result
+    code, _, err = run(capsys, *tiny_bench_args(teacher_run, tmp_path, data_root, "train.epochs=1", "method.oh=0.5"))
+    assert_one_line_error(code, err, "other settings than fashion-mnist/cudfkd-lenet5_bn-lenet5_half now gives")
+    assert "method.oh: 1.0 -> 0.5" in err
+    assert (tmp_path / "cudfkd-lenet5_bn-lenet5_half" / "summary.json").stat().st_mtime == stamp
     code, _, err = run(capsys, "bench", "fashion-mnist", "--methods", "cudfkdd", "--teacher", str(teacher_run))
     assert_one_line_error(code, err, "no recipe for method 'cudfkdd' (did you mean 'cudfkd'?)")

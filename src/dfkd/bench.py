@@ -2,7 +2,8 @@
 
 A suite names a teacher recipe and the distillation recipes to compare; every run goes to ``OUT/<recipe>`` (with
 ``--seeds``, ``OUT/<recipe>/seed<N>``). A run that already finished is reused, an interrupted one is resumed, so
-re-running the command completes a table rather than repeating it. The table (markdown) is printed and written to
+re-running the command completes a table rather than repeating it; a run made with other settings than the recipe
+and overrides resolve to now is refused, never silently reused. The table (markdown) is printed and written to
 ``OUT/table.md``; a run that collapsed or diverged is marked in it, and with seeds every row is a mean ± std over the
 seeds with the number of failed seeds beside it.
 """
@@ -15,7 +16,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from dfkd.config import load_config, recipe_names
+import yaml
+
+from dfkd.config import load_config, read_yaml, recipe_names, to_dict
 from dfkd.engine.distill import distill
 from dfkd.engine.meters import format_seconds
 from dfkd.engine.supervised import train_teacher
@@ -58,6 +61,29 @@ def suite_recipes(suite: Suite, methods: list[str] | None) -> list[str]:
         if method not in found:
             raise ConfigError(f"the suite has no recipe for method '{method}'{closest(method, found)}")
     return [suite.pattern.format(method=m) for m in (methods or found)]
+
+
+# what a run's result does not depend on: reusing it across edits of these is safe
+NOT_SETTINGS = ("description", "expected")
+
+
+def _flatten(data: object, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def settings_changed(run: Path, cfg: object) -> list[str]:
+    """The settings on which the run in ``run`` (its config.yaml) and ``cfg`` differ, as ``key: old -> new``."""
+    saved_file = run / "config.yaml"
+    if not saved_file.is_file():
+        return []
+    saved, now = _flatten(read_yaml(saved_file)), _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    keys = sorted(k for k in saved.keys() | now.keys() if k.split(".")[0] not in NOT_SETTINGS)
+    return [f"{k}: {saved.get(k, '(unset)')} -> {now.get(k, '(unset)')}" for k in keys if saved.get(k) != now.get(k)]
 
 
 def _finished(path: Path) -> dict | None:
@@ -111,12 +137,20 @@ def run_suite(
 def run_once(recipe: str, run: Path, overrides: list[str]) -> dict:
     """One distillation into ``run``: reused when it finished, resumed when it was interrupted.
 
-    A run that diverged has written its summary (status ``diverged``) and is reported, not retried.
+    A run that diverged has written its summary (status ``diverged``) and is reported, not retried. A run made with
+    other settings (``settings_changed``) raises ConfigError: its folder is left as it is.
     """
+    cfg = load_config("distill", recipe, [*overrides, f"out={run}"])
+    changed = settings_changed(run, cfg)
+    if changed:
+        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise ConfigError(
+            f"{run} holds a run made with other settings than {recipe} now gives ({shown}): delete that folder to "
+            "run it again, or choose another output folder"
+        )
     summary = _finished(run)
     if summary is None:
         log.info("bench: %s -> %s", recipe, run)
-        cfg = load_config("distill", recipe, [*overrides, f"out={run}"])
         try:
             summary = distill(cfg, resume=(run / "ckpt" / "last.pt").is_file())
         except DivergedError as exc:
