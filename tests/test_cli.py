@@ -11,6 +11,8 @@ import torch
 from helpers import TINY_DISTILL, tiny_bench_args
 
 from dfkd.cli import main
+from dfkd.data import load_split
+from dfkd.models import create_model
 
 DEMO = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"
 
@@ -205,6 +207,17 @@ def test_bench_throughput_reports_every_setting_it_ran(capsys, data_root, tmp_pa
         assert summary["student_steps"] == 2 * 2 and summary["student_steps_per_second"] > 0
         assert 0 < summary["batch_seconds"] < summary["synth_seconds"]
     assert "bf16" in numbers["bf16-cl"]["device"] and "fp32" in numbers["fp32"]["device"]
+    # where the memory goes: the data is the test split with the teacher's logits on it, the student carries its
+    # SGD momentum (one buffer per parameter), the peak is never below the process before the loop
+    images, labels = load_split("fashion-mnist-32", "test", str(data_root))
+    n_params = sum(p.numel() for p in create_model("lenet5_half", 10, 1).parameters())
+    for summary in numbers.values():
+        mem = summary["memory"]
+        assert mem["data_bytes"] == images.nbytes + labels.nbytes + len(labels) * 10 * 4
+        assert mem["student_bytes"] >= 2 * 4 * n_params
+        assert mem["peak_bytes"] >= mem["loop_start_bytes"] > mem["data_bytes"] + mem["teacher_bytes"]
+        assert mem["method_bytes"] > 0
+    assert "Where the memory goes" in out and out.count("| fp32 |") == 2
     code, _, err = run(capsys, "bench", "throughput", "--settings", "fp16")
     assert_one_line_error(code, err, "unknown setting 'fp16'")
     code, _, err = run(capsys, "bench", "throughput", "--out", str(tmp_path), "train.epochs=3")

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from dfkd.engine.env import Env, keep_freed_host_memory, reset_peak_rss, resolve_device, setup_env
+from dfkd.engine import env as env_module
+from dfkd.engine.env import Env, auto_precision, keep_freed_host_memory, reset_peak_rss, resolve_device, setup_env
 from dfkd.errors import ConfigError
 
 
@@ -64,3 +65,23 @@ def test_large_blocks_are_not_faulted_in_again_and_again():
     pages = 64 * 2**20 // 4096
     assert faults("default") > 4 * pages  # every 64 MiB block is mapped afresh and faulted in page by page
     assert faults("kept") <= pages  # kept on the heap: at most one block is faulted in, once
+
+
+@pytest.mark.parametrize(
+    ("flags", "picked"),
+    [
+        (["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"], "bf16"),
+        (["avx2", "avx512f", "avx512_bf16"], "fp32"),
+        (["avx2"], "fp32"),
+        ([], "fp32"),
+    ],
+)
+def test_auto_precision_takes_bf16_only_on_a_cpu_with_amx(monkeypatch, caplog, flags, picked):
+    monkeypatch.setattr(env_module, "cpu_flags", lambda: flags)
+    precision, why = auto_precision(torch.device("cpu"))
+    assert precision == picked and why
+    with caplog.at_level("INFO", logger="dfkd"):
+        env = setup_env("cpu", "auto")
+    assert env.precision == picked
+    assert f"engine.precision=auto: {picked}" in caplog.text
+    assert env.describe().endswith(picked)

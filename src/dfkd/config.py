@@ -111,7 +111,9 @@ class EvalConfig:
 class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
-    precision: str = choice("fp32", "fp32", "bf16")  # bf16 = autocast on the student/synthesis forwards
+    # bf16 = autocast on the student/synthesis forwards; auto = bf16 where the hardware runs it faster (a GPU with
+    # bfloat16, a CPU with AMX), fp32 elsewhere; the run logs which it picked
+    precision: str = choice("fp32", "fp32", "bf16", "auto")
     channels_last: bool = False  # memory format of the networks and generators (faster convs on CPU and GPU)
     threads: int = 0  # CPU threads for torch; 0 = all cores
     progress: bool = True  # a progress bar with ETA on a terminal

@@ -135,5 +135,34 @@ def format_throughput(recipe: str, rounds: int, rows: list[tuple[str, dict]]) ->
         "Student steps/s and images/s count the training time only (generator step + student batches + student step); "
         "the wall time adds set-up, evaluation, checkpoints and pictures. Peak memory: CUDA max allocated on a GPU, "
         "the run's peak RSS on CPU.",
+        "",
+        *format_memory(rows),
     ]
     return "\n".join(lines)
+
+
+def _mib(value: float | None) -> str:
+    return f"{value / 2**20:.0f}" if value is not None else "-"
+
+
+def format_memory(rows: list[tuple[str, dict]]) -> list[str]:
+    """Where each setting's peak memory goes, in MiB: the process before the training loop (of which the data, the
+    networks and the method's state), and what the loop adds on top (activations, generated batches, gradients)."""
+    lines = [
+        "Where the memory goes (MiB): *before the loop* is the whole process when training starts (interpreter, "
+        "libraries, data, networks); *the loop adds* is the peak minus that (activations, generated batches, "
+        "gradients, optimiser states); teacher/student/method count their tensors (student with its optimiser "
+        "state; method: generators, pools, banks and their optimisers, at the end of the run).",
+        "",
+        "| setting | peak | before the loop | the loop adds | data | teacher | student | method |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in rows:
+        mem = s.get("memory") or {}
+        start, peak = mem.get("loop_start_bytes"), mem.get("peak_bytes")
+        added = peak - start if peak is not None and start is not None else None
+        cells = [peak, start, added] + [
+            mem.get(k) for k in ("data_bytes", "teacher_bytes", "student_bytes", "method_bytes")
+        ]
+        lines.append(f"| {name} | " + " | ".join(_mib(c) for c in cells) + " |")
+    return lines

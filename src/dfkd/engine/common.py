@@ -90,3 +90,14 @@ def progress_bar(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
         leave=False,
         mininterval=0.5,
     )
+
+
+def tensor_bytes(obj: object) -> int:
+    """Bytes held by the tensors in ``obj`` (a tensor, or dicts/lists/tuples of them, e.g. a state dict)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dfkd.config import DistillConfig, to_dict, to_yaml
 from dfkd.data import dataset_info
-from dfkd.engine.common import build_model, default_out, freeze, load_split_on_device, progress_bar
+from dfkd.engine.common import build_model, default_out, freeze, load_split_on_device, progress_bar, tensor_bytes
 from dfkd.engine.ema import StudentEMA
 from dfkd.engine.env import Env, setup_env
 from dfkd.engine.evaluate import predict, student_metrics
@@ -130,6 +130,7 @@ def _distill(
     prog = Progress(0, 0, state["step"], t.epochs, t.rounds_per_epoch, t.kd_steps)
     bar = progress_bar(t.epochs * steps_per_epoch, state["step"], cfg.engine.progress and env.is_main, "distill")
     env.reset_peak_memory()
+    memory_at_loop_start = env.memory_in_use_bytes()
     timers = state["timers"]
     earlier_total = timers["total_seconds"]  # wall time of the processes before a resume
     loop_started = time.perf_counter()
@@ -255,6 +256,17 @@ def _distill(
     _pictures(run, method, state["history"], teacher_top1, cfg, env)
     timers["total_seconds"] = earlier_total + time.perf_counter() - started
     summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path)
+    summary["memory"] = {
+        "peak_bytes": summary["peak_memory_bytes"],
+        # the process before the loop: interpreter and libraries, data, networks
+        "loop_start_bytes": memory_at_loop_start,
+        "data_bytes": tensor_bytes((test_x, test_y, teacher_logits)),
+        "teacher_bytes": tensor_bytes(teacher.state_dict()),
+        "student_bytes": tensor_bytes((student.state_dict(), optimizer.state_dict()["state"]))
+        + (tensor_bytes(ema.module.state_dict()) if ema is not None else 0),
+        # generators, heads, banks, pools and the method's optimiser states, at the end of the run
+        "method_bytes": tensor_bytes((method.state_dict(), method.checkpoint_state())),
+    }
     status, reason = guard.status(state["epoch"])
     summary.update(status=status, status_reason=reason, collapsed_epochs=[f["epoch"] for f in guard.flagged])
     run.write_summary(summary)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dfkd.errors import ConfigError
+from dfkd.sysinfo import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,12 @@ class Env:
             return int(torch.cuda.max_memory_allocated(self.device))
         return peak_rss_bytes()
 
+    def memory_in_use_bytes(self) -> int:
+        """CUDA memory allocated now on GPU; the resident set size now on CPU."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        return rss_bytes()
+
     def describe(self) -> str:
         if self.device.type == "cuda":
             name = torch.cuda.get_device_name(self.device)
@@ -175,6 +182,17 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def rss_bytes() -> int:
+    """The resident set size now (VmRSS on Linux; 0 where /proc is not readable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def peak_rss_bytes() -> int:
     """The peak resident set size: VmHWM (resettable) on Linux, the lifetime ru_maxrss elsewhere."""
     try:
@@ -215,6 +233,20 @@ def resolve_device(
     return device
 
 
+def auto_precision(device: torch.device) -> tuple[str, str]:
+    """The precision ``engine.precision=auto`` picks on ``device``, and why: bf16 on a GPU that supports it and on a
+    CPU with AMX (oneDNN's bf16 matrix units), fp32 elsewhere, including CPUs with AVX512-BF16 but no AMX, where
+    whether bf16 pays depends on the network (``dfkd bench throughput`` measures it)."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"{torch.cuda.get_device_name(device)} supports bfloat16"
+        return "fp32", f"{torch.cuda.get_device_name(device)} has no bfloat16"
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return "bf16", "the CPU has AMX-BF16"
+    return "fp32", "the CPU has no AMX-BF16"
+
+
 def setup_env(device: str = "auto", precision: str = "fp32", channels_last: bool = False, threads: int = 0) -> Env:
     """Create the run's :class:`Env`, joining the torchrun process group when launched by torchrun."""
     if threads > 0:
@@ -230,6 +262,9 @@ def setup_env(device: str = "auto", precision: str = "fp32", channels_last: bool
         # Always, not only under torchrun: streams, events and new allocations go to the current device, so a run
         # on cuda:1 would otherwise time itself on cuda:0's stream and leave a context there.
         torch.cuda.set_device(dev)
+    if precision == "auto":
+        precision, why = auto_precision(dev)
+        log.info("engine.precision=auto: %s (%s)", precision, why)
     if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("engine.precision=bf16 needs a GPU with bfloat16 support; use engine.precision=fp32")
     if world_size > 1 and not dist.is_initialized():
