@@ -208,6 +208,26 @@ def test_seed_table_marks_failed_seeds():
     assert "| cudfkd | 0 | ok | 80.00 |" in table
 
 
+def test_seed_table_shows_the_last_epochs_class_entropy(tmp_path):
+    from dfkd.bench import format_seed_table
+
+    runs = []
+    for seed, entropy in ((0, 0.9), (1, 0.5)):
+        run = tmp_path / f"seed{seed}"
+        run.mkdir()
+        rows = [{"epoch": 1, "synth/class_entropy": 0.1}, {"epoch": 2, "synth/class_entropy": entropy}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append({**seed_summary(seed, 80.0, 78.0), "run_dir": str(run)})
+    table = format_seed_table("title", [("fashion-mnist/cudfkd-lenet5_bn-lenet5_half", runs)])
+    header = next(line for line in table.splitlines() if line.startswith("| method | seeds |")).split(" | ")
+    row = next(line for line in table.splitlines() if line.startswith("| cudfkd | 0,1 |")).split(" | ")
+    assert row[header.index("class entropy")] == "0.70"  # the mean of the last epochs, not of every epoch
+    seed1 = next(line for line in table.splitlines() if line.startswith("| cudfkd | 1 |")).split(" | ")
+    assert seed1[header.index("class entropy")] == "0.50"
+    bare = format_seed_table("title", [("r", [seed_summary(0, 80.0, 78.0)])])  # no run folder: a dash, no error
+    assert "| 80.00 ± 0.00 |" in bare
+
+
 def test_parse_seeds():
     from dfkd.cli import parse_seeds
     from dfkd.errors import ConfigError

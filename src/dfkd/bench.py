@@ -29,6 +29,9 @@ from dfkd.sysinfo import cpu_model
 
 log = logging.getLogger("dfkd")
 
+# the teacher's predicted-class entropy on the synthetic batches (1 = every class equally often), logged by the methods
+CLASS_ENTROPY = "synth/class_entropy"
+
 
 @dataclass(frozen=True)
 class Suite:
@@ -217,6 +220,15 @@ def _pm(stat: dict) -> str:
     return "-" if stat["mean"] is None else f"{stat['mean']:.2f} ± {stat['std']:.2f}"
 
 
+def last_epoch_metric(summary: dict, key: str) -> float | None:
+    """``key`` in the last line of the run's metrics.jsonl (None where the run or the key is missing)."""
+    path = Path(summary.get("run_dir") or "") / "metrics.jsonl"
+    if not summary.get("run_dir") or not path.is_file():
+        return None
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1]).get(key) if lines else None
+
+
 def status_cell(summary: dict) -> str:
     status = summary.get("status", "ok")
     return status if status == "ok" else f"**{status.upper()}**"
@@ -265,7 +277,19 @@ def format_table(title: str, rows: list[tuple[str, dict]]) -> str:
 
 def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
     """One row per recipe (mean ± std over its seeds, failed seeds counted), then every seed's own row."""
-    header = ("method", "seeds", "failed", "best %", "last %", "agree % (best epoch)", "μ", "σ²", "img/s", "total/seed")
+    header = (
+        "method",
+        "seeds",
+        "failed",
+        "best %",
+        "last %",
+        "agree % (best epoch)",
+        "μ",
+        "σ²",
+        "class entropy",
+        "img/s",
+        "total/seed",
+    )
     lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _recipe, summaries in cells:
         agg = aggregate_seeds(summaries)
@@ -273,6 +297,7 @@ def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
         failed_cell = f"**{failed}/{agg['n']}** (seeds {', '.join(map(str, agg['failed_seeds']))})" if failed else "0"
         total = mean_std([s["total_seconds"] for s in summaries])[0]
         rate = mean_std([s["images_per_second"] for s in summaries if s.get("images_per_second") is not None])[0]
+        entropy = mean_std([last_epoch_metric(s, CLASS_ENTROPY) for s in summaries])[0]
         row = (
             summaries[0]["method"],
             ",".join(str(s) for s in agg["seeds"]),
@@ -282,11 +307,24 @@ def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
             _pm(agg["agreement_best"]),
             _pm(agg["mu"]),
             _pm(agg["var"]),
+            _num(entropy),
             f"{rate:,.0f}" if rate is not None else "-",
             format_seconds(total) if total is not None else "-",
         )
         lines.append("| " + " | ".join(row) + " |")
-    header = ("method", "seed", "status", "best %", "last %", "agree % (best epoch)", "μ", "σ²", "images", "total")
+    header = (
+        "method",
+        "seed",
+        "status",
+        "best %",
+        "last %",
+        "agree % (best epoch)",
+        "μ",
+        "σ²",
+        "class entropy",
+        "images",
+        "total",
+    )
     lines += ["", "Per seed:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _recipe, summaries in cells:
         for s in summaries:
@@ -299,6 +337,7 @@ def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
                 _num(s.get("agreement_best")),
                 _num(s["mu"]),
                 _num(s["var"]),
+                _num(last_epoch_metric(s, CLASS_ENTROPY)),
                 f"{s['images_synthesized']:,}",
                 format_seconds(s["total_seconds"]),
             )
@@ -316,4 +355,7 @@ def _footer(summaries: list[dict]) -> list[str]:
         "",
         f"Teacher top-1: {', '.join(f'{t:.2f}%' for t in sorted(teacher))}; evaluated on: {', '.join(sorted(split))}; "
         f"device: {summaries[0]['device']}; CPU: {cpu_model()}.",
+        "",
+        "Class entropy: the entropy of the teacher's predicted classes on the last epoch's synthetic batches over "
+        "ln K (1 = every class equally often; far below 1 = the synthesis covers a few classes).",
     ]
