@@ -95,8 +95,8 @@ class CMIConfig(PoolConfig):
     adv: float = 0.5
     tau_adv: float = 1.0
     # the two views of each synthetic batch: the inversion loss is scored on the global one, the contrastive loss
-    # contrasts both; match the global view to what the teacher was trained with (the reference's views suit a
-    # CIFAR teacher trained with crop and flip; `none` = the plain image)
+    # contrasts both (`none` = the plain image). The reference's crop + flip also regularise the inversion: they gave
+    # better students than the plain image even for a teacher trained without augmentation (BENCHMARKS.md, issue 12)
     global_view: str = "crop_flip"
     global_padding: int = 4
     local_view: str = "resized_crop_flip"
