@@ -142,7 +142,7 @@ def format_throughput(recipe: str, rounds: int, rows: list[tuple[str, dict]]) ->
 
 
 def _mib(value: float | None) -> str:
-    return f"{value / 2**20:.0f}" if value is not None else "-"
+    return f"{value / 2**20:.1f}" if value is not None else "-"
 
 
 def format_memory(rows: list[tuple[str, dict]]) -> list[str]:
