@@ -275,21 +275,13 @@ def format_table(title: str, rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+# the columns the mean row and the per-seed rows share
+RESULT_COLUMNS = ("best %", "last %", "agree % (best epoch)", "μ", "σ²", "class entropy")
+
+
 def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
     """One row per recipe (mean ± std over its seeds, failed seeds counted), then every seed's own row."""
-    header = (
-        "method",
-        "seeds",
-        "failed",
-        "best %",
-        "last %",
-        "agree % (best epoch)",
-        "μ",
-        "σ²",
-        "class entropy",
-        "img/s",
-        "total/seed",
-    )
+    header = ("method", "seeds", "failed", *RESULT_COLUMNS, "img/s", "total/seed")
     lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _recipe, summaries in cells:
         agg = aggregate_seeds(summaries)
@@ -312,19 +304,7 @@ def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
             format_seconds(total) if total is not None else "-",
         )
         lines.append("| " + " | ".join(row) + " |")
-    header = (
-        "method",
-        "seed",
-        "status",
-        "best %",
-        "last %",
-        "agree % (best epoch)",
-        "μ",
-        "σ²",
-        "class entropy",
-        "images",
-        "total",
-    )
+    header = ("method", "seed", "status", *RESULT_COLUMNS, "images", "total")
     lines += ["", "Per seed:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _recipe, summaries in cells:
         for s in summaries:

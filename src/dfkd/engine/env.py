@@ -182,25 +182,27 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def rss_bytes() -> int:
-    """The resident set size now (VmRSS on Linux; 0 where /proc is not readable)."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory line of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes; None where it cannot be read."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def rss_bytes() -> int:
+    """The resident set size now (VmRSS on Linux; 0 where /proc is not readable)."""
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def peak_rss_bytes() -> int:
     """The peak resident set size: VmHWM (resettable) on Linux, the lifetime ru_maxrss elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
