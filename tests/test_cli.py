@@ -240,5 +240,13 @@ def test_bench_runs_a_suite_and_reuses_finished_runs(capsys, data_root, teacher_
     assert_one_line_error(code, err, "other settings than fashion-mnist/cudfkd-lenet5_bn-lenet5_half now gives")
     assert "method.oh: 1.0 -> 0.5" in err
     assert (tmp_path / "cudfkd-lenet5_bn-lenet5_half" / "summary.json").stat().st_mtime == stamp
+    # a setting the run's config.yaml predates is no change while it keeps its default (dfkd gained it later)
+    saved = tmp_path / "cudfkd-lenet5_bn-lenet5_half" / "config.yaml"
+    text = saved.read_text()
+    saved.write_text(text.replace("  stop_on_collapse: false\n", ""))
+    code, out3, _ = run(capsys, *args)
+    assert code == 0 and out3 == out
+    code, _, err = run(capsys, *args, "engine.stop_on_collapse=true")
+    assert_one_line_error(code, err, "engine.stop_on_collapse: (unset) -> True")
     code, _, err = run(capsys, "bench", "fashion-mnist", "--methods", "cudfkdd", "--teacher", str(teacher_run))
     assert_one_line_error(code, err, "no recipe for method 'cudfkdd' (did you mean 'cudfkd'?)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from dfkd.config import load_config, read_yaml, recipe_names, to_dict
+from dfkd.config import build_config, load_config, read_yaml, recipe_names, to_dict
 from dfkd.engine.distill import distill
 from dfkd.engine.meters import format_seconds
 from dfkd.engine.supervised import train_teacher
@@ -84,9 +84,17 @@ def settings_changed(run: Path, cfg: object) -> list[str]:
     saved_file = run / "config.yaml"
     if not saved_file.is_file():
         return []
-    saved, now = _flatten(read_yaml(saved_file)), _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    saved, now = _flatten(read_yaml(saved_file)), _plain(cfg)
+    # a setting added to dfkd after the run was made, at its default, is the behaviour the run had
+    defaults = _plain(build_config("distill", {"method": {"name": cfg.method.name}}))
     keys = sorted(k for k in saved.keys() | now.keys() if k.split(".")[0] not in NOT_SETTINGS)
-    return [f"{k}: {saved.get(k, '(unset)')} -> {now.get(k, '(unset)')}" for k in keys if saved.get(k) != now.get(k)]
+    changed = [k for k in keys if saved.get(k) != now.get(k) and not (k not in saved and now[k] == defaults.get(k))]
+    return [f"{k}: {saved.get(k, '(unset)')} -> {now.get(k, '(unset)')}" for k in changed]
+
+
+def _plain(cfg: object) -> dict:
+    """A config as flat ``section.key`` -> YAML-plain value (tuples as lists, as config.yaml holds them)."""
+    return _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
 
 
 def _finished(path: Path) -> dict | None:
