@@ -291,13 +291,15 @@ def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
     """One row per recipe (mean ± std over its seeds, failed seeds counted), then every seed's own row."""
     header = ("method", "seeds", "failed", *RESULT_COLUMNS, "img/s", "total/seed")
     lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _recipe, summaries in cells:
+    # read once per run: the mean row and the per-seed rows both show it
+    entropies = [[last_epoch_metric(s, CLASS_ENTROPY) for s in summaries] for _, summaries in cells]
+    for (_recipe, summaries), cell_entropies in zip(cells, entropies):
         agg = aggregate_seeds(summaries)
         failed = agg["collapsed"] + agg["diverged"]
         failed_cell = f"**{failed}/{agg['n']}** (seeds {', '.join(map(str, agg['failed_seeds']))})" if failed else "0"
         total = mean_std([s["total_seconds"] for s in summaries])[0]
         rate = mean_std([s["images_per_second"] for s in summaries if s.get("images_per_second") is not None])[0]
-        entropy = mean_std([last_epoch_metric(s, CLASS_ENTROPY) for s in summaries])[0]
+        entropy = mean_std(cell_entropies)[0]
         row = (
             summaries[0]["method"],
             ",".join(str(s) for s in agg["seeds"]),
@@ -314,8 +316,8 @@ def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     header = ("method", "seed", "status", *RESULT_COLUMNS, "images", "total")
     lines += ["", "Per seed:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _recipe, summaries in cells:
-        for s in summaries:
+    for (_recipe, summaries), cell_entropies in zip(cells, entropies):
+        for s, entropy in zip(summaries, cell_entropies):
             row = (
                 s["method"],
                 str(s.get("seed")),
@@ -325,7 +327,7 @@ def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
                 _num(s.get("agreement_best")),
                 _num(s["mu"]),
                 _num(s["var"]),
-                _num(last_epoch_metric(s, CLASS_ENTROPY)),
+                _num(entropy),
                 f"{s['images_synthesized']:,}",
                 format_seconds(s["total_seconds"]),
             )

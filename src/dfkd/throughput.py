@@ -159,7 +159,7 @@ def format_memory(rows: list[tuple[str, dict]]) -> list[str]:
     ]
     for name, s in rows:
         mem = s.get("memory") or {}
-        start, peak = mem.get("loop_start_bytes"), mem.get("peak_bytes")
+        start, peak = mem.get("loop_start_bytes"), s.get("peak_memory_bytes")
         added = peak - start if peak is not None and start is not None else None
         cells = [peak, start, added] + [
             mem.get(k) for k in ("data_bytes", "teacher_bytes", "student_bytes", "method_bytes")

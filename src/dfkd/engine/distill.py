@@ -256,8 +256,7 @@ def _distill(
     _pictures(run, method, state["history"], teacher_top1, cfg, env)
     timers["total_seconds"] = earlier_total + time.perf_counter() - started
     summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path)
-    summary["memory"] = {
-        "peak_bytes": summary["peak_memory_bytes"],
+    summary["memory"] = {  # the parts of peak_memory_bytes
         # the process before the loop: interpreter and libraries, data, networks
         "loop_start_bytes": memory_at_loop_start,
         "data_bytes": tensor_bytes((test_x, test_y, teacher_logits)),
