@@ -219,3 +219,21 @@ def test_a_bn_statistics_method_on_a_teacher_without_batchnorm_names_the_option(
     ctx = Ctx(teacher.eval(), Normalized(TinyNet(4), INFO.mean, INFO.std), INFO, Env(torch.device("cpu")), 8)
     with pytest.raises(ConfigError, match=r"set method\.bn=0"):
         METHODS.get("dfq")(METHODS.get("dfq").Config(nz=8, ngf=4), ctx)
+
+
+@pytest.mark.parametrize("name", [n for n in METHOD_NAMES if hasattr(build(n)[0], "generator")])
+def test_bf16_runs_the_generator_in_bf16_and_hands_out_fp32_images(name):
+    method, _ = build(name)
+    method.ctx.env.precision = "bf16"
+    convs = [m for m in method.generator.modules() if isinstance(m, nn.Conv2d)]
+    seen: list[torch.dtype] = []
+    for conv in convs:
+        conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    prog = Progress(0, 0, 0, 2, 2, 2)
+    method.synthesize(prog)
+    assert seen and set(seen) == {torch.bfloat16}, "the synthesis step's generator forward"
+    seen.clear()
+    batch = method.next_batch(prog)
+    if seen:  # pool methods (CMI) draw student batches from the pool, without a generator forward
+        assert set(seen) == {torch.bfloat16}
+    assert batch.x.dtype == torch.float32

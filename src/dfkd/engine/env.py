@@ -57,8 +57,10 @@ class Env:
         return module
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
-        """Give an image batch the configured memory format."""
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+        """Give an image batch the configured memory format, in fp32 whatever precision the generator ran in."""
+        if self.channels_last and x.dim() == 4:
+            return x.to(torch.float32, memory_format=torch.channels_last)
+        return x.float()
 
     def all_reduce_grads(self, module: nn.Module) -> None:
         """Average gradients across ranks so that a persistent generator stays identical everywhere."""

@@ -254,7 +254,9 @@ class GeneratorMethod(Method):
         """Images from latents ``z`` (or from ``z`` fresh latents), counted as synthesised."""
         z = self.sample_z(z) if isinstance(z, int) else z
         self.images_synthesized += z.shape[0]
-        return self.ctx.env.images(self.generator(z))
+        with self.ctx.env.autocast():  # the generator is most of a student step's cost: it runs in bf16 too
+            x = self.generator(z)
+        return self.ctx.env.images(x)
 
     # -- the generator step: a template; methods supply generator_loss (and, rarely, lr and inputs) ----------------
     def generator_loss(self, x: Tensor, prog: Progress) -> tuple[Tensor, Tensor, dict[str, Any]]:

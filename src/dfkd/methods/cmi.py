@@ -149,9 +149,9 @@ class CMI(PoolMethod):
         with frozen(student):
             for _ in range(c.g_steps):
                 # Step 2: two views, the inversion loss on the global one, the contrastive loss across both
-                x = env.images(self.generator(z))
-                x_global, x_local = self.global_view(x), self.local_view(x)
                 with env.autocast():
+                    x = env.images(self.generator(z))
+                    x_global, x_local = self.global_view(x), self.local_view(x)
                     with self.feature_hooks.capture():
                         t, loss_bn = self.teacher_with_bn(x_global, self.bn_hooks)
                     f_global = self.feature_hooks.features()
