@@ -52,6 +52,8 @@ def test_required_keys_exist_with_their_meaning():
         ("method.loss=l3", "method.loss: 'l3' is not one of l1, kl, l2"),
         ("method.name=cudfk", "unknown method 'cudfk' (did you mean 'cudfkd'?)"),
         ("train.epochs", "is not of the form key=value"),
+        ("train.epochs=0", "train: epochs=0: give epochs >= 1"),
+        ("train.kd_steps=-1", "train: kd_steps=-1: give kd_steps >= 1"),
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):
@@ -121,3 +123,8 @@ def test_list_coercion_and_optional():
 def test_recipes_are_found():
     names = recipe_names()
     assert DEMO in names and "cifar10/cudfkd-resnet34-resnet18" in names and "teachers/cifar10-resnet34" in names
+
+
+def test_a_teacher_run_needs_an_epoch():
+    with pytest.raises(ConfigError, match="epochs=0: give epochs >= 1"):
+        load_config("train-teacher", "teachers/fashion-mnist-32-lenet5_bn", ["train.epochs=0"])

@@ -74,6 +74,14 @@ class OptimConfig:
     grad_clip: float | None = None  # max global grad norm; null = no clipping
 
 
+def check_at_least_one(section: Any, *names: str) -> None:
+    """Counts a run cannot do without (epochs, batch sizes, steps): each must be >= 1."""
+    for name in names:
+        value = getattr(section, name)
+        if value < 1:
+            raise ValueError(f"{name}={value}: give {name} >= 1")
+
+
 @dataclass
 class DistillTrainConfig(OptimConfig):
     epochs: int = 20
@@ -86,6 +94,9 @@ class DistillTrainConfig(OptimConfig):
     # averages over about the last thousand steps). Passive: training is unchanged (engine/ema.py).
     ema_decay: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_at_least_one(self, "epochs", "batch_size", "rounds_per_epoch", "kd_steps")
+
 
 @dataclass
 class SupervisedTrainConfig(OptimConfig):
@@ -93,6 +104,9 @@ class SupervisedTrainConfig(OptimConfig):
     batch_size: int = 128
     augment: str = "none"  # on-device augmentation of real images: none | crop | flip | crop_flip
     padding: int = 4  # for the crop augmentations
+
+    def __post_init__(self) -> None:
+        check_at_least_one(self, "epochs", "batch_size")
 
 
 @dataclass
