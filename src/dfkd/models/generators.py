@@ -54,11 +54,17 @@ class DCGANGenerator(nn.Module):
             ]
         layers += [nn.Conv2d(channels[-1], nc, kernel_size=3, padding=1), nn.Sigmoid()]
         self.conv_blocks = nn.Sequential(*layers)
+        self.first_conv = next(i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d))  # an index, not a module
 
     def forward(self, z: Tensor) -> Tensor:
         # Flatten so that DCGAN-style [B, nz, 1, 1] noise works too.
         out = self.l1(torch.flatten(z, 1))
-        return self.conv_blocks(out.view(out.shape[0], -1, self.init_size, self.init_size))
+        x = out.view(out.shape[0], -1, self.init_size, self.init_size)
+        if self.conv_blocks[self.first_conv].weight.is_contiguous(memory_format=torch.channels_last):
+            # A channels_last generator starts its maps in that format; a plain view would make every stage
+            # convert its input and gradient (three copies of an upsampled map per stage).
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.conv_blocks(x)
 
 
 def _check(name: str, nz: int, ngf: int, img_size: int, nc: int, factor: int, extra: dict[str, Any]) -> None:
