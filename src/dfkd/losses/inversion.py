@@ -17,12 +17,16 @@ def bn_stat_loss(x: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor
 
     ``x`` is the layer's input [B, C, H, W]; its per-channel batch mean and biased variance are compared with the
     layer's running statistics: ||var - running_var||_2 + ||mean - running_mean||_2 (plain, not squared, norms).
-    Computed in float32 even under autocast.
+    The norms are float32 even under autocast; a half-precision ``x`` is reduced as it is (fp32 accumulation, the
+    statistics rounded once), since an fp32 copy of it would be kept for the backward pass: twice the memory of
+    every BN input of the teacher in the generator step.
     """
-    x = upcast(x)
     dims = [0, *range(2, x.dim())]
-    mean = x.mean(dim=dims)
-    var = x.var(dim=dims, unbiased=False)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        var, mean = (upcast(s) for s in torch.var_mean(x, dim=dims, correction=0))
+    else:
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, unbiased=False)
     return torch.linalg.vector_norm(var - upcast(running_var)) + torch.linalg.vector_norm(mean - upcast(running_mean))
 
 
