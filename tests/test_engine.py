@@ -214,3 +214,28 @@ def test_bf16_autocast_runs_on_cpu(data_root, teacher_run, tmp_path):
         )
     )
     assert summary["device"].endswith("bf16") and summary["student_top1_last"] is not None
+
+
+def test_a_compiled_run_trains_and_keeps_the_checkpoint_keys(data_root, teacher_run, tmp_path):
+    import torch._dynamo
+
+    plain = dfkd.distill(distill_cfg(data_root, teacher_run, tmp_path / "plain", "train.epochs=1"))
+    torch._dynamo.utils.counters.clear()
+    compiled = dfkd.distill(
+        distill_cfg(data_root, teacher_run, tmp_path / "c", "train.epochs=1", "engine.compile=true")
+    )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
+    checkpoints = {name: torch.load(tmp_path / name / "ckpt/last.pt", weights_only=True) for name in ("plain", "c")}
+    # community checkpoints and `dfkd eval` load a compiled run's weights by the same names
+    assert checkpoints["plain"]["state_dict"].keys() == checkpoints["c"]["state_dict"].keys()
+    assert checkpoints["plain"]["method"].keys() == checkpoints["c"]["method"].keys()
+    assert compiled["status"] == "ok" and compiled["student_steps"] == plain["student_steps"]
+
+
+def test_compile_without_a_compiler_is_a_config_error(monkeypatch):
+    from dfkd.engine import env as env_module
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(env_module.shutil, "which", lambda name: None)
+    with pytest.raises(DfkdError, match="engine.compile=true on a CPU needs a C\\+\\+ compiler"):
+        env_module.setup_env("cpu", compile=True)

@@ -90,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="gpu-check only: tiny sizes, so that it runs on a CPU")
     p.add_argument("--recipe", metavar="NAME|PATH", help="throughput only: the recipe (default: the demo's)")
     p.add_argument("--rounds", type=int, help="throughput only: rounds per setting (default: 8)")
-    p.add_argument("--settings", metavar="A,B", help="throughput only: fp32,fp32-cl,bf16,bf16-cl (default: all)")
+    p.add_argument(
+        "--settings",
+        metavar="A,B",
+        help="throughput only: from fp32,fp32-cl,bf16,bf16-cl,fp32-compile,bf16-cl-compile (default: the first four)",
+    )
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="applied to every distillation, e.g. train.epochs=2"
     )

@@ -126,9 +126,12 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     # bf16 = autocast on the student/synthesis forwards; auto = bf16 where the hardware runs it faster (a GPU with
-    # bfloat16, a CPU with AMX), fp32 elsewhere; the run logs which it picked
+    # bfloat16, a CPU with AMX-BF16 or AVX512-BF16), fp32 elsewhere; the run logs which it picked
     precision: str = choice("fp32", "fp32", "bf16", "auto")
     channels_last: bool = False  # memory format of the networks and generators (faster convs on CPU and GPU)
+    # torch.compile the networks and generators (inductor; needs a C++ compiler on CPU). Compilation costs minutes
+    # before the first step: measure with `dfkd bench throughput --settings fp32,fp32-compile` whether it pays.
+    compile: bool = False
     threads: int = 0  # CPU threads for torch; 0 = all cores
     progress: bool = True  # a progress bar with ETA on a terminal
     sample_every: int = 1  # write a grid of synthetic samples every N epochs (0 = never)

@@ -29,19 +29,23 @@ from dfkd.sysinfo import cpu_model
 
 log = logging.getLogger("dfkd")
 
-# name -> (engine.precision, engine.channels_last)
+# name -> (engine.precision, engine.channels_last, engine.compile)
 SETTINGS = {
-    "fp32": ("fp32", False),
-    "fp32-cl": ("fp32", True),
-    "bf16": ("bf16", False),
-    "bf16-cl": ("bf16", True),
+    "fp32": ("fp32", False, False),
+    "fp32-cl": ("fp32", True, False),
+    "bf16": ("bf16", False, False),
+    "bf16-cl": ("bf16", True, False),
+    "fp32-compile": ("fp32", False, True),
+    "bf16-cl-compile": ("bf16", True, True),
 }
+DEFAULT_SETTINGS = ["fp32", "fp32-cl", "bf16", "bf16-cl"]  # compiling takes minutes: only when asked for
 # the settings a throughput run makes itself, and where the user chooses them instead of a key=value override
 OWN_KEYS = {
     "train.epochs": "one epoch of --rounds rounds",
     "train.rounds_per_epoch": "choose it with --rounds",
     "engine.precision": "choose it with --settings",
     "engine.channels_last": "choose it with --settings",
+    "engine.compile": "choose it with --settings",
     "out": "choose the folder with --out",
 }
 DEFAULT_RECIPE = "demo/fashion-mnist-cudfkd"
@@ -49,9 +53,9 @@ DEFAULT_ROUNDS = 8
 
 
 def parse_settings(text: str | None) -> list[str]:
-    """``"fp32,bf16"`` -> the named settings, checked (default: all of them, fp32 first)."""
+    """``"fp32,bf16"`` -> the named settings, checked (default: those without compile, fp32 first)."""
     if not text:
-        return list(SETTINGS)
+        return list(DEFAULT_SETTINGS)
     names = [name.strip() for name in text.split(",") if name.strip()]
     for name in names:
         if name not in SETTINGS:
@@ -77,8 +81,8 @@ def run_throughput(
             raise ConfigError(f"bench throughput sets {key} itself: {OWN_KEYS[key]}")
     root = Path(out)
     rows = []
-    for name in settings or list(SETTINGS):
-        precision, channels_last = SETTINGS[name]
+    for name in settings or DEFAULT_SETTINGS:
+        precision, channels_last, compiled = SETTINGS[name]
         cfg = load_config(
             "distill",
             recipe,
@@ -88,6 +92,7 @@ def run_throughput(
                 f"train.rounds_per_epoch={rounds}",
                 f"engine.precision={precision}",
                 f"engine.channels_last={str(channels_last).lower()}",
+                f"engine.compile={str(compiled).lower()}",
                 f"out={root / name}",
             ],
         )

@@ -43,10 +43,9 @@ def build_model(
         raise ConfigError(f"{role}.arch is not set: name an architecture (`dfkd list models`)")
     path = str(resolve_weights(weights)) if weights else None
     net = build_network(arch, info.num_classes, info.image_shape[0], path)
-    model = Normalized(net, info.mean, info.std)
-    model = env.prepare(model)
-    _check_output(model, info, env, role)
-    return model
+    model = Normalized(net, info.mean, info.std).to(env.device)
+    _check_output(model, info, env, role)  # before prepare: a compiled network would compile for this check
+    return env.prepare(model)
 
 
 def _check_output(model: nn.Module, info: DatasetInfo, env: Env, role: str) -> None:

@@ -11,8 +11,10 @@ import ctypes
 import logging
 import os
 import resource
+import shutil
 import sys
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ class Env:
     local_rank: int = 0
     precision: str = "fp32"
     channels_last: bool = False
+    compile: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -50,10 +53,16 @@ class Env:
         return nullcontext()
 
     def prepare(self, module: nn.Module) -> nn.Module:
-        """Move a network to the device (and to channels_last when enabled)."""
+        """Move a network to the device (and to channels_last, and compile it, when enabled).
+
+        Compiling is in place (``nn.Module.compile``): parameter names, ``state_dict`` keys and hooks stay as they
+        are; the first forward of each kind (train / eval, with / without gradients, each batch size) compiles.
+        """
         module = module.to(self.device)
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
+        if self.compile:
+            module.compile()
         return module
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,23 +152,53 @@ class Env:
             dist.destroy_process_group()
 
 
-_GLIBC_M_TRIM_THRESHOLD, _GLIBC_M_MMAP_MAX = -1, -4
-_heap_kept = False
+_GLIBC_M_TRIM_THRESHOLD, _GLIBC_M_MMAP_THRESHOLD, _GLIBC_M_MMAP_MAX = -1, -3, -4
+_GLIBC_DEFAULT_MMAP_MAX = 65536
+# glibc's own dynamic ceiling: blocks from 32 MiB are mapped afresh and unmapped when freed, smaller ones come from
+# the heap, which gives back what lies above 64 MiB of free memory at its top
+_TRAINING_MMAP_THRESHOLD, _TRAINING_TRIM_THRESHOLD = 32 * 2**20, 64 * 2**20
 
 
-def keep_freed_host_memory() -> bool:
-    """Have glibc serve every block from its heap and keep freed memory there (Linux; once per process).
+def training_heap_policy() -> bool:
+    """glibc's usual policy for large blocks, fixed at its dynamic ceiling (Linux; False elsewhere).
 
-    By default glibc maps each block above 32 MiB afresh and unmaps it when freed, so every large activation (a
-    1000-image evaluation batch of a WRN-16-2 allocates many of 130 MB) page-faults its memory in again: most of a
-    teacher evaluation's time went to the kernel (14.7 s of 41 s; with this, 1.6 s of 25 s). Freed memory stays with
-    the process during a run; :func:`reset_peak_rss` hands it back to the system before the next run.
+    Training allocates blocks of many sizes (generator steps, student steps): served from the heap, they fragment it
+    and the run's peak grows (WRN-16-2 -> WRN-16-1 at batch 256, bf16: 1.84 GiB with every block on the heap, 1.37
+    GiB with this, at the same step times; BENCHMARKS.md, issue 13). :func:`kept_heap` changes it for evaluations.
     """
-    global _heap_kept
     libc = _glibc()
-    if not _heap_kept and libc is not None:
-        _heap_kept = bool(libc.mallopt(_GLIBC_M_MMAP_MAX, 0)) and bool(libc.mallopt(_GLIBC_M_TRIM_THRESHOLD, 2**30))
-    return _heap_kept
+    if libc is None:
+        return False
+    return all(
+        libc.mallopt(option, value)
+        for option, value in (
+            (_GLIBC_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX),
+            (_GLIBC_M_MMAP_THRESHOLD, _TRAINING_MMAP_THRESHOLD),
+            (_GLIBC_M_TRIM_THRESHOLD, _TRAINING_TRIM_THRESHOLD),
+        )
+    )
+
+
+@contextmanager
+def kept_heap() -> Iterator[None]:
+    """Inside the block, glibc serves every block from its heap and keeps freed memory there; afterwards the
+    training policy is back and the freed memory goes back to the system (Linux; a no-op elsewhere).
+
+    Under the usual policy every large activation of an evaluation (a 1000-image batch of a WRN-16-2 allocates many
+    of 130 MB) page-faults its memory in afresh: most of a teacher evaluation's time went to the kernel (14.7 s of
+    41 s; with the heap kept, 1.6 s of 25 s).
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_GLIBC_M_MMAP_MAX, 0)
+    libc.mallopt(_GLIBC_M_TRIM_THRESHOLD, 2**30)
+    try:
+        yield
+    finally:
+        training_heap_policy()
+        libc.malloc_trim(0)
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -239,23 +278,29 @@ def resolve_device(
 
 def auto_precision(device: torch.device) -> tuple[str, str]:
     """The precision ``engine.precision=auto`` picks on ``device``, and why: bf16 on a GPU that supports it and on a
-    CPU with AMX (oneDNN's bf16 matrix units), fp32 elsewhere, including CPUs with AVX512-BF16 but no AMX, where
-    whether bf16 pays depends on the network (``dfkd bench throughput`` measures it)."""
+    CPU with bf16 instructions (AMX-BF16 or AVX512-BF16, which oneDNN's convolutions use), fp32 elsewhere.
+
+    On an AVX512-BF16 CPU without AMX (EPYC Zen 4) bf16 ran 1.56x the student steps per second of fp32 on the
+    demo's LeNet pair and 1.83x on the WRN pair, both with channels_last (BENCHMARKS.md, issue 13); on an
+    AVX2-only CPU bf16 is emulated and slower."""
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return "bf16", f"{torch.cuda.get_device_name(device)} supports bfloat16"
         return "fp32", f"{torch.cuda.get_device_name(device)} has no bfloat16"
     flags = cpu_flags()
-    if "amx_bf16" in flags:
-        return "bf16", "the CPU has AMX-BF16"
-    return "fp32", "the CPU has no AMX-BF16"
+    for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")):
+        if flag in flags:
+            return "bf16", f"the CPU has {name}"
+    return "fp32", "the CPU has neither AMX-BF16 nor AVX512-BF16"
 
 
-def setup_env(device: str = "auto", precision: str = "fp32", channels_last: bool = False, threads: int = 0) -> Env:
+def setup_env(
+    device: str = "auto", precision: str = "fp32", channels_last: bool = False, threads: int = 0, compile: bool = False
+) -> Env:
     """Create the run's :class:`Env`, joining the torchrun process group when launched by torchrun."""
     if threads > 0:
         torch.set_num_threads(threads)
-    keep_freed_host_memory()
+    training_heap_policy()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -271,6 +316,22 @@ def setup_env(device: str = "auto", precision: str = "fp32", channels_last: bool
         log.info("engine.precision=auto: %s (%s)", precision, why)
     if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("engine.precision=bf16 needs a GPU with bfloat16 support; use engine.precision=fp32")
+    if compile:
+        check_compiler(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Env(dev, rank, world_size, local_rank, precision, channels_last)
+    return Env(dev, rank, world_size, local_rank, precision, channels_last, compile)
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile's CPU code is C++ built on the fly: fail before the run, not at its first step."""
+    if device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")):
+        raise ConfigError(
+            "engine.compile=true on a CPU needs a C++ compiler (g++): install one (apt-get install g++) or set "
+            "engine.compile=false"
+        )
+    import torch._dynamo  # loaded on demand: importing it costs seconds that runs without compile need not pay
+
+    # networks of different roles share forward code (teacher and student of one family), and each mode and
+    # batch size is a compiled variant of it: allow more variants than torch's default of 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

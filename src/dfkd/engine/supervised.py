@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dfkd.config import TeacherTrainConfig, to_dict, to_yaml
 from dfkd.data import TensorLoader, build_augment, dataset_info
 from dfkd.engine.common import build_model, default_out, load_split_on_device, progress_bar
-from dfkd.engine.env import Env, setup_env
+from dfkd.engine.env import Env, kept_heap, setup_env
 from dfkd.engine.evaluate import predict
 from dfkd.engine.meters import Meters, first_non_finite, format_seconds
 from dfkd.engine.optim import build_optimizer, build_scheduler
@@ -35,7 +35,9 @@ def train_teacher(
 
     The final weights (``RUN/ckpt/last.pt``, key ``state_dict``) load as a teacher with ``teacher.weights=RUN``.
     """
-    env = setup_env(cfg.engine.device, cfg.engine.precision, cfg.engine.channels_last, cfg.engine.threads)
+    env = setup_env(
+        cfg.engine.device, cfg.engine.precision, cfg.engine.channels_last, cfg.engine.threads, cfg.engine.compile
+    )
     run = RunDir(cfg.out or default_out("train", f"{cfg.model.arch}-{cfg.data.name}"), env.is_main)
     run.check(resume=resume, overwrite=overwrite)
     env.barrier()  # every rank checks before rank 0 writes anything
@@ -125,7 +127,8 @@ def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool,
         env.synchronize()
         timers["train_seconds"] += time.perf_counter() - tick
         tock = time.perf_counter()
-        top1 = top1_percent(predict(model, test_x, cfg.eval.batch_size, env.channels_last), test_y)
+        with kept_heap():
+            top1 = top1_percent(predict(model, test_x, cfg.eval.batch_size, env.channels_last), test_y)
         timers["eval_seconds"] += time.perf_counter() - tock
         timers["total_seconds"] += time.perf_counter() - tick
         row = {"epoch": epoch + 1, "eval/top1": top1, **losses, "lr": optimizer.param_groups[0]["lr"]}
