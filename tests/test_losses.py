@@ -148,6 +148,25 @@ def test_losses_upcast_half_precision():
     assert L.bn_stat_loss(torch.randn(4, 3, 2, 2).bfloat16(), torch.zeros(3), torch.ones(3)).dtype == torch.float32
 
 
+def test_bn_stat_loss_of_a_bf16_input_matches_fp32_without_keeping_an_fp32_copy():
+    torch.manual_seed(0)
+    x32 = (torch.randn(64, 8, 6, 6) * 1.5 + 0.4).requires_grad_()
+    x16 = x32.detach().bfloat16().requires_grad_()
+    mean, var = torch.full((8,), 0.1), torch.full((8,), 2.0)
+    loss32, loss16 = L.bn_stat_loss(x32, mean, var), L.bn_stat_loss(x16, mean, var)
+    assert loss16.dtype == torch.float32
+    assert abs(loss16.item() - loss32.item()) <= 0.01 * loss32.item()  # bf16 inputs, statistics rounded once
+    (grad32,) = torch.autograd.grad(loss32, x32)
+    (grad16,) = torch.autograd.grad(loss16, x16)
+    assert grad16.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(grad16.float().flatten(), grad32.flatten(), dim=0) > 0.99
+
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        L.bn_stat_loss(x16, mean, var)
+    assert saved and all(t.dtype != torch.float32 or t.numel() <= 8 for t in saved)  # no fp32 copy of x
+
+
 def test_accuracy_curve_stats_window():
     stats = M.accuracy_curve_stats([10.0, 20.0, 30.0, 40.0], start=2)
     assert stats["best"] == 40.0 and stats["mu"] == 35.0 and stats["var"] == 25.0
