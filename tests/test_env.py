@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dfkd.engine import env as env_module
-from dfkd.engine.env import Env, auto_precision, kept_heap, reset_peak_rss, resolve_device, setup_env
+from dfkd.engine.env import Env, auto_precision, keep_freed_host_memory, reset_peak_rss, resolve_device, setup_env
 from dfkd.errors import ConfigError
 
 
@@ -32,44 +32,39 @@ def test_a_single_process_on_a_named_gpu_makes_it_the_current_device(monkeypatch
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not reset_peak_rss(), reason="needs Linux clear_refs")
 def test_the_cpu_peak_starts_again_with_each_run():
+    keep_freed_host_memory()  # as every run does: freed memory stays with the process until the next reset
     env = Env(torch.device("cpu"))
     env.reset_peak_memory()
-    with kept_heap():  # as evaluations do: freed memory stays with the process until the block ends
-        big = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched
-        first = env.peak_memory_bytes()
-        del big
+    big = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched
+    first = env.peak_memory_bytes()
+    del big
     env.reset_peak_memory()
     second = env.peak_memory_bytes()
     assert first - second > 200 * 2**20, (first, second)  # the second run does not inherit the first one's peak
 
 
 FAULTS = """
-import contextlib, resource, sys, torch
-from dfkd.engine.env import kept_heap, training_heap_policy, rss_bytes
-training_heap_policy()
-with kept_heap() if sys.argv[1] == "kept" else contextlib.nullcontext():
-    torch.ones(64 * 2**20 // 4)  # warm up the allocator
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        torch.ones(64 * 2**20 // 4)  # 64 MiB, allocated, touched and freed: above the training mmap threshold
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    inside = rss_bytes()
-print(faults, inside - rss_bytes())
+import resource, sys, torch
+from dfkd.engine.env import keep_freed_host_memory
+if sys.argv[1] == "kept":
+    assert keep_freed_host_memory()
+torch.ones(64 * 2**20 // 4)  # warm up the allocator
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.ones(64 * 2**20 // 4)  # 64 MiB, allocated, touched and freed: above glibc's largest mmap threshold
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
-def test_evaluations_keep_large_blocks_on_the_heap_and_hand_them_back_afterwards():
-    def run(mode: str) -> tuple[int, int]:
+def test_large_blocks_are_not_faulted_in_again_and_again():
+    def faults(mode: str) -> int:
         out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
-        faults, returned = out.stdout.split()
-        return int(faults), int(returned)
+        return int(out.stdout)
 
     pages = 64 * 2**20 // 4096
-    assert run("training")[0] > 4 * pages  # every 64 MiB block is mapped afresh and faulted in page by page
-    faults, returned = run("kept")
-    assert faults <= pages  # kept on the heap: at most one block is faulted in, once
-    assert returned >= 32 * 2**20  # and the freed block leaves the process when the evaluation ends
+    assert faults("default") > 4 * pages  # every 64 MiB block is mapped afresh and faulted in page by page
+    assert faults("kept") <= pages  # kept on the heap: at most one block is faulted in, once
 
 
 @pytest.mark.parametrize(

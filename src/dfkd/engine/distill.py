@@ -24,7 +24,7 @@ from dfkd.config import DistillConfig, to_dict, to_yaml
 from dfkd.data import dataset_info
 from dfkd.engine.common import build_model, default_out, freeze, load_split_on_device, progress_bar, tensor_bytes
 from dfkd.engine.ema import StudentEMA
-from dfkd.engine.env import Env, kept_heap, setup_env
+from dfkd.engine.env import Env, setup_env
 from dfkd.engine.evaluate import predict, student_metrics
 from dfkd.engine.guard import STATUS_DIVERGED, STATUS_OK, CollapseGuard, collapse_reasons
 from dfkd.engine.meters import Meters, Stopwatch, first_non_finite, format_seconds
@@ -114,8 +114,7 @@ def _distill(
     run.write_text("config.yaml", to_yaml(cfg))
     run.write_metrics(state["history"])
 
-    with kept_heap():  # fast, and before the run's peak is measured; the student's evaluations keep training's policy
-        teacher_logits = predict(teacher, test_x, cfg.eval.batch_size, env.channels_last)
+    teacher_logits = predict(teacher, test_x, cfg.eval.batch_size, env.channels_last)
     teacher_top1 = top1_percent(teacher_logits, test_y)
     log.info(
         "%s: %s -> %s on %s | teacher top-1 %.2f%% | device %s | run dir %s",

@@ -13,8 +13,7 @@ import os
 import resource
 import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,53 +151,27 @@ class Env:
             dist.destroy_process_group()
 
 
-_GLIBC_M_TRIM_THRESHOLD, _GLIBC_M_MMAP_THRESHOLD, _GLIBC_M_MMAP_MAX = -1, -3, -4
-_GLIBC_DEFAULT_MMAP_MAX = 65536
-# glibc's own dynamic ceiling: blocks from 32 MiB are mapped afresh and unmapped when freed, smaller ones come from
-# the heap, which gives back what lies above 64 MiB of free memory at its top
-_TRAINING_MMAP_THRESHOLD, _TRAINING_TRIM_THRESHOLD = 32 * 2**20, 64 * 2**20
+_GLIBC_M_TRIM_THRESHOLD, _GLIBC_M_MMAP_MAX = -1, -4
+_heap_kept = False
 
 
-def training_heap_policy() -> bool:
-    """glibc's usual policy for large blocks, fixed at its dynamic ceiling (Linux; False elsewhere).
+def keep_freed_host_memory() -> bool:
+    """Have glibc serve every block from its heap and keep freed memory there (Linux; once per process).
 
-    Training allocates blocks of many sizes (generator steps, student steps): served from the heap, they fragment it
-    and the run's peak grows (WRN-16-2 -> WRN-16-1 at batch 256, bf16: 1.84 GiB with every block on the heap, 1.37
-    GiB with this, at the same step times; BENCHMARKS.md, issue 13). :func:`kept_heap` changes it for evaluations.
+    By default glibc maps each block above 32 MiB afresh and unmaps it when freed, so every large activation (a
+    1000-image evaluation batch of a WRN-16-2 allocates many of 130 MB) page-faults its memory in again: most of a
+    teacher evaluation's time went to the kernel (14.7 s of 41 s; with this, 1.6 s of 25 s). Freed memory stays with
+    the process during a run; :func:`reset_peak_rss` hands it back to the system before the next run.
+
+    The price is memory: blocks of many sizes (generator steps, student steps, evaluations) fragment the heap. With
+    glibc's usual policy during training, the WRN-16-2 -> WRN-16-1 run at batch 256 peaked 16 % lower (fp32 2.28 vs
+    2.70 GiB) but ran 11 % fewer student steps per second (0.51 vs 0.57); speed wins here (BENCHMARKS.md, issue 13).
     """
+    global _heap_kept
     libc = _glibc()
-    if libc is None:
-        return False
-    return all(
-        libc.mallopt(option, value)
-        for option, value in (
-            (_GLIBC_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX),
-            (_GLIBC_M_MMAP_THRESHOLD, _TRAINING_MMAP_THRESHOLD),
-            (_GLIBC_M_TRIM_THRESHOLD, _TRAINING_TRIM_THRESHOLD),
-        )
-    )
-
-
-@contextmanager
-def kept_heap() -> Iterator[None]:
-    """Inside the block, glibc serves every block from its heap and keeps freed memory there; afterwards the
-    training policy is back and the freed memory goes back to the system (Linux; a no-op elsewhere).
-
-    Under the usual policy every large activation of an evaluation (a 1000-image batch of a WRN-16-2 allocates many
-    of 130 MB) page-faults its memory in afresh: most of a teacher evaluation's time went to the kernel (14.7 s of
-    41 s; with the heap kept, 1.6 s of 25 s).
-    """
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    libc.mallopt(_GLIBC_M_MMAP_MAX, 0)
-    libc.mallopt(_GLIBC_M_TRIM_THRESHOLD, 2**30)
-    try:
-        yield
-    finally:
-        training_heap_policy()
-        libc.malloc_trim(0)
+    if not _heap_kept and libc is not None:
+        _heap_kept = bool(libc.mallopt(_GLIBC_M_MMAP_MAX, 0)) and bool(libc.mallopt(_GLIBC_M_TRIM_THRESHOLD, 2**30))
+    return _heap_kept
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -280,7 +253,7 @@ def auto_precision(device: torch.device) -> tuple[str, str]:
     """The precision ``engine.precision=auto`` picks on ``device``, and why: bf16 on a GPU that supports it and on a
     CPU with bf16 instructions (AMX-BF16 or AVX512-BF16, which oneDNN's convolutions use), fp32 elsewhere.
 
-    On an AVX512-BF16 CPU without AMX (EPYC Zen 4) bf16 ran 1.56x the student steps per second of fp32 on the
+    On an AVX512-BF16 CPU without AMX (EPYC Zen 4) bf16 ran 1.51x the student steps per second of fp32 on the
     demo's LeNet pair and 1.83x on the WRN pair, both with channels_last (BENCHMARKS.md, issue 13); on an
     AVX2-only CPU bf16 is emulated and slower."""
     if device.type == "cuda":
@@ -300,7 +273,7 @@ def setup_env(
     """Create the run's :class:`Env`, joining the torchrun process group when launched by torchrun."""
     if threads > 0:
         torch.set_num_threads(threads)
-    training_heap_policy()
+    keep_freed_host_memory()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

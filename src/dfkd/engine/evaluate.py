@@ -6,7 +6,6 @@ import torch
 from torch import Tensor, nn
 
 from dfkd.data import to_float
-from dfkd.engine.env import kept_heap
 from dfkd.metrics import agreement_percent, prob_loyalty, prob_loyalty_reference, top1_percent
 
 
@@ -60,8 +59,7 @@ def evaluate_weights(cfg) -> dict:
     info = dataset_info(data)
     test_x, test_y = load_split_on_device(info, "test", cfg.data.root, env)
     model = build_model(arch, info, env, str(path), "model")
-    with kept_heap():
-        logits = predict(model, test_x, cfg.eval.batch_size, env.channels_last)
+    logits = predict(model, test_x, cfg.eval.batch_size, env.channels_last)
     teacher_logits = None
     if cfg.teacher.weights:
         t_path = resolve_weights(cfg.teacher.weights)
@@ -69,8 +67,7 @@ def evaluate_weights(cfg) -> dict:
         if not t_arch:
             raise ConfigError(f"{t_path} does not record its architecture: pass teacher.arch=NAME")
         teacher = build_model(t_arch, info, env, str(t_path), "teacher")
-        with kept_heap():
-            teacher_logits = predict(teacher, test_x, cfg.eval.batch_size, env.channels_last)
+        teacher_logits = predict(teacher, test_x, cfg.eval.batch_size, env.channels_last)
     result = {"weights": str(path), "arch": arch, "dataset": data, "images": int(test_y.numel())}
     result.update(student_metrics(logits, test_y, teacher_logits))
     if teacher_logits is not None:

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dfkd.config import TeacherTrainConfig, to_dict, to_yaml
 from dfkd.data import TensorLoader, build_augment, dataset_info
 from dfkd.engine.common import build_model, default_out, load_split_on_device, progress_bar
-from dfkd.engine.env import Env, kept_heap, setup_env
+from dfkd.engine.env import Env, setup_env
 from dfkd.engine.evaluate import predict
 from dfkd.engine.meters import Meters, first_non_finite, format_seconds
 from dfkd.engine.optim import build_optimizer, build_scheduler
@@ -127,8 +127,7 @@ def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool,
         env.synchronize()
         timers["train_seconds"] += time.perf_counter() - tick
         tock = time.perf_counter()
-        with kept_heap():
-            top1 = top1_percent(predict(model, test_x, cfg.eval.batch_size, env.channels_last), test_y)
+        top1 = top1_percent(predict(model, test_x, cfg.eval.batch_size, env.channels_last), test_y)
         timers["eval_seconds"] += time.perf_counter() - tock
         timers["total_seconds"] += time.perf_counter() - tick
         row = {"epoch": epoch + 1, "eval/top1": top1, **losses, "lr": optimizer.param_groups[0]["lr"]}
