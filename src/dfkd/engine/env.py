@@ -164,8 +164,9 @@ def keep_freed_host_memory() -> bool:
     the process during a run; :func:`reset_peak_rss` hands it back to the system before the next run.
 
     The price is memory: blocks of many sizes (generator steps, student steps, evaluations) fragment the heap. With
-    glibc's usual policy during training, the WRN-16-2 -> WRN-16-1 run at batch 256 peaked 16 % lower (fp32 2.28 vs
-    2.70 GiB) but ran 11 % fewer student steps per second (0.51 vs 0.57); speed wins here (BENCHMARKS.md, issue 13).
+    glibc's usual policy during training, the WRN-16-2 -> WRN-16-1 run at batch 256 in bf16 + channels_last peaked
+    lower (1.91 vs 2.21-2.31 GiB) but ran 11-15 % fewer student steps per second (1.18 vs 1.32-1.36); speed wins here
+    (BENCHMARKS.md, issue 13).
     """
     global _heap_kept
     libc = _glibc()
@@ -254,7 +255,7 @@ def auto_precision(device: torch.device) -> tuple[str, str]:
     CPU with bf16 instructions (AMX-BF16 or AVX512-BF16, which oneDNN's convolutions use), fp32 elsewhere.
 
     On an AVX512-BF16 CPU without AMX (EPYC Zen 4) bf16 ran 1.51x the student steps per second of fp32 on the
-    demo's LeNet pair and 1.83x on the WRN pair, both with channels_last (BENCHMARKS.md, issue 13); on an
+    demo's LeNet pair and 1.8-2.0x on the WRN pair, both with channels_last (BENCHMARKS.md, issue 13); on an
     AVX2-only CPU bf16 is emulated and slower."""
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
