@@ -239,3 +239,20 @@ def test_compile_without_a_compiler_is_a_config_error(monkeypatch):
     monkeypatch.setattr(env_module.shutil, "which", lambda name: None)
     with pytest.raises(DfkdError, match="engine.compile=true on a CPU needs a C\\+\\+ compiler"):
         env_module.setup_env("cpu", compile=True)
+
+
+def test_synthesis_warmup_epochs_synthesise_without_training_the_student(data_root, teacher_run, tmp_path):
+    out = tmp_path / "run"
+    summary = dfkd.distill(
+        distill_cfg(data_root, teacher_run, out, "train.epochs=1", "train.synthesis_warmup_epochs=2")
+    )
+    rows = _metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r.get("synthesis_warmup", False) for r in rows] == [True, True, False]
+    assert [r["step"] for r in rows] == [0, 0, 4]  # student steps only after the warm-up
+    assert all("synth/loss_g" in r for r in rows) and "train/loss" not in rows[0] and "train/loss" in rows[2]
+    # the untrained student is evaluated but is neither the best student nor in the accuracy curve
+    assert summary["best_epoch"] == 3 and summary["synthesis_warmup_epochs"] == 2 and summary["epochs"] == 3
+    assert rows[0]["eval/top1"] == rows[1]["eval/top1"]  # no student step moved it
+    ckpt = torch.load(out / "ckpt" / "last.pt", weights_only=True)
+    assert ckpt["scheduler"]["last_epoch"] == 1  # the schedule steps in distillation epochs only

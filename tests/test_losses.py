@@ -105,6 +105,63 @@ def test_bn_hooks_sum_layers_and_only_capture_when_asked(io):
     hooks.remove()
 
 
+def _one_channel_bn(mean: float, var: float) -> torch.nn.Module:
+    bn = torch.nn.BatchNorm2d(1).double().eval()
+    bn.running_mean.fill_(mean)
+    bn.running_var.fill_(var)
+    return torch.nn.Sequential(bn)
+
+
+def test_bn_momentum_loss_by_hand_over_three_rounds():
+    # running mean 0, var 1; batches [1, 3] (mean 2, var 1), [0, 0] (mean 0, var 0), [1, 3]; momentum 0.9
+    model = _one_channel_bn(0.0, 1.0)
+    stats = L.MomentumBNStats(model, 0.9).double()
+    batches = [[1.0, 3.0], [0.0, 0.0], [1.0, 3.0]]
+    # round 1, no average yet: |1 - 1| + |0 - 2| = 2; the average becomes (mean 2, var 1)
+    # round 2: blended var 0.1*0 + 0.9*1 = 0.9, mean 0.9*2 = 1.8: |1 - 0.9| + |1.8| = 1.9; average (1.8, 0.9)
+    # round 3: var 0.1*1 + 0.9*0.9 = 0.91, mean 0.1*2 + 0.9*1.8 = 1.82: 0.09 + 1.82 = 1.91
+    expected = [2.0, 1.9, 1.91]
+    for values, loss in zip(batches, expected):
+        with stats.capture():
+            model(torch.tensor(values, dtype=torch.float64).view(2, 1, 1, 1))
+        close(stats.loss(), loss, 1e-12)
+        stats.update()
+    close(stats.mean_0, [0.9 * 1.8 + 0.1 * 2], 1e-12)
+    close(stats.var_0, [0.9 * 0.9 + 0.1 * 1], 1e-12)
+    stats.remove()
+
+
+def test_bn_momentum_loss_without_an_average_is_the_plain_bn_loss(io):
+    x, out = io
+    m = torch.tensor(0.0, dtype=torch.float64)
+    mean, var = x["bn_input_5x4x3x3"].mean(dim=(0, 2, 3)), x["bn_input_5x4x3x3"].var(dim=(0, 2, 3), unbiased=False)
+    junk = torch.full_like(mean, 7.0)
+    loss = L.bn_momentum_loss(mean, var, x["bn_running_mean"], x["bn_running_var"], junk, junk, m)
+    close(loss, out["bn_stat_loss"])
+
+
+def test_bn_momentum_average_is_state_and_survives_a_checkpoint():
+    model = _one_channel_bn(0.0, 1.0)
+    stats = L.MomentumBNStats(model, 0.5).double()
+    with stats.capture():
+        model(torch.tensor([1.0, 3.0], dtype=torch.float64).view(2, 1, 1, 1))
+    stats.loss()
+    stats.update()
+    state = stats.state_dict()
+    assert set(state) == {"mean_0", "var_0", "initialised"} and bool(state["initialised"])
+    restored = L.MomentumBNStats(model, 0.5).double()
+    restored.load_state_dict(state)
+    x = torch.tensor([0.0, 0.0], dtype=torch.float64).view(2, 1, 1, 1)
+    losses = []
+    for hooks in (stats, restored):
+        with hooks.capture():
+            model(x)
+        losses.append(hooks.loss())
+    close(losses[0], losses[1], 0.0)
+    with pytest.raises(ValueError, match="momentum"):
+        L.MomentumBNStats(model, 1.0)
+
+
 @pytest.mark.parametrize("lam", [1, 2, 12])
 @pytest.mark.parametrize("kind", ["hard", "soft", "log"])
 def test_self_paced_weights(io, kind, lam):

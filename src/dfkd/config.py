@@ -93,9 +93,14 @@ class DistillTrainConfig(OptimConfig):
     # Evaluate and save an exponential moving average of the student's weights with this decay (0 = off; 0.999
     # averages over about the last thousand steps). Passive: training is unchanged (engine/ema.py).
     ema_decay: float = 0.0
+    # Epochs of synthesis only before the first student step (FastDFKD's and NAYER's warm-up): every round synthesises,
+    # no student step, no schedule step. ``epochs`` counts the distillation epochs after them.
+    synthesis_warmup_epochs: int = 0
 
     def __post_init__(self) -> None:
         check_at_least_one(self, "epochs", "batch_size", "rounds_per_epoch", "kd_steps")
+        if self.synthesis_warmup_epochs < 0:
+            raise ValueError(f"synthesis_warmup_epochs={self.synthesis_warmup_epochs}: give 0 or more")
 
 
 @dataclass

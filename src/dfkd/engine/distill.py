@@ -129,15 +129,20 @@ def _distill(
 
     t = cfg.train
     steps_per_epoch = t.rounds_per_epoch * t.kd_steps
-    prog = Progress(0, 0, state["step"], t.epochs, t.rounds_per_epoch, t.kd_steps)
-    bar = progress_bar(t.epochs * steps_per_epoch, state["step"], cfg.engine.progress and env.is_main, "distill")
+    warmup = t.synthesis_warmup_epochs
+    all_epochs = warmup + t.epochs
+    prog = Progress(0, 0, state["step"], t.epochs, t.rounds_per_epoch, t.kd_steps, warmup)
+    # a warm-up round counts as kd_steps on the bar, so its ETA covers the warm-up too
+    bar = progress_bar(
+        all_epochs * steps_per_epoch, state["epoch"] * steps_per_epoch, cfg.engine.progress and env.is_main, "distill"
+    )
     env.reset_peak_memory()
     memory_at_loop_start = env.memory_in_use_bytes()
     timers = state["timers"]
     earlier_total = timers["total_seconds"]  # wall time of the processes before a resume
     loop_started = time.perf_counter()
-    for epoch in range(state["epoch"], t.epochs):
-        prog.epoch = epoch
+    for epoch in range(state["epoch"], all_epochs):
+        prog.epoch = epoch - warmup
         meters = Meters()
         # Synthesis time is every moment spent producing images (the method's synthesis round and the student
         # batches it generates; the latter also booked as batch time); student time is the student's forward,
@@ -150,7 +155,7 @@ def _distill(
             meters.update(method.synthesize(prog), "synth/")
             watch.lap("synth")
             student_ddp.train()
-            for _ in range(t.kd_steps):
+            for _ in range(0 if prog.in_warmup else t.kd_steps):
                 batch = method.next_batch(prog)
                 watch.lap("batch")
                 with env.autocast():
@@ -191,7 +196,8 @@ def _distill(
             )
         for group, lr in zip(optimizer.param_groups, scheduled_lr):
             group["lr"] = lr  # the schedule steps from its own value, whatever the warm-up did
-        scheduler.step()
+        if not prog.in_warmup:
+            scheduler.step()
         env.average_buffers(student)  # BN running statistics drift apart across ranks; evaluate and save their mean
         if ema is not None:
             env.average_buffers(ema.module)
@@ -202,8 +208,14 @@ def _distill(
         if ema is not None:
             live_logits = predict(student, test_x, cfg.eval.batch_size, env.channels_last)
             metrics["top1_live"] = top1_percent(live_logits, test_y)
-        reasons = collapse_reasons(
-            metrics["agreement"], student_logits, teacher_logits, teacher_top1, losses.get("train/loss"), prog.step
+        # the untrained student of a synthesis warm-up epoch is evaluated (an honest point of the accuracy-time
+        # curve) but can neither be the best student nor look collapsed
+        reasons = (
+            []
+            if prog.in_warmup
+            else collapse_reasons(
+                metrics["agreement"], student_logits, teacher_logits, teacher_top1, losses.get("train/loss"), prog.step
+            )
         )
         guard.update(epoch + 1, reasons)
         if reasons:
@@ -218,12 +230,13 @@ def _distill(
             "step": prog.step,
             **{f"eval/{k}": v for k, v in metrics.items()},
             **losses,
+            **({"synthesis_warmup": True} if prog.in_warmup else {}),
             "lr": scheduled_lr[0],  # the rate this epoch trained at (after any warm-up), not the next epoch's
             "images_synthesized": method.images_synthesized,
             **{f"time/{k}": v for k, v in timers.items()},
         }
         state["history"].append(row)
-        is_best = metrics["top1"] > state["best_top1"]
+        is_best = not prog.in_warmup and metrics["top1"] > state["best_top1"]
         if is_best:
             state["best_top1"], state["best_epoch"] = metrics["top1"], epoch + 1
         state.update(epoch=epoch + 1, step=prog.step, timers=timers, guard=guard.state_dict())
@@ -231,14 +244,15 @@ def _distill(
         checkpoint = _checkpoint(cfg, state, student, optimizer, scheduler, method, metrics["top1"], ema, rng)
         run.save_checkpoint(checkpoint, is_best)
         run.append_metrics(row)
-        if cfg.engine.sample_every and (epoch + 1) % cfg.engine.sample_every == 0 and epoch + 1 < t.epochs:
+        if cfg.engine.sample_every and (epoch + 1) % cfg.engine.sample_every == 0 and epoch + 1 < all_epochs:
             _pictures(run, method, state["history"], teacher_top1, cfg, env)  # the last epoch's come after the loop
         done = epoch + 1 - _first_epoch(state)
-        remaining = (time.perf_counter() - loop_started) / max(1, done) * (t.epochs - epoch - 1)
+        remaining = (time.perf_counter() - loop_started) / max(1, done) * (all_epochs - epoch - 1)
         log.info(
-            "epoch %d/%d | top-1 %.2f%% (best %.2f%%) | agree %.2f%% | loss %.4g | synth %s, student %s | eta %s",
+            "%sepoch %d/%d | top-1 %.2f%% (best %.2f%%) | agree %.2f%% | loss %.4g | synth %s, student %s | eta %s",
+            "synthesis warm-up: " if prog.in_warmup else "",
             epoch + 1,
-            t.epochs,
+            all_epochs,
             metrics["top1"],
             state["best_top1"],
             metrics["agreement"],
@@ -409,7 +423,7 @@ def _pictures(run: RunDir, method: Method, history: list[dict], teacher_top1: fl
 
 def _summary(cfg, env: Env, state, method: Method, teacher_top1, teacher_module, student_module, path: Path) -> dict:
     history = state["history"]
-    curve = [row["eval/top1"] for row in history]
+    curve = [row["eval/top1"] for row in history if not row.get("synthesis_warmup")]
     stats = accuracy_curve_stats(curve, cfg.eval.window_start, cfg.eval.window_end)
     last = history[-1] if history else {}
     best = next((row for row in history if row["epoch"] == state["best_epoch"]), {})
@@ -440,6 +454,7 @@ def _summary(cfg, env: Env, state, method: Method, teacher_top1, teacher_module,
         "var": stats["var"],
         "curve_window": stats["window"],
         "epochs": len(history),
+        "synthesis_warmup_epochs": sum(1 for row in history if row.get("synthesis_warmup")),
         "student_steps": student_steps,
         "images_synthesized": int(images),
         "synth_seconds": timers["synth_seconds"],

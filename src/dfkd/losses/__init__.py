@@ -6,8 +6,10 @@ Every tensor argument named ``s`` / ``t`` is a batch of student / teacher logits
 from dfkd.losses.adversarial import adv_js, adv_l1, adv_masked_kl, adv_unmasked_kl, agreement_mask
 from dfkd.losses.inversion import (
     BNStatsHooks,
+    MomentumBNStats,
     activation_loss,
     batch_entropy,
+    bn_momentum_loss,
     bn_stat_loss,
     class_balance,
     class_entropy,
@@ -19,6 +21,7 @@ from dfkd.losses.kd import attention_map, attention_transfer, js_div, kd_kl, kd_
 
 __all__ = [
     "BNStatsHooks",
+    "MomentumBNStats",
     "activation_loss",
     "adv_js",
     "adv_l1",
@@ -28,6 +31,7 @@ __all__ = [
     "attention_map",
     "attention_transfer",
     "batch_entropy",
+    "bn_momentum_loss",
     "bn_stat_loss",
     "class_balance",
     "class_entropy",

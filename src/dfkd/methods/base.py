@@ -44,12 +44,27 @@ class Batch:
 class Progress:
     """Where the run is; schedules (curricula, warm-ups, ramps) are functions of these counters."""
 
-    epoch: int  # 0-based
+    epoch: int  # 0-based distillation epoch; negative (-W .. -1) in the W synthesis-only warm-up epochs
     round: int  # 0-based within the epoch
     step: int  # global student step about to be taken (0-based, never reset)
-    epochs: int
+    epochs: int  # distillation epochs (the warm-up not included)
     rounds_per_epoch: int
     kd_steps: int
+    warmup_epochs: int = 0  # synthesis-only epochs before the first distillation epoch
+
+    @property
+    def synthesis_epoch(self) -> int:
+        """The 0-based epoch counted from the very first one, warm-up included."""
+        return self.epoch + self.warmup_epochs
+
+    @property
+    def synthesis_round(self) -> int:
+        """The 0-based synthesis round counted from the very first one, warm-up included."""
+        return self.synthesis_epoch * self.rounds_per_epoch + self.round
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.epoch < 0
 
     @property
     def total_steps(self) -> int:
