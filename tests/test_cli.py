@@ -250,3 +250,19 @@ def test_bench_runs_a_suite_and_reuses_finished_runs(capsys, data_root, teacher_
     assert_one_line_error(code, err, "engine.stop_on_collapse: (unset) -> True")
     code, _, err = run(capsys, "bench", "fashion-mnist", "--methods", "cudfkdd", "--teacher", str(teacher_run))
     assert_one_line_error(code, err, "no recipe for method 'cudfkdd' (did you mean 'cudfkd'?)")
+
+
+def test_bench_with_a_budget_is_a_race_with_a_table_and_a_plot(capsys, data_root, teacher_run, tmp_path):
+    # a budget shorter than one epoch: every run stops after its first epoch, finished (not failed)
+    args = tiny_bench_args(teacher_run, tmp_path, data_root, "train.epochs=3")
+    code, out, err = run(capsys, *args, "--seeds", "0,1", "--budget", "0.01")
+    assert code == 0, err
+    assert "**Race:" in out and "time to 85 %" in out and "| cudfkd | 2 |" in out
+    for seed in (0, 1):
+        summary = json.loads((tmp_path / "cudfkd-lenet5_bn-lenet5_half" / f"seed{seed}" / "summary.json").read_text())
+        assert summary["status"] == "ok" and summary["stopped_at_time_limit"] and summary["epochs"] == 1
+    assert (tmp_path / "race.png").stat().st_size > 0 and (tmp_path / "race.md").read_text().strip() in out
+    race = json.loads((tmp_path / "race.json").read_text())
+    assert race["budget"] == 0.01 and [len(c) for c in race["curves"]["cudfkd"]] == [1, 1]
+    code, _, err = run(capsys, *args, "--budget", "0")
+    assert_one_line_error(code, err, "give the race's wall-clock budget in seconds")

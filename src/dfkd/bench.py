@@ -109,16 +109,22 @@ def run_suite(
     teacher: str | None = None,
     overrides: list[str] | None = None,
     seeds: list[int] | None = None,
+    budget: float | None = None,
 ) -> str:
     """Run (or complete) the suite ``name`` into ``out``; return the markdown table.
 
     Without ``seeds`` each recipe runs once (at its own ``engine.seed``) into ``OUT/<recipe>``; with seeds, each
-    recipe runs once per seed into ``OUT/<recipe>/seed<N>`` and its row is the mean ± std over the seeds.
+    recipe runs once per seed into ``OUT/<recipe>/seed<N>`` and its row is the mean ± std over the seeds. With a
+    ``budget`` (seconds) every run stops at that wall time and the suite is also a race (:mod:`dfkd.race`).
     """
     if name not in SUITES:
         raise ConfigError(f"unknown bench suite '{name}'{closest(name, SUITES)}; suites: {', '.join(SUITES)}")
     suite, root = SUITES[name], Path(out)
     overrides = list(overrides or [])
+    if budget is not None:
+        if budget <= 0:
+            raise ConfigError(f"--budget {budget:g}: give the race's wall-clock budget in seconds (> 0)")
+        overrides.append(f"engine.time_limit={budget:g}")
     recipes = suite_recipes(suite, methods)
     if teacher is None:
         teacher_dir = root / "teacher"
@@ -133,6 +139,7 @@ def run_suite(
             summary = run_once(recipe, root / recipe.split("/")[-1], [f"teacher.weights={teacher}", *overrides])
             rows.append((recipe, summary))
         table = format_table(suite.description, rows)
+        cells = [(recipe, [summary]) for recipe, summary in rows]
     else:
         cells = []
         for recipe in recipes:
@@ -142,6 +149,10 @@ def run_suite(
         table = format_seed_table(suite.description, cells)
     root.mkdir(parents=True, exist_ok=True)
     (root / "table.md").write_text(table + "\n")
+    if budget is not None:
+        from dfkd.race import write_race
+
+        table += "\n\n" + write_race(root, suite.description, cells, budget)
     return table
 
 

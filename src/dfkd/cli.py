@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   dfkd eval --weights runs/cudfkd --teacher runs/teacher
   dfkd list recipes
   dfkd bench fashion-mnist --methods cudfkd,dafl
+  dfkd bench fashion-mnist --seeds 0,1,2 --budget 1800 --teacher RUN   (the accuracy-per-second race)
 """
 
 
@@ -87,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", metavar="A,B", help="only these methods (default: every method with a recipe)")
     p.add_argument("--teacher", metavar="RUN", help="an existing teacher run or checkpoint (default: train one)")
     p.add_argument("--seeds", metavar="A,B", help="run every recipe once per seed; rows become mean ± std")
+    p.add_argument(
+        "--budget",
+        type=float,
+        metavar="SECONDS",
+        help="a race: every run stops at this wall time; writes race.md (time to 70/75/80/85 %%, top-1 at 10 and "
+        "30 min) and race.png (accuracy against wall time) beside the table",
+    )
     p.add_argument("--tiny", action="store_true", help="gpu-check only: tiny sizes, so that it runs on a CPU")
     p.add_argument("--recipe", metavar="NAME|PATH", help="throughput only: the recipe (default: the demo's)")
     p.add_argument("--rounds", type=int, help="throughput only: rounds per setting (default: 8)")
@@ -332,16 +340,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "gpu-check":
         from dfkd.gpucheck import run_gpu_check
 
-        if args.seeds or args.overrides:
-            raise ConfigError("gpu-check runs fixed settings: drop --seeds and key=value overrides")
+        if args.seeds or args.overrides or args.budget is not None:
+            raise ConfigError("gpu-check runs fixed settings: drop --seeds, --budget and key=value overrides")
         ok, table = run_gpu_check(out, args.teacher, args.tiny, methods)
         _write(table)
         return 0 if ok else 1
     if args.suite == "throughput":
         from dfkd.throughput import DEFAULT_RECIPE, DEFAULT_ROUNDS, parse_settings, run_throughput
 
-        if args.seeds or args.methods or args.tiny:
-            raise ConfigError("throughput measures one recipe: drop --seeds, --methods and --tiny (use --recipe)")
+        if args.seeds or args.methods or args.tiny or args.budget is not None:
+            raise ConfigError(
+                "throughput measures one recipe: drop --seeds, --methods, --budget and --tiny (use --recipe)"
+            )
         rounds = args.rounds if args.rounds is not None else DEFAULT_ROUNDS
         settings = parse_settings(args.settings)
         recipe = args.recipe or DEFAULT_RECIPE
@@ -352,7 +362,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.tiny:
         raise ConfigError("--tiny belongs to `dfkd bench gpu-check`; drop it for a suite")
     seeds = parse_seeds(args.seeds) if args.seeds else None
-    _write(run_suite(args.suite, out, methods, args.teacher, list(args.overrides), seeds))
+    _write(run_suite(args.suite, out, methods, args.teacher, list(args.overrides), seeds, args.budget))
     return 0
 
 

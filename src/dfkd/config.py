@@ -144,6 +144,9 @@ class EngineConfig:
     # also ends the run after collapse_patience consecutive collapsed epochs.
     stop_on_collapse: bool = False
     collapse_patience: int = 2
+    # Stop after the epoch in which the run's wall time passes this many seconds (a race's budget; null = none). The
+    # run ends as a finished run (summary.json says it stopped at the limit), not as a failure.
+    time_limit: float | None = None
 
 
 @dataclass

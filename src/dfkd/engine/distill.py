@@ -267,6 +267,11 @@ def _distill(
                 guard.streak,
             )
             break
+        limit = cfg.engine.time_limit
+        if limit is not None and timers["total_seconds"] >= limit and epoch + 1 < all_epochs:
+            state["time_limited"] = True
+            log.info("stopping: the run's wall time passed engine.time_limit=%gs after epoch %d", limit, epoch + 1)
+            break
     bar.close()
 
     _pictures(run, method, state["history"], teacher_top1, cfg, env)
@@ -284,6 +289,7 @@ def _distill(
     }
     status, reason = guard.status(state["epoch"])
     summary.update(status=status, status_reason=reason, collapsed_epochs=[f["epoch"] for f in guard.flagged])
+    summary["stopped_at_time_limit"] = bool(state.get("time_limited"))
     run.write_summary(summary)
     if status != STATUS_OK:
         log.warning("FAILED: the run %s: %s; its accuracy is not a result (summary in %s)", status, reason, run.path)

@@ -1,0 +1,169 @@
+"""The accuracy-per-second race: every method of a suite under one wall-clock budget, compared on the clock.
+
+``dfkd bench SUITE --seeds 0,1,2 --budget SECONDS`` runs each recipe of the suite once per seed with
+``engine.time_limit`` set to the budget (a recipe whose schedule ends sooner simply finishes), then reads every run's
+per-epoch ``eval/top1`` against its wall time (``time/total_seconds``: synthesis, student, evaluation, checkpoints)
+and writes, beside the suite's table:
+
+- ``race.md``: per method the time each seed took to first reach each accuracy threshold (mean over the seeds that
+  reached it, and how many did) and the accuracy at fixed times;
+- ``race.png``: test accuracy against wall time, one line per method (the mean over seeds of the last evaluated
+  accuracy) and a band from the lowest to the highest seed.
+
+The accuracy at a time is that of the last epoch evaluated by then (the student a user stopping there would hold),
+not the best so far.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from dfkd.engine.meters import format_seconds
+from dfkd.sysinfo import cpu_model
+
+THRESHOLDS = (70.0, 75.0, 80.0, 85.0)
+CHECKPOINTS = (600.0, 1800.0)  # ten and thirty minutes, the issue's questions
+
+Curve = list[tuple[float, float]]  # (wall seconds at the end of an epoch, test top-1 of that epoch)
+
+
+def read_curve(run_dir: str | Path) -> Curve:
+    """(wall time, top-1) per evaluated epoch of a run, from its metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(float(r["time/total_seconds"]), float(r["eval/top1"])) for r in rows if "eval/top1" in r]
+
+
+def time_to(curve: Curve, threshold: float) -> float | None:
+    """The wall time of the first epoch whose accuracy reaches ``threshold`` (None if none does)."""
+    return next((t for t, acc in curve if acc >= threshold), None)
+
+
+def accuracy_at(curve: Curve, seconds: float) -> float | None:
+    """The accuracy of the last epoch evaluated by ``seconds`` (None before the first evaluation)."""
+    earlier = [acc for t, acc in curve if t <= seconds]
+    return earlier[-1] if earlier else None
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return math.fsum(xs) / len(xs)
+
+
+def _std(xs: Sequence[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = _mean(xs)
+    return math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:g} min"
+
+
+def format_race_table(
+    curves: dict[str, list[Curve]],
+    budget: float,
+    thresholds: Sequence[float] = THRESHOLDS,
+    checkpoints: Sequence[float] = CHECKPOINTS,
+) -> str:
+    """Markdown: per method, time to each threshold (mean over the seeds that reached it, n/N reached) and the
+    accuracy (mean ± std over seeds) at each checkpoint time within the budget."""
+    times = [c for c in checkpoints if c <= budget] or [budget]
+    header = ["method", "seeds", *(f"time to {x:g} %" for x in thresholds), *(f"top-1 at {_minutes(t)}" for t in times)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, seed_curves in curves.items():
+        n = len(seed_curves)
+        cells = [method, str(n)]
+        for x in thresholds:
+            reached = [t for t in (time_to(c, x) for c in seed_curves) if t is not None]
+            if not reached:
+                cells.append(f"- (0/{n})")
+            else:
+                cells.append(f"{format_seconds(_mean(reached))} ({len(reached)}/{n})")
+        for t in times:
+            values = [a for a in (accuracy_at(c, t) for c in seed_curves) if a is not None]
+            if not values:
+                cells.append("-")
+            else:
+                missing = f" ({len(values)}/{n} evaluated)" if len(values) < n else ""
+                cells.append(f"{_mean(values):.2f} ± {_std(values):.2f}{missing}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Budget {format_seconds(budget)} of wall time per run (engine.time_limit; the epoch that passes it is "
+        "finished); time to X %: the first epoch at or above X, mean over the seeds that reached it (n/N reached); "
+        "top-1 at T: the last epoch evaluated by T, mean ± std over seeds. CPU: " + cpu_model() + ".",
+    ]
+    return "\n".join(lines)
+
+
+def winner_at(curves: dict[str, list[Curve]], seconds: float) -> tuple[str, float] | None:
+    """The method with the highest mean accuracy at ``seconds`` over seeds that all have an evaluation by then."""
+    best: tuple[str, float] | None = None
+    for method, seed_curves in curves.items():
+        values = [accuracy_at(c, seconds) for c in seed_curves]
+        if not values or any(v is None for v in values):
+            continue
+        mean = _mean(values)  # type: ignore[arg-type]
+        if best is None or mean > best[1]:
+            best = (method, mean)
+    return best
+
+
+def plot_race(path: str | Path, curves: dict[str, list[Curve]], budget: float, title: str = "") -> None:
+    """Test accuracy against wall time: per method the mean over seeds of the last evaluated accuracy, and a band
+    from the lowest to the highest seed, on a one-second grid up to the budget (or the last evaluation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=100)
+    try:
+        end = max([budget, *(t for cs in curves.values() for c in cs for t, _ in c)])
+        grid = [i * end / 400 for i in range(401)]
+        for method, seed_curves in curves.items():
+            xs, mean, low, high = [], [], [], []
+            for t in grid:
+                values = [accuracy_at(c, t) for c in seed_curves]
+                if not values or any(v is None for v in values):
+                    continue
+                xs.append(t / 60)
+                mean.append(_mean(values))  # type: ignore[arg-type]
+                low.append(min(values))  # type: ignore[type-var]
+                high.append(max(values))  # type: ignore[type-var]
+            if xs:
+                (line,) = ax.plot(xs, mean, drawstyle="steps-post", linewidth=1.6, label=method)
+                ax.fill_between(xs, low, high, step="post", alpha=0.15, color=line.get_color())
+        for x in THRESHOLDS:
+            ax.axhline(x, color="gray", linewidth=0.5, linestyle=":")
+        ax.axvline(budget / 60, color="gray", linewidth=0.8, linestyle="--")
+        ax.set_xlabel("wall time (minutes)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if curves:
+            ax.legend(loc="lower right", fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
+def write_race(root: Path, title: str, cells: list[tuple[str, list[dict]]], budget: float) -> str:
+    """race.md, race.png and race.json in ``root`` from the summaries of every recipe's seeds; returns the table."""
+    curves = {summaries[0]["method"]: [read_curve(s["run_dir"]) for s in summaries] for _, summaries in cells}
+    table = format_race_table(curves, budget)
+    winners = [(t, winner_at(curves, t)) for t in CHECKPOINTS if t <= budget]
+    notes = [f"Highest mean top-1 at {_minutes(t)}: {w[0]} ({w[1]:.2f} %)." for t, w in winners if w is not None]
+    text = "\n".join([f"**Race: {title}**", "", table, *([""] + notes if notes else [])])
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "race.md").write_text(text + "\n")
+    (root / "race.json").write_text(json.dumps({"budget": budget, "curves": curves}, indent=1) + "\n")
+    plot_race(root / "race.png", curves, budget, title=f"{title}: accuracy against wall time")
+    return text
