@@ -74,8 +74,9 @@ def test_distill_recipe_builds_and_runs_one_round(name):
     create_model(cfg.teacher.arch, info.num_classes, info.image_shape[0])
     student = Normalized(create_model("tiny_cnn", info.num_classes, info.image_shape[0]), info.mean, info.std)
     # the recipe's method, unchanged except for batch sizes small enough for a CPU test
-    # (and a two-step synthesis round: inversion recipes run hundreds of steps per round)
-    for key, value in {"synthesis_batch_size": 4, "g_steps": 2}.items():
+    # (and a two-step synthesis round: inversion recipes run hundreds of steps per round; and a feature projection:
+    # the tiny student's penultimate width is not the tiny teacher's)
+    for key, value in {"synthesis_batch_size": 4, "g_steps": 2, "projection": "fixed"}.items():
         if hasattr(cfg.method, key):
             setattr(cfg.method, key, value)
     ctx = Ctx(tiny_bn_teacher(info), student, info, Env(torch.device("cpu")), batch_size=4)

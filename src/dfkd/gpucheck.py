@@ -44,6 +44,7 @@ TINY_METHOD = {
     "head_dim": 8,
     "latent_dim": 8,
     "replay_batch_size": 4,
+    "projection": "fixed",  # AdaDFKD: the tiny nets' feature widths differ (16-d teacher, 8-d student)
 }
 TINY_TRAIN = ["train.batch_size=8", "train.kd_steps=2", "eval.batch_size=256"]
 TINY_TEACHER = ["train.batch_size=64", "data.val_size=64"]
