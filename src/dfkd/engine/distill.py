@@ -249,14 +249,14 @@ def _distill(
         done = epoch + 1 - _first_epoch(state)
         remaining = (time.perf_counter() - loop_started) / max(1, done) * (all_epochs - epoch - 1)
         log.info(
-            "%sepoch %d/%d | top-1 %.2f%% (best %.2f%%) | agree %.2f%% | loss %.4g | synth %s, student %s | eta %s",
+            "%sepoch %d/%d | top-1 %.2f%% (best %s) | agree %.2f%% | loss %s | synth %s, student %s | eta %s",
             "synthesis warm-up: " if prog.in_warmup else "",
             epoch + 1,
             all_epochs,
             metrics["top1"],
-            state["best_top1"],
+            f"{state['best_top1']:.2f}%" if state["best_epoch"] else "-",
             metrics["agreement"],
-            losses.get("train/loss", float("nan")),
+            f"{losses['train/loss']:.4g}" if "train/loss" in losses else "-",
             format_seconds(timers["synth_seconds"]),
             format_seconds(timers["student_seconds"]),
             format_seconds(remaining),
