@@ -19,7 +19,7 @@ def test_gpu_check_runs_end_to_end_on_cpu(capsys, data_root, monkeypatch, tmp_pa
 
 def test_gpu_check_takes_no_overrides_and_tiny_belongs_to_it(capsys, tmp_path):
     assert main(["bench", "gpu-check", "--out", str(tmp_path), "train.epochs=2"]) == 2
-    assert "gpu-check runs fixed settings: drop --seeds and key=value overrides" in capsys.readouterr().err
+    assert "gpu-check runs fixed settings: drop --seeds, --budget and key=value overrides" in capsys.readouterr().err
     assert main(["bench", "fashion-mnist", "--tiny", "--out", str(tmp_path)]) == 2
     assert "--tiny belongs to `dfkd bench gpu-check`" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing ran

@@ -101,6 +101,15 @@ class Env:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` (same shape on every rank) concatenated along dim 0 in rank order; the tensor
+        itself in a single process."""
+        if not self.distributed:
+            return tensor
+        gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered)
+
     def all_gather_object(self, obj: object) -> list:
         """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
         if not self.distributed:

@@ -40,7 +40,7 @@ Deviations:
   weights only).
 - The adversarial ramp is CuDFKD's closed form. The reference's ``get_alpha_adv`` is one ``grad_adv`` higher after
   epoch floor(E f) (errata D4); no headline script ramps (``grad_adv 0``).
-- Under DDP the keys of all ranks are gathered (through host memory) before they are enqueued, so every rank holds
+- Under DDP the keys of all ranks are gathered before they are enqueued, so every rank holds
   the same queue, as the reference's ``concat_all_gather`` does; its shuffle / unshuffle of the keys across ranks is
   an identity here (the keys come from no encoder with batch statistics) and is not ported. The persistent
   generator's gradients are all-reduced (CuDFKD).
@@ -150,13 +150,6 @@ class AdaDFKD(CuDFKD):
             return F.linear(f_s, *random_linear(dim_s, dim_t, f_s.device))
         return F.linear(f_s, self.proj_weight, self.proj_bias)
 
-    def gather(self, keys: Tensor) -> Tensor:
-        """Every rank's keys, in rank order (these keys alone in a single process)."""
-        env = self.ctx.env
-        if not getattr(env, "distributed", False):
-            return keys
-        return torch.cat([k.to(keys.device) for k in env.all_gather_object(keys.cpu())])
-
     # 1. generator step: CuDFKD's terms (the adversarial KL unmasked) + hard * R2M
     def generator_loss(self, x: Tensor, prog: Progress) -> tuple[Tensor, Tensor, dict[str, Tensor | float]]:
         c = self.cfg
@@ -180,7 +173,7 @@ class AdaDFKD(CuDFKD):
             # the loss reads a copy: the queue is written below, before this graph's backward
             loss_r2m = r2m_loss(f_t, keys, self.queue.queue.clone(), h, c.length, c.tau_nce)
             loss = loss + c.hard * loss_r2m
-            self.queue.push(self.gather(keys))
+            self.queue.push(self.ctx.env.all_gather(keys))  # every rank's keys: one queue on all ranks
             logs.update(loss_r2m=loss_r2m, hardness=h)
         return loss, t, logs
 

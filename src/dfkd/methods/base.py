@@ -26,7 +26,7 @@ from dfkd.data import DatasetInfo, build_augment
 from dfkd.data.pool import SyntheticPool
 from dfkd.errors import ConfigError
 from dfkd.hooks import InputHook
-from dfkd.losses import BNStatsHooks, activation_loss, class_entropy, kd_kl, onehot_ce
+from dfkd.losses import BNStatsHooks, MomentumBNStats, activation_loss, class_entropy, kd_kl, onehot_ce
 from dfkd.models import classifier_module, create_generator, init_dcgan_
 from dfkd.models.generators import in_unit_range
 
@@ -80,8 +80,9 @@ class Runtime(Protocol):
     """What a method may ask of the engine about devices and processes (the engine's ``Env`` provides it).
 
     A method knows no device types, precisions or ranks: it puts its networks through ``prepare``, runs its
-    forwards under ``autocast``, hands images through ``images`` and keeps a persistent network identical across
-    processes with ``all_reduce_grads`` / ``average_buffers`` (no-ops in a single process).
+    forwards under ``autocast``, hands images through ``images``, keeps a persistent network identical across
+    processes with ``all_reduce_grads`` / ``average_buffers`` and a shared memory with ``all_gather`` (no-ops in a
+    single process).
     """
 
     device: torch.device
@@ -95,6 +96,8 @@ class Runtime(Protocol):
     def all_reduce_grads(self, module: nn.Module) -> None: ...
 
     def average_buffers(self, module: nn.Module) -> None: ...
+
+    def all_gather(self, tensor: Tensor) -> Tensor: ...
 
 
 @dataclass
@@ -189,6 +192,17 @@ class Method(nn.Module):
             raise ConfigError("method.bn > 0 needs a teacher with BatchNorm2d layers; set method.bn=0") from None
         return self.track(hooks)
 
+    def momentum_bn_statistics(self, weight: float, momentum: float) -> MomentumBNStats | None:
+        """:class:`MomentumBNStats` on the teacher (a submodule of the method: its moving averages are checkpointed)
+        when the BN-loss ``weight`` is non-zero, else None."""
+        if weight == 0:
+            return None
+        try:
+            stats = MomentumBNStats(self.ctx.teacher, momentum)
+        except ValueError as err:
+            raise ConfigError(f"method.bn > 0: {err}; set method.bn=0") from None
+        return self.track(stats)
+
     def penultimate_features(self, weight: float) -> InputHook | None:
         """A hook on the teacher's classifier input (its penultimate feature) when ``weight`` is non-zero."""
         return self.track(InputHook(classifier_module(self.ctx.teacher))) if weight != 0 else None
@@ -203,7 +217,7 @@ class Method(nn.Module):
         loss_act = activation_loss(feature_hook.pop()) if feature_hook is not None else torch.zeros_like(loss_bn)
         return t, {"loss_bn": loss_bn, "loss_oh": onehot_ce(t), "loss_act": loss_act}
 
-    def teacher_with_bn(self, x: Tensor, bn_hooks: BNStatsHooks | None) -> tuple[Tensor, Tensor]:
+    def teacher_with_bn(self, x: Tensor, bn_hooks: BNStatsHooks | MomentumBNStats | None) -> tuple[Tensor, Tensor]:
         """Teacher logits on ``x`` and the BN-statistics loss of that forward (zero without hooks)."""
         if bn_hooks is None:
             t = self.ctx.teacher(x)

@@ -51,8 +51,7 @@ from torch import Tensor, nn
 
 from dfkd.config import choice
 from dfkd.data import build_augment
-from dfkd.errors import ConfigError
-from dfkd.losses import MomentumBNStats, adv_masked_kl, class_entropy, onehot_ce
+from dfkd.losses import adv_masked_kl, class_entropy, onehot_ce
 from dfkd.methods.base import BestIterate, Ctx, PoolConfig, PoolMethod, Progress, frozen
 from dfkd.methods.registry import METHODS
 from dfkd.models import create_generator
@@ -133,13 +132,7 @@ class FastDFKD(PoolMethod):
         self.fast_generator = build()  # theta', a scratch copy adapted in every round
         meta_lr = cfg.meta_lr if cfg.meta_lr is not None else cfg.g_steps * cfg.lr_g
         self.opt_meta = torch.optim.Adam(self.generator.parameters(), lr=meta_lr, betas=tuple(cfg.betas_g))
-        if cfg.bn == 0:
-            self.bn_stats = None
-        else:
-            try:
-                self.bn_stats = self.track(MomentumBNStats(ctx.teacher, cfg.bn_momentum))
-            except ValueError as err:
-                raise ConfigError(f"method.bn > 0: {err}; set method.bn=0") from None
+        self.bn_stats = self.momentum_bn_statistics(cfg.bn, cfg.bn_momentum)
         self.view = build_augment(cfg.synthesis_view, padding=cfg.synthesis_padding)
 
     def adversarial_on(self, prog: Progress) -> bool:
@@ -191,13 +184,7 @@ class FastDFKD(PoolMethod):
     def inversion_loss(self, x: Tensor, y: Tensor, adversarial: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """bn * L_bn^mmt + oh * CE(t, y) + adv * L_adv on the view ``x``: (loss, teacher logits, the terms)."""
         c = self.cfg
-        if self.bn_stats is not None:
-            with self.bn_stats.capture():
-                t = self.ctx.teacher(x)
-            loss_bn = self.bn_stats.loss()
-        else:
-            t = self.ctx.teacher(x)
-            loss_bn = t.new_zeros((), dtype=torch.float32)
+        t, loss_bn = self.teacher_with_bn(x, self.bn_stats)
         loss_oh = onehot_ce(t, y)
         loss_adv = adv_masked_kl(self.ctx.student(x), t, c.tau_adv) if adversarial else torch.zeros_like(loss_bn)
         loss = c.bn * loss_bn + c.oh * loss_oh + c.adv * loss_adv

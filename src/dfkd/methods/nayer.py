@@ -85,7 +85,7 @@ from torch import Tensor
 
 from dfkd.data import build_augment
 from dfkd.errors import ConfigError
-from dfkd.losses import MomentumBNStats, adv_masked_kl, class_entropy, onehot_ce
+from dfkd.losses import adv_masked_kl, class_entropy, onehot_ce
 from dfkd.methods.base import BestIterate, Ctx, PoolConfig, PoolMethod, Progress, frozen
 from dfkd.methods.registry import METHODS
 from dfkd.models.conditional import NoisyLayerGenerator
@@ -223,13 +223,7 @@ class NAYER(PoolMethod):
         n_noisy = NoisyLayerGenerator.layers_for(self.synthesis_batch_size, classes)
         generator = NoisyLayerGenerator(table, n_noisy, cfg.le_emb_size, cfg.ngf, h, c, cfg.noisy_std)
         self.generator = ctx.env.prepare(generator)
-        if cfg.bn == 0:
-            self.bn_stats = None
-        else:
-            try:
-                self.bn_stats = self.track(MomentumBNStats(ctx.teacher, cfg.bn_momentum))
-            except ValueError as err:
-                raise ConfigError(f"method.bn > 0: {err}; set method.bn=0") from None
+        self.bn_stats = self.momentum_bn_statistics(cfg.bn, cfg.bn_momentum)
         self.view = build_augment(cfg.synthesis_view, padding=cfg.synthesis_padding)
 
     def loops(self, prog: Progress) -> int:
@@ -261,7 +255,7 @@ class NAYER(PoolMethod):
                     with env.autocast():
                         x = env.images(generator(y))
                         x_view = self.view(x)
-                        t, loss_bn = self._teacher(x_view)
+                        t, loss_bn = self.teacher_with_bn(x_view, self.bn_stats)
                         loss_oh = onehot_ce(t, y)
                         if adversarial:
                             loss_adv = adv_masked_kl(student(x_view), t, c.tau_adv)
@@ -288,12 +282,3 @@ class NAYER(PoolMethod):
             "generator_recreated": float(recreated),
             **pool_log,
         }
-
-    def _teacher(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher logits on ``x`` and the momentum BN-statistics loss of that forward (zero with ``bn: 0``)."""
-        if self.bn_stats is None:
-            t = self.ctx.teacher(x)
-            return t, t.new_zeros((), dtype=torch.float32)
-        with self.bn_stats.capture():
-            t = self.ctx.teacher(x)
-        return t, self.bn_stats.loss()
