@@ -2,7 +2,8 @@
 
 Modes: ``run`` (each rank dumps its student and generator at the end), ``kill`` (every rank SIGKILLs itself once
 epoch 1 is saved), ``resume`` (continue the killed run), ``diverge`` (rank 1's teacher turns NaN at the end of
-epoch 2; each rank records the error it stopped with).
+epoch 2; each rank records the error it stopped with), ``method:<name>`` (that method's LeNet recipe, tiny, one
+warm-up and one distillation epoch; each rank dumps the method's state).
 """
 
 from __future__ import annotations
@@ -21,6 +22,40 @@ import dfkd
 import dfkd.methods.cudfkd as cudfkd
 from dfkd.engine import rundir
 from dfkd.errors import DivergedError
+from dfkd.methods import METHODS
+
+# ``method:<name>``: that method's LeNet recipe at tiny sizes for one epoch; each rank dumps the method's state
+METHOD_SIZES = {
+    "adadfkd": ["method.nz=16", "method.ngf=4", "method.n_neg=40"],
+    "fastdfkd": ["method.nz=16", "method.ngf=4", "method.g_steps=2", "method.synthesis_batch_size=8"],
+    "nayer": ["method.le_emb_size=16", "method.ngf=4", "method.g_steps=2", "method.synthesis_batch_size=10"],
+}
+
+
+def run_method(name: str, data_root: str, teacher_run: str, out: str, rank: int) -> None:
+    overrides = [
+        f"data.root={data_root}",
+        f"teacher.weights={teacher_run}",
+        f"out={out}/run",
+        *METHOD_SIZES[name],
+        "train.batch_size=8",
+        "train.rounds_per_epoch=2",
+        "train.kd_steps=2",
+        "train.epochs=1",
+        "train.synthesis_warmup_epochs=1",
+        "eval.window_start=0",
+        "engine.progress=false",
+        "engine.device=cpu",
+    ]
+    cfg = dfkd.load_config("distill", f"fashion-mnist/{name}-lenet5_bn-lenet5_half", overrides)
+    original_close = METHODS.get(name).close
+
+    def close(self):  # the method's state at the end of the run, before it is torn down
+        torch.save(self.state_dict(), Path(out) / "dump" / f"method{rank}.pt")
+        original_close(self)
+
+    METHODS.get(name).close = close
+    dfkd.distill(cfg)
 
 
 def main() -> None:
@@ -29,6 +64,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # as the CLI does: every rank's lines to stderr
     dump = Path(out) / "dump"
     dump.mkdir(parents=True, exist_ok=True)
+    if mode.startswith("method:"):
+        run_method(mode.split(":", 1)[1], data_root, teacher_run, out, rank)
+        return
     original_close = cudfkd.CuDFKD.close
 
     def close(self):  # capture the persistent generator before the run ends

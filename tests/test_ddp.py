@@ -84,3 +84,22 @@ def test_a_loss_that_turns_nan_on_one_rank_stops_every_rank(data_root, teacher_r
     assert "non-finite on another rank in epoch 2" in other
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "diverged"
+
+
+# what each method keeps identical across ranks (the rest of its state, e.g. a pool, is per rank by design)
+SHARED_STATE = {
+    "adadfkd": ("queue.", "generator."),  # every rank's keys enqueued; the persistent generator's gradients averaged
+    "fastdfkd": ("generator.", "bn_stats."),  # the meta-generator (averaged meta-gradient) and the BN moving averages
+    "nayer": ("bn_stats.",),  # the BN moving averages (the generator is per rank, as the pool)
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_STATE))
+def test_what_a_method_shares_across_ranks_stays_identical(name, data_root, teacher_run, tmp_path):
+    proc = torchrun(f"method:{name}", data_root, teacher_run, tmp_path)
+    assert proc.returncode == 0, errors(proc)
+    a, b = load(tmp_path / "dump" / "method0.pt"), load(tmp_path / "dump" / "method1.pt")
+    shared = {k for k in a if k.startswith(SHARED_STATE[name])}
+    assert shared and all(torch.equal(a[k], b[k]) for k in shared), [k for k in shared if not torch.equal(a[k], b[k])]
+    if name == "adadfkd":  # 2 ranks x 8 keys x (1 generator step x 4 rounds) = 64 keys into a 40-column ring
+        assert int(a["queue.ptr"]) == 64 % 40

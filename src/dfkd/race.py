@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -116,8 +117,9 @@ def winner_at(curves: dict[str, list[Curve]], seconds: float) -> tuple[str, floa
 
 
 def plot_race(path: str | Path, curves: dict[str, list[Curve]], budget: float, title: str = "") -> None:
-    """Test accuracy against wall time: per method the mean over seeds of the last evaluated accuracy, and a band
-    from the lowest to the highest seed, on a one-second grid up to the budget (or the last evaluation)."""
+    """Test accuracy against wall time: per method the mean over seeds of the last evaluated accuracy and a band
+    from the lowest to the highest seed, up to the method's last evaluation (the x axis ends at the budget, or
+    sooner when every run finished sooner)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,11 +127,13 @@ def plot_race(path: str | Path, curves: dict[str, list[Curve]], budget: float, t
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=100)
     try:
-        end = max([budget, *(t for cs in curves.values() for c in cs for t, _ in c)])
+        finished = [t for cs in curves.values() for c in cs for t, _ in c[-1:]]
+        end = min(budget, max(finished, default=budget))  # runs that all finished early need no empty budget
         grid = [i * end / 400 for i in range(401)]
         for method, seed_curves in curves.items():
+            last = max((c[-1][0] for c in seed_curves if c), default=0.0)
             xs, mean, low, high = [], [], [], []
-            for t in grid:
+            for t in [*(g for g in grid if g < last), last]:  # each line ends with its method's last evaluation
                 values = [accuracy_at(c, t) for c in seed_curves]
                 if not values or any(v is None for v in values):
                     continue
@@ -142,10 +146,11 @@ def plot_race(path: str | Path, curves: dict[str, list[Curve]], budget: float, t
                 ax.fill_between(xs, low, high, step="post", alpha=0.15, color=line.get_color())
         for x in THRESHOLDS:
             ax.axhline(x, color="gray", linewidth=0.5, linestyle=":")
-        ax.axvline(budget / 60, color="gray", linewidth=0.8, linestyle="--")
+        if end >= budget:
+            ax.axvline(budget / 60, color="gray", linewidth=0.8, linestyle="--")
         ax.set_xlabel("wall time (minutes)")
         ax.set_ylabel("test top-1 (%)")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(textwrap.fill(title, 90), fontsize=9)
         ax.grid(alpha=0.3)
         if curves:
             ax.legend(loc="lower right", fontsize=7, ncol=2)
@@ -165,5 +170,5 @@ def write_race(root: Path, title: str, cells: list[tuple[str, list[dict]]], budg
     root.mkdir(parents=True, exist_ok=True)
     (root / "race.md").write_text(text + "\n")
     (root / "race.json").write_text(json.dumps({"budget": budget, "curves": curves}, indent=1) + "\n")
-    plot_race(root / "race.png", curves, budget, title=f"{title}: accuracy against wall time")
+    plot_race(root / "race.png", curves, budget, title=f"Race: {title}")
     return text
