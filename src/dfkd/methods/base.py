@@ -26,7 +26,15 @@ from dfkd.data import DatasetInfo, build_augment
 from dfkd.data.pool import SyntheticPool
 from dfkd.errors import ConfigError
 from dfkd.hooks import InputHook
-from dfkd.losses import BNStatsHooks, MomentumBNStats, activation_loss, class_entropy, kd_kl, onehot_ce
+from dfkd.losses import (
+    BNStatsHooks,
+    MomentumBNStats,
+    activation_loss,
+    adv_masked_kl,
+    class_entropy,
+    kd_kl,
+    onehot_ce,
+)
 from dfkd.models import classifier_module, create_generator, init_dcgan_
 from dfkd.models.generators import in_unit_range
 
@@ -380,6 +388,47 @@ class PoolMethod(Method):
 
     def preview(self, n: int) -> Tensor | None:
         return self.pool.latest(n) if len(self.pool) else None
+
+
+@dataclass
+class MomentumInversionConfig(PoolConfig):
+    """The synthesis loss FastDFKD and NAYER share (their reference code shares its hooks and criteria)."""
+
+    bn: float = 10.0  # BatchNorm statistics against the running ones, blended with a moving average (below)
+    bn_momentum: float = 0.9
+    oh: float = 0.5  # CE against the labels the batch was synthesised for
+    adv: float = 1.33  # decision-masked adversarial KL (student against teacher) at tau_adv
+    tau_adv: float = 1.0
+    # the view the loss is scored on (the references: crop with 4 px padding + mirror, per sample)
+    synthesis_view: str = "crop_flip"
+    synthesis_padding: int = 4
+
+
+class MomentumInversionMethod(PoolMethod):
+    """A pool method whose synthesis loss is bn * L_bn^mmt + oh * CE(t, y) + adv * L_adv (FastDFKD, NAYER), with
+    L_bn^mmt the BatchNorm-statistics loss against the batch statistics blended with their moving average over
+    earlier synthesis batches (:class:`~dfkd.losses.MomentumBNStats`, checkpointed with the method)."""
+
+    def __init__(self, cfg: Any, ctx: Ctx):
+        super().__init__(cfg, ctx)
+        self.bn_stats = self.momentum_bn_statistics(cfg.bn, cfg.bn_momentum)
+        self.view = build_augment(cfg.synthesis_view, padding=cfg.synthesis_padding)
+
+    def inversion_loss(self, x: Tensor, y: Tensor, adversarial: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The loss on the synthesis view of images ``x`` made for labels ``y``: (loss, teacher logits, terms)."""
+        c = self.cfg
+        x = self.view(x)
+        t, loss_bn = self.teacher_with_bn(x, self.bn_stats)
+        loss_oh = onehot_ce(t, y)
+        loss_adv = adv_masked_kl(self.ctx.student(x), t, c.tau_adv) if adversarial else torch.zeros_like(loss_bn)
+        loss = c.bn * loss_bn + c.oh * loss_oh + c.adv * loss_adv
+        return loss, t, {"loss_bn": loss_bn, "loss_oh": loss_oh, "loss_adv": loss_adv}
+
+    def update_bn_statistics(self) -> None:
+        """Fold the last synthesis step's statistics into the moving averages (averaged across ranks)."""
+        if self.bn_stats is not None:
+            self.bn_stats.update()
+            self.ctx.env.average_buffers(self.bn_stats)
 
 
 class BestIterate:

@@ -50,9 +50,8 @@ import torch
 from torch import Tensor, nn
 
 from dfkd.config import choice
-from dfkd.data import build_augment
-from dfkd.losses import adv_masked_kl, class_entropy, onehot_ce
-from dfkd.methods.base import BestIterate, Ctx, PoolConfig, PoolMethod, Progress, frozen
+from dfkd.losses import class_entropy
+from dfkd.methods.base import BestIterate, Ctx, MomentumInversionConfig, MomentumInversionMethod, Progress, frozen
 from dfkd.methods.registry import METHODS
 from dfkd.models import create_generator
 
@@ -86,7 +85,7 @@ def reset_first_layers(generator: nn.Module) -> None:
 
 
 @dataclass
-class FastDFKDConfig(PoolConfig):
+class FastDFKDConfig(MomentumInversionConfig):
     name: str = "fastdfkd"
     # generator (G-S, the CMI benchmark's standard generator)
     generator: str = "dcgan"
@@ -101,17 +100,11 @@ class FastDFKDConfig(PoolConfig):
     meta: str = choice("fomaml", "fomaml", "reptile", "none")
     meta_lr: float | None = None  # null = g_steps * lr_g (the reference)
     reptile_scale: float = 67.0
-    # synthesis loss (CIFAR-100 WRN-40-2 pairs: adv 1.1, oh 0.4; ResNet-34 -> ResNet-18: 1.33, 0.5)
-    bn: float = 10.0
-    bn_momentum: float = 0.9
+    # synthesis loss weights (CIFAR-100 WRN-40-2 pairs: adv 1.1, oh 0.4; ResNet-34 -> ResNet-18: 1.33, 0.5)
     oh: float = 0.4
     adv: float = 1.1
-    tau_adv: float = 1.0
     adv_early_rounds: int = 1  # the adversarial term starts this many rounds before the first student step
     reset_l0_after: int | None = 120  # rounds after the warm-up at which the first layers restart; null = never
-    # the view the inversion loss is scored on (the reference: crop with 4 px padding + mirror, per sample)
-    synthesis_view: str = "crop_flip"
-    synthesis_padding: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,7 +113,7 @@ class FastDFKDConfig(PoolConfig):
 
 
 @METHODS.register("fastdfkd")
-class FastDFKD(PoolMethod):
+class FastDFKD(MomentumInversionMethod):
     name = "fastdfkd"
     Config = FastDFKDConfig
 
@@ -132,8 +125,6 @@ class FastDFKD(PoolMethod):
         self.fast_generator = build()  # theta', a scratch copy adapted in every round
         meta_lr = cfg.meta_lr if cfg.meta_lr is not None else cfg.g_steps * cfg.lr_g
         self.opt_meta = torch.optim.Adam(self.generator.parameters(), lr=meta_lr, betas=tuple(cfg.betas_g))
-        self.bn_stats = self.momentum_bn_statistics(cfg.bn, cfg.bn_momentum)
-        self.view = build_augment(cfg.synthesis_view, padding=cfg.synthesis_padding)
 
     def adversarial_on(self, prog: Progress) -> bool:
         return self.cfg.adv > 0 and prog.synthesis_round >= prog.warmup_epochs * prog.rounds_per_epoch - (
@@ -161,7 +152,7 @@ class FastDFKD(PoolMethod):
             for k in range(c.g_steps):
                 with env.autocast():
                     x = env.images(fast(z))
-                    loss, t, terms = self.inversion_loss(self.view(x), y, adversarial)
+                    loss, t, terms = self.inversion_loss(x, y, adversarial)
                 best.offer(loss, x)
                 inner.zero_grad(set_to_none=True)
                 loss.backward()
@@ -169,9 +160,7 @@ class FastDFKD(PoolMethod):
                     accumulate_meta_grad(self.generator, fast, first=k == 0)
                 inner.step()
         # Step 3: the moving averages take the last step's statistics; the meta step
-        if self.bn_stats is not None:
-            self.bn_stats.update()
-            env.average_buffers(self.bn_stats)
+        self.update_bn_statistics()
         self._meta_step(fast)
         return {
             "loss_g": loss.detach(),
@@ -180,15 +169,6 @@ class FastDFKD(PoolMethod):
             "class_entropy": class_entropy(t.detach()),
             **self.add_to_pool(best.values[0]),
         }
-
-    def inversion_loss(self, x: Tensor, y: Tensor, adversarial: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """bn * L_bn^mmt + oh * CE(t, y) + adv * L_adv on the view ``x``: (loss, teacher logits, the terms)."""
-        c = self.cfg
-        t, loss_bn = self.teacher_with_bn(x, self.bn_stats)
-        loss_oh = onehot_ce(t, y)
-        loss_adv = adv_masked_kl(self.ctx.student(x), t, c.tau_adv) if adversarial else torch.zeros_like(loss_bn)
-        loss = c.bn * loss_bn + c.oh * loss_oh + c.adv * loss_adv
-        return loss, t, {"loss_bn": loss_bn, "loss_oh": loss_oh, "loss_adv": loss_adv}
 
     def _meta_step(self, fast: nn.Module) -> None:
         c, env = self.cfg, self.ctx.env

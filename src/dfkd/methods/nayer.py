@@ -83,10 +83,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dfkd.data import build_augment
 from dfkd.errors import ConfigError
-from dfkd.losses import adv_masked_kl, class_entropy, onehot_ce
-from dfkd.methods.base import BestIterate, Ctx, PoolConfig, PoolMethod, Progress, frozen
+from dfkd.losses import class_entropy
+from dfkd.methods.base import BestIterate, Ctx, MomentumInversionConfig, MomentumInversionMethod, Progress, frozen
 from dfkd.methods.registry import METHODS
 from dfkd.models.conditional import NoisyLayerGenerator
 
@@ -163,7 +162,7 @@ def table_digest(table: Tensor) -> str:
 
 
 @dataclass
-class NAYERConfig(PoolConfig):
+class NAYERConfig(MomentumInversionConfig):
     name: str = "nayer"
     # the label-embedding table: random | onehot | a .pt/.npy file [C, d] (CLIP text features for the paper's LTE)
     embeddings: str = "random"
@@ -181,17 +180,8 @@ class NAYERConfig(PoolConfig):
     g_life: int = 10
     g_loops: int = 2
     gwp_loops: int = 10
-    # synthesis loss
-    bn: float = 10.0
-    bn_momentum: float = 0.9
-    oh: float = 0.5
-    adv: float = 1.33
-    tau_adv: float = 1.0
     # the reference leaves the student in train mode after each loop (see Deviations); false keeps it in eval mode
     student_mode_leak: bool = False
-    # the view the synthesis loss is scored on (the reference: crop with 4 px padding + mirror, per sample)
-    synthesis_view: str = "crop_flip"
-    synthesis_padding: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -203,7 +193,7 @@ class NAYERConfig(PoolConfig):
 
 
 @METHODS.register("nayer")
-class NAYER(PoolMethod):
+class NAYER(MomentumInversionMethod):
     name = "nayer"
     Config = NAYERConfig
 
@@ -223,8 +213,6 @@ class NAYER(PoolMethod):
         n_noisy = NoisyLayerGenerator.layers_for(self.synthesis_batch_size, classes)
         generator = NoisyLayerGenerator(table, n_noisy, cfg.le_emb_size, cfg.ngf, h, c, cfg.noisy_std)
         self.generator = ctx.env.prepare(generator)
-        self.bn_stats = self.momentum_bn_statistics(cfg.bn, cfg.bn_momentum)
-        self.view = build_augment(cfg.synthesis_view, padding=cfg.synthesis_padding)
 
     def loops(self, prog: Progress) -> int:
         return self.cfg.gwp_loops if prog.in_warmup else self.cfg.g_loops
@@ -254,28 +242,17 @@ class NAYER(PoolMethod):
                 for _ in range(c.g_steps):
                     with env.autocast():
                         x = env.images(generator(y))
-                        x_view = self.view(x)
-                        t, loss_bn = self.teacher_with_bn(x_view, self.bn_stats)
-                        loss_oh = onehot_ce(t, y)
-                        if adversarial:
-                            loss_adv = adv_masked_kl(student(x_view), t, c.tau_adv)
-                        else:
-                            loss_adv = torch.zeros_like(loss_bn)
-                        loss = c.bn * loss_bn + c.oh * loss_oh + c.adv * loss_adv
+                        loss, t, terms = self.inversion_loss(x, y, adversarial)
                     best.offer(loss, x)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                 # Step 2e: the moving averages take the last step's statistics; the best batch joins the pool
-                if self.bn_stats is not None:
-                    self.bn_stats.update()
-                    env.average_buffers(self.bn_stats)
+                self.update_bn_statistics()
                 pool_log = self.add_to_pool(best.values[0])
         return {
             "loss_g": loss.detach(),
-            "loss_bn": loss_bn.detach(),
-            "loss_oh": loss_oh.detach(),
-            "loss_adv": loss_adv.detach(),
+            **{k: v.detach() for k, v in terms.items()},
             "best_loss": best.loss,
             "class_entropy": class_entropy(t.detach()),
             "loops": float(loops),
