@@ -17,11 +17,11 @@ not the best so far.
 from __future__ import annotations
 
 import json
-import math
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+from dfkd.bench import mean_std
 from dfkd.engine.meters import format_seconds
 from dfkd.sysinfo import cpu_model
 
@@ -51,17 +51,6 @@ def accuracy_at(curve: Curve, seconds: float) -> float | None:
     return earlier[-1] if earlier else None
 
 
-def _mean(xs: Sequence[float]) -> float:
-    return math.fsum(xs) / len(xs)
-
-
-def _std(xs: Sequence[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    m = _mean(xs)
-    return math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:g} min"
 
@@ -85,14 +74,15 @@ def format_race_table(
             if not reached:
                 cells.append(f"- (0/{n})")
             else:
-                cells.append(f"{format_seconds(_mean(reached))} ({len(reached)}/{n})")
+                cells.append(f"{format_seconds(mean_std(reached)[0])} ({len(reached)}/{n})")
         for t in times:
             values = [a for a in (accuracy_at(c, t) for c in seed_curves) if a is not None]
             if not values:
                 cells.append("-")
             else:
                 missing = f" ({len(values)}/{n} evaluated)" if len(values) < n else ""
-                cells.append(f"{_mean(values):.2f} ± {_std(values):.2f}{missing}")
+                mean, std = mean_std(values)
+                cells.append(f"{mean:.2f} ± {std:.2f}{missing}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -110,7 +100,7 @@ def winner_at(curves: dict[str, list[Curve]], seconds: float) -> tuple[str, floa
         values = [accuracy_at(c, seconds) for c in seed_curves]
         if not values or any(v is None for v in values):
             continue
-        mean = _mean(values)  # type: ignore[arg-type]
+        mean = mean_std(values)[0]
         if best is None or mean > best[1]:
             best = (method, mean)
     return best
@@ -138,7 +128,7 @@ def plot_race(path: str | Path, curves: dict[str, list[Curve]], budget: float, t
                 if not values or any(v is None for v in values):
                     continue
                 xs.append(t / 60)
-                mean.append(_mean(values))  # type: ignore[arg-type]
+                mean.append(mean_std(values)[0])
                 low.append(min(values))  # type: ignore[type-var]
                 high.append(max(values))  # type: ignore[type-var]
             if xs:

@@ -66,6 +66,11 @@ class Progress:
         return self.epoch + self.warmup_epochs
 
     @property
+    def warmup_rounds(self) -> int:
+        """The synthesis rounds of the warm-up epochs."""
+        return self.warmup_epochs * self.rounds_per_epoch
+
+    @property
     def synthesis_round(self) -> int:
         """The 0-based synthesis round counted from the very first one, warm-up included."""
         return self.synthesis_epoch * self.rounds_per_epoch + self.round
@@ -190,26 +195,16 @@ class Method(nn.Module):
         self._hooks.append(hook)
         return hook
 
-    def bn_statistics(self, weight: float) -> BNStatsHooks | None:
-        """BN-statistics hooks on the teacher when the BN-loss ``weight`` is non-zero, else None."""
+    def bn_statistics(self, weight: float, momentum: float | None = None) -> BNStatsHooks | MomentumBNStats | None:
+        """BN-statistics hooks on the teacher when the BN-loss ``weight`` is non-zero, else None: DeepInversion's
+        (:class:`BNStatsHooks`), or with a ``momentum`` FastDFKD's against a moving average (:class:`MomentumBNStats`,
+        a submodule of the method: its averages are checkpointed)."""
         if weight == 0:
             return None
-        try:
-            hooks = BNStatsHooks(self.ctx.teacher)
-        except ValueError:  # no BatchNorm2d layer
-            raise ConfigError("method.bn > 0 needs a teacher with BatchNorm2d layers; set method.bn=0") from None
+        if not any(isinstance(m, nn.BatchNorm2d) for m in self.ctx.teacher.modules()):
+            raise ConfigError("method.bn > 0 needs a teacher with BatchNorm2d layers; set method.bn=0")
+        hooks = BNStatsHooks(self.ctx.teacher) if momentum is None else MomentumBNStats(self.ctx.teacher, momentum)
         return self.track(hooks)
-
-    def momentum_bn_statistics(self, weight: float, momentum: float) -> MomentumBNStats | None:
-        """:class:`MomentumBNStats` on the teacher (a submodule of the method: its moving averages are checkpointed)
-        when the BN-loss ``weight`` is non-zero, else None."""
-        if weight == 0:
-            return None
-        try:
-            stats = MomentumBNStats(self.ctx.teacher, momentum)
-        except ValueError as err:
-            raise ConfigError(f"method.bn > 0: {err}; set method.bn=0") from None
-        return self.track(stats)
 
     def penultimate_features(self, weight: float) -> InputHook | None:
         """A hook on the teacher's classifier input (its penultimate feature) when ``weight`` is non-zero."""
@@ -411,7 +406,7 @@ class MomentumInversionMethod(PoolMethod):
 
     def __init__(self, cfg: Any, ctx: Ctx):
         super().__init__(cfg, ctx)
-        self.bn_stats = self.momentum_bn_statistics(cfg.bn, cfg.bn_momentum)
+        self.bn_stats = self.bn_statistics(cfg.bn, cfg.bn_momentum)
         self.view = build_augment(cfg.synthesis_view, padding=cfg.synthesis_padding)
 
     def inversion_loss(self, x: Tensor, y: Tensor, adversarial: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:

@@ -127,15 +127,12 @@ class FastDFKD(MomentumInversionMethod):
         self.opt_meta = torch.optim.Adam(self.generator.parameters(), lr=meta_lr, betas=tuple(cfg.betas_g))
 
     def adversarial_on(self, prog: Progress) -> bool:
-        return self.cfg.adv > 0 and prog.synthesis_round >= prog.warmup_epochs * prog.rounds_per_epoch - (
-            self.cfg.adv_early_rounds
-        )
+        return self.cfg.adv > 0 and prog.synthesis_round >= prog.warmup_rounds - self.cfg.adv_early_rounds
 
     def synthesize(self, prog: Progress) -> dict[str, Tensor]:
         c, env, student = self.cfg, self.ctx.env, self.ctx.student
         n = self.synthesis_batch_size
-        warmup_rounds = prog.warmup_epochs * prog.rounds_per_epoch
-        if c.reset_l0_after is not None and prog.synthesis_round == warmup_rounds + c.reset_l0_after - 1:
+        if c.reset_l0_after is not None and prog.synthesis_round == prog.warmup_rounds + c.reset_l0_after - 1:
             reset_first_layers(self.generator)
         # Step 1: theta' <- theta, a fresh latent, labels and inner optimiser
         fast = self.fast_generator.train()

@@ -224,7 +224,7 @@ class NAYER(MomentumInversionMethod):
         c, env, student = self.cfg, self.ctx.env, self.ctx.student
         generator = self.generator
         # Step 1: a brand-new generator by the reference's lifetime rule
-        recreated = recreate_generator(prog.synthesis_round, prog.warmup_epochs * prog.rounds_per_epoch, c.g_life)
+        recreated = recreate_generator(prog.synthesis_round, prog.warmup_rounds, c.g_life)
         if recreated:
             generator.reinit_all()
         generator.train()
