@@ -64,7 +64,8 @@ def test_large_blocks_are_not_faulted_in_again_and_again():
 
     pages = 64 * 2**20 // 4096
     assert faults("default") > 4 * pages  # every 64 MiB block is mapped afresh and faulted in page by page
-    assert faults("kept") <= pages  # kept on the heap: at most one block is faulted in, once
+    # kept on the heap: about one block is faulted in, once (plus a few pages of Python's own; a CI run saw one more)
+    assert faults("kept") < 2 * pages
 
 
 @pytest.mark.parametrize(
