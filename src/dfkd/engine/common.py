@@ -14,6 +14,7 @@ from dfkd.data import DatasetInfo, load_split
 from dfkd.engine.env import Env
 from dfkd.errors import CheckpointError, ConfigError
 from dfkd.models import Normalized, build_network
+from dfkd.models.meta import teacher_meta
 
 log = logging.getLogger("dfkd")
 
@@ -38,14 +39,42 @@ def resolve_weights(path: str) -> Path:
 def build_model(
     arch: str | nn.Module, info: DatasetInfo, env: Env, weights: str | None = None, role: str = "model"
 ) -> Normalized:
-    """Create (or take) a network for ``info``, load ``weights``, wrap it so it takes [0, 1] images."""
+    """Create (or take) a network for ``info``, load ``weights``, wrap it so it takes [0, 1] images.
+
+    A network whose source states its own mean/std (:func:`~dfkd.models.meta.teacher_meta`, e.g. a timm model) is
+    normalised with those, any other with the dataset's.
+    """
     if isinstance(arch, str) and not arch:
         raise ConfigError(f"{role}.arch is not set: name an architecture (`dfkd list models`)")
     path = str(resolve_weights(weights)) if weights else None
-    net = build_network(arch, info.num_classes, info.image_shape[0], path)
-    model = Normalized(net, info.mean, info.std).to(env.device)
+    net = build_network(arch, info.num_classes, info.image_shape[0], path, role=role)
+    mean, std = _normalisation(net, info, role)
+    model = Normalized(net, mean, std).to(env.device)
     _check_output(model, info, env, role)  # before prepare: a compiled network would compile for this check
     return env.prepare(model)
+
+
+def _normalisation(net: nn.Module, info: DatasetInfo, role: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std to feed ``net`` with, after checking the input shape its source states against the data's."""
+    meta = teacher_meta(net)
+    name = meta.source or role
+    if meta.input_shape is not None and tuple(meta.input_shape) != tuple(info.image_shape):
+        want, have = "x".join(map(str, meta.input_shape)), "x".join(map(str, info.image_shape))
+        raise ConfigError(
+            f"the {role} {name} expects {want} images but dataset {info.name} has {have}: use a dataset of that size, "
+            f"or data.name=none with data.image_shape=[{', '.join(map(str, meta.input_shape))}]"
+        )
+    if meta.mean is None or meta.std is None:
+        if meta.source:
+            log.info("%s %s: normalising with dataset %s's mean/std (its source states none)", role, name, info.name)
+        return info.mean, info.std
+    if len(meta.mean) != info.image_shape[0]:
+        raise ConfigError(
+            f"the {role} {name} normalises {len(meta.mean)} channels but dataset {info.name} has "
+            f"{info.image_shape[0]}: use a dataset with {len(meta.mean)}-channel images"
+        )
+    log.info("%s %s: normalising with its own mean %s / std %s", role, name, meta.mean, meta.std)
+    return meta.mean, meta.std
 
 
 def _check_output(model: nn.Module, info: DatasetInfo, env: Env, role: str) -> None:

@@ -35,6 +35,7 @@ from dfkd.errors import ConfigError, DivergedError
 from dfkd.images import plot_curves, save_grid
 from dfkd.methods import METHODS, Ctx, Method, Progress
 from dfkd.metrics import accuracy_curve_stats, top1_percent
+from dfkd.models.sources import is_external_arch
 from dfkd.sysinfo import cpu_model
 
 log = logging.getLogger("dfkd")
@@ -85,7 +86,7 @@ def _distill(
     started = time.perf_counter()
     seed_everything(cfg.engine.seed, env.rank)
     info = dataset_info(cfg.data.name)
-    if teacher_module is None and not cfg.teacher.weights:
+    if teacher_module is None and not cfg.teacher.weights and not is_external_arch(cfg.teacher.arch):
         raise ConfigError(
             "teacher.weights is not set: train a teacher with `dfkd train-teacher` and pass teacher.weights=RUN_DIR "
             "(or a checkpoint file)"

@@ -44,6 +44,7 @@ def evaluate_weights(cfg) -> dict:
     from dfkd.engine.env import setup_env
     from dfkd.errors import ConfigError
     from dfkd.models import read_weights
+    from dfkd.models.sources import is_external_arch
 
     if not cfg.model.weights:
         raise ConfigError("no weights to evaluate: pass --weights CKPT (or model.weights=CKPT)")
@@ -61,12 +62,12 @@ def evaluate_weights(cfg) -> dict:
     model = build_model(arch, info, env, str(path), "model")
     logits = predict(model, test_x, cfg.eval.batch_size, env.channels_last)
     teacher_logits = None
-    if cfg.teacher.weights:
-        t_path = resolve_weights(cfg.teacher.weights)
+    if cfg.teacher.weights or is_external_arch(cfg.teacher.arch):
+        t_path = resolve_weights(cfg.teacher.weights) if cfg.teacher.weights else None
         t_arch = cfg.teacher.arch or read_weights(str(t_path))[1].get("arch")
         if not t_arch:
             raise ConfigError(f"{t_path} does not record its architecture: pass teacher.arch=NAME")
-        teacher = build_model(t_arch, info, env, str(t_path), "teacher")
+        teacher = build_model(t_arch, info, env, str(t_path) if t_path else None, "teacher")
         teacher_logits = predict(teacher, test_x, cfg.eval.batch_size, env.channels_last)
     result = {"weights": str(path), "arch": arch, "dataset": data, "images": int(test_y.numel())}
     result.update(student_metrics(logits, test_y, teacher_logits))

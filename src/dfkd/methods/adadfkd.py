@@ -69,7 +69,7 @@ from dfkd.hooks import InputHook
 from dfkd.losses import activation_loss, adv_js, adv_unmasked_kl, batch_entropy, onehot_ce
 from dfkd.losses.infonce import FeatureQueue, batch_infonce, hardness, r2m_loss
 from dfkd.losses.precision import upcast
-from dfkd.methods.base import Batch, Ctx, Progress
+from dfkd.methods.base import Batch, Ctx, Progress, refuse_torchscript_teacher
 from dfkd.methods.cudfkd import CuDFKD, CuDFKDConfig, spl_lambda, spl_weight
 from dfkd.methods.registry import METHODS
 from dfkd.models import classifier_module
@@ -114,6 +114,8 @@ class AdaDFKD(CuDFKD):
     Config = AdaDFKDConfig
 
     def __init__(self, cfg: AdaDFKDConfig, ctx: Ctx):
+        # before CuDFKD's BN check, whose advice (method.bn=0) would not be enough here
+        refuse_torchscript_teacher(ctx.teacher, self.name, "contrastive loss on penultimate features", None)
         super().__init__(cfg, ctx)
         device = ctx.env.device
         # the teacher's penultimate feature (CuDFKD's hook when its activation loss made one; the same layer)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from dfkd.config import choice
 from dfkd.data import DatasetInfo, build_augment
 from dfkd.data.pool import SyntheticPool
-from dfkd.errors import ConfigError
+from dfkd.errors import ConfigError, DfkdError
 from dfkd.hooks import InputHook
 from dfkd.losses import (
     BNStatsHooks,
@@ -37,6 +37,8 @@ from dfkd.losses import (
 )
 from dfkd.models import classifier_module, create_generator, init_dcgan_
 from dfkd.models.generators import in_unit_range
+from dfkd.models.meta import teacher_meta
+from dfkd.models.sources import is_torchscript
 
 
 @dataclass
@@ -201,14 +203,28 @@ class Method(nn.Module):
         a submodule of the method: its averages are checkpointed)."""
         if weight == 0:
             return None
+        refuse_torchscript_teacher(self.ctx.teacher, self.name, "BatchNorm-statistics loss", "method.bn=0")
         if not any(isinstance(m, nn.BatchNorm2d) for m in self.ctx.teacher.modules()):
-            raise ConfigError("method.bn > 0 needs a teacher with BatchNorm2d layers; set method.bn=0")
+            raise ConfigError(
+                f"{self.name}: method.bn > 0 needs a teacher with BatchNorm2d layers and {_teacher_name(self.ctx)} "
+                "has none; set method.bn=0 to drop the BN-statistics loss"
+            )
         hooks = BNStatsHooks(self.ctx.teacher) if momentum is None else MomentumBNStats(self.ctx.teacher, momentum)
         return self.track(hooks)
 
     def penultimate_features(self, weight: float) -> InputHook | None:
-        """A hook on the teacher's classifier input (its penultimate feature) when ``weight`` is non-zero."""
-        return self.track(InputHook(classifier_module(self.ctx.teacher))) if weight != 0 else None
+        """A hook on the teacher's classifier input (its penultimate feature) when ``weight`` is non-zero (the
+        activation loss, ``method.act``)."""
+        if weight == 0:
+            return None
+        refuse_torchscript_teacher(self.ctx.teacher, self.name, "activation loss", "method.act=0")
+        try:
+            head = classifier_module(self.ctx.teacher)
+        except DfkdError as e:
+            raise ConfigError(
+                f"{self.name}: method.act != 0 hooks the teacher's penultimate feature: {e}; set method.act=0"
+            ) from e
+        return self.track(InputHook(head))
 
     def teacher_priors(
         self, x: Tensor, bn_hooks: BNStatsHooks | None = None, feature_hook: InputHook | None = None
@@ -228,6 +244,22 @@ class Method(nn.Module):
         with bn_hooks.capture():
             t = self.ctx.teacher(x)
         return t, bn_hooks.loss()
+
+
+def refuse_torchscript_teacher(teacher: nn.Module, method: str, term: str, off: str | None) -> None:
+    """Raise a one-line error when ``teacher`` is TorchScript and ``method``'s ``term`` must hook its layers: PyTorch
+    cannot register forward hooks on scripted modules. ``off`` is the setting that drops the term (None: none does)."""
+    if not is_torchscript(teacher):
+        return
+    fix = f", or set {off} to drop the {term}" if off else f" ({method} cannot run without its {term})"
+    raise ConfigError(
+        f"{method}: the {term} hooks the teacher's layers, which a TorchScript teacher does not allow; load the eager "
+        f"model instead (teacher.arch=py:MODULE:FUNCTION or hub:DIR:ENTRY, with teacher.weights=FILE){fix}"
+    )
+
+
+def _teacher_name(ctx: Ctx) -> str:
+    return teacher_meta(ctx.teacher).source or type(getattr(ctx.teacher, "net", ctx.teacher)).__name__
 
 
 def check_steps(g_steps: int) -> None:

@@ -47,7 +47,7 @@ from dfkd.data import build_augment
 from dfkd.errors import ConfigError, closest
 from dfkd.losses import adv_masked_kl, class_entropy, onehot_ce
 from dfkd.losses.contrastive import ContrastHead, InstanceMeanHooks, MemoryBank, contrastive_loss
-from dfkd.methods.base import BestIterate, Ctx, PoolConfig, PoolMethod, Progress, frozen
+from dfkd.methods.base import BestIterate, Ctx, PoolConfig, PoolMethod, Progress, frozen, refuse_torchscript_teacher
 from dfkd.methods.registry import METHODS
 from dfkd.models import create_generator, init_dcgan_
 
@@ -121,6 +121,7 @@ class CMI(PoolMethod):
         c, h, w = ctx.info.image_shape
         dev = ctx.env.device
         self.generator = ctx.env.prepare(create_generator(cfg.generator, nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c))
+        refuse_torchscript_teacher(ctx.teacher, self.name, "contrastive loss on layer features", None)
         self.bn_hooks = self.bn_statistics(cfg.bn)
         self.feature_hooks = self.track(InstanceMeanHooks(feature_modules(ctx.teacher, cfg.feature_layers)))
         with torch.no_grad(), self.feature_hooks.capture():

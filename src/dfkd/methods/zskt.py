@@ -56,7 +56,15 @@ from dfkd.config import choice
 from dfkd.errors import ConfigError
 from dfkd.hooks import OutputHooks
 from dfkd.losses import adv_unmasked_kl, attention_transfer, kd_kl
-from dfkd.methods.base import Batch, Ctx, GeneratorConfig, GeneratorMethod, Progress, frozen
+from dfkd.methods.base import (
+    Batch,
+    Ctx,
+    GeneratorConfig,
+    GeneratorMethod,
+    Progress,
+    frozen,
+    refuse_torchscript_teacher,
+)
 from dfkd.methods.registry import METHODS
 from dfkd.models import Normalized
 
@@ -140,6 +148,7 @@ class ZSKT(GeneratorMethod):
             self.opt_g.register_step_pre_hook(self._clip_generator)
         self.t_hooks = self.s_hooks = None
         if cfg.beta > 0:
+            refuse_torchscript_teacher(ctx.teacher, self.name, "attention transfer", "method.beta=0")
             t_layers, s_layers = cfg.at_teacher_layers, cfg.at_student_layers
             if len(t_layers) != len(s_layers):
                 raise ConfigError(

@@ -211,7 +211,9 @@ def build_network(
     """Create a network (or take one as is) and fill it from a weights file.
 
     Args:
-        arch: A registered model name, or a module to use as is (``num_classes``/``in_channels`` are then ignored).
+        arch: A registered model name, a source spec (``timm:``, ``torchvision:``, ``hub:``, ``torchscript:``,
+            ``py:``; see :mod:`dfkd.models.sources`, which attaches the source's metadata), or a module to use as is
+            (``num_classes``/``in_channels`` are then ignored).
         num_classes: Number of output logits.
         in_channels: Number of input image channels.
         weights: Path of a weights file (see :func:`read_weights`), or None to keep the fresh init.
@@ -230,6 +232,10 @@ def build_network(
         >>> build_network("wrn16_1", num_classes=100).fc.out_features
         100
     """
+    from dfkd.models.sources import build_source, is_external_arch  # it imports this module
+
+    if is_external_arch(arch):
+        return build_source(str(arch), weights, num_classes=num_classes, role=role)
     net = arch if isinstance(arch, nn.Module) else create_model(arch, num_classes, in_channels)
     if weights is None:
         return net

@@ -1,0 +1,1 @@
+"""Small importable examples for the README (e.g. ``teacher.arch=py:dfkd.examples.teachers:lenet5_bn_fashion``)."""

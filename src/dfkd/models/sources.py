@@ -1,0 +1,408 @@
+"""Networks from outside the zoo: timm, torchvision, torch.hub, TorchScript files and Python factories.
+
+Wherever an architecture is named (``teacher.arch`` above all), one of these source specs may stand instead of a
+zoo name:
+
+==========================================  ===================================================================
+``timm:NAME``, ``timm:hf-hub:ORG/NAME``     ``timm.create_model``: its pretrained weights, or a weights file's
+``torchvision:NAME[:WEIGHTS]``              ``torchvision.models.get_model``; WEIGHTS is a member of its weights
+                                            enum (``DEFAULT``, ``IMAGENET1K_V1``)
+``hub:OWNER/REPO[:REF]:ENTRY``              ``torch.hub.load`` from GitHub
+``hub:DIR:ENTRY``                           ``torch.hub.load`` from a local directory holding a ``hubconf.py``
+``torchscript:FILE`` (or just ``FILE``)     ``torch.jit.load``
+``py:package.module:function``              ``function()``, any importable function returning an ``nn.Module``
+==========================================  ===================================================================
+
+A weights file (a state dict, see :func:`~dfkd.models.read_weights`) may fill the network of every source but
+TorchScript. What the source states about the network's input (mean/std, image shape, classes) is attached as a
+:class:`~dfkd.models.meta.TeacherMeta`; the engine normalises with that mean/std and checks the shape against the data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import zipfile
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dfkd.errors import ConfigError, closest
+from dfkd.models import MODELS
+from dfkd.models.loading import load_weights, read_weights
+from dfkd.models.meta import TeacherMeta, attach_meta, teacher_meta
+
+SOURCES = ("timm", "torchvision", "hub", "torchscript", "py")
+_FORMS = (
+    "timm:NAME, torchvision:NAME[:WEIGHTS], hub:OWNER/REPO:ENTRY, hub:DIR:ENTRY, torchscript:FILE or py:MODULE:FUNCTION"
+)
+
+
+def is_external_arch(arch: object) -> bool:
+    """Whether ``arch`` names a source spec (``prefix:...`` or an existing file) rather than a zoo model."""
+    if not isinstance(arch, str) or not arch or arch in MODELS:
+        return False
+    return ":" in arch or Path(arch).expanduser().is_file()
+
+
+def is_torchscript(net: nn.Module) -> bool:
+    """Whether ``net`` is, or contains, a TorchScript module (forward hooks cannot be registered on those)."""
+    return any(isinstance(m, torch.jit.ScriptModule) for m in net.modules())
+
+
+def build_source(
+    spec: str, weights: str | os.PathLike[str] | None = None, *, num_classes: int | None = None, role: str = ""
+) -> nn.Module:
+    """Build the network a source spec names, fill it from ``weights`` and attach its :class:`TeacherMeta`.
+
+    Args:
+        spec: A source spec (see the module docstring).
+        weights: A state-dict file to load into the network, or None for the source's own weights.
+        num_classes: Class count for a torchvision network built without a weights enum (its file decides
+            otherwise); ignored by the other sources, whose class count is their own.
+        role: Word naming the network in messages and the config keys they suggest, e.g. ``"teacher"``.
+
+    Returns:
+        The network on the CPU, with ``teacher_meta(net).source == spec``.
+
+    Raises:
+        ConfigError: Unknown source, a module, entry or file that is not there, a download that failed (the message
+            says how to pass a local file instead), a factory that returns no ``nn.Module``.
+        CheckpointError: ``weights`` cannot be read or does not fit the network.
+
+    Example:
+        >>> from dfkd.models.sources import build_source
+        >>> from dfkd.models.meta import teacher_meta
+        >>> net = build_source("py:dfkd.examples.teachers:lenet5_bn_fashion")
+        >>> teacher_meta(net).input_shape
+        (1, 32, 32)
+    """
+    keys = _Keys(role)
+    prefix, sep, rest = spec.partition(":")
+    if not sep and Path(spec).expanduser().is_file():
+        prefix, rest = "torchscript", spec
+    elif prefix not in SOURCES:
+        raise ConfigError(
+            f"{keys.arch}={spec}: unknown source '{prefix}:'; name a zoo model (`dfkd list models`) or use {_FORMS}"
+        )
+    if not rest:
+        raise ConfigError(f"{keys.arch}={spec} names nothing after '{prefix}:'; use {_FORMS}")
+    state = read_weights(weights)[0] if weights is not None else None
+    if prefix == "torchscript":
+        if state is not None:
+            raise ConfigError(f"{keys.arch}={spec}: a TorchScript file holds its own weights; drop {keys.weights}")
+        net, meta = _torchscript(spec, rest, keys)
+    elif prefix == "timm":
+        net, meta = _timm(spec, rest, state, keys)
+    elif prefix == "torchvision":
+        net, meta = _torchvision(spec, rest, state, num_classes, keys)
+    elif prefix == "hub":
+        net, meta = _hub(spec, rest, keys)
+    else:
+        net, meta = _python(spec, rest, keys)
+    if state is not None:
+        load_weights(net, state, f"{role} weights {weights}" if role else f"weights {weights}")
+    return attach_meta(net, meta)
+
+
+class _Keys:
+    """The config keys that messages tell the user to set, for a network in ``role``."""
+
+    def __init__(self, role: str):
+        self.arch = f"{role}.arch" if role else "arch"
+        self.weights = f"{role}.weights" if role else "weights"
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}".rstrip(": ")
+
+
+def _module(spec: str, value: Any, what: str, keys: _Keys) -> nn.Module:
+    if not isinstance(value, nn.Module):
+        raise ConfigError(f"{keys.arch}={spec}: {what} returned a {type(value).__name__}, not an nn.Module")
+    return value
+
+
+def _head_classes(net: nn.Module, state: dict[str, Tensor] | None) -> int | None:
+    """The class count a weights file's final linear layer has, when it differs from ``net``'s (else None)."""
+    if state is None:
+        return None
+    last = None
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Linear):
+            last = (name, m)
+    if last is None:
+        return None
+    found = state.get(f"{last[0]}.weight")
+    if found is None or found.dim() != 2 or found.shape[0] == last[1].out_features:
+        return None
+    return int(found.shape[0])
+
+
+def _import_optional(name: str, spec: str, keys: _Keys) -> Any:
+    try:
+        return importlib.import_module(name)
+    except Exception as e:  # a torchvision built for another torch fails with more than ImportError
+        extra = name.split(".")[0]
+        raise ConfigError(
+            f"{keys.arch}={spec} needs {extra}, which does not import ({_one_line(e)}); pip install 'dfkd[{extra}]'"
+        ) from e
+
+
+def _fetch_failed(spec: str, what: str, e: BaseException, keys: _Keys) -> ConfigError:
+    return ConfigError(
+        f"{keys.arch}={spec}: could not fetch {what} ({_one_line(e)}); download the file where there is network, "
+        f"copy it here and pass it as {keys.weights}=FILE"
+    )
+
+
+# -- timm ---------------------------------------------------------------------------------------------------------
+
+
+def _timm(spec: str, name: str, state: dict[str, Tensor] | None, keys: _Keys) -> tuple[nn.Module, TeacherMeta]:
+    timm = _import_optional("timm", spec, keys)
+
+    def create(**kwargs: Any) -> nn.Module:
+        try:
+            return timm.create_model(name, **kwargs)
+        except OSError as e:  # URLError, HTTP and hub errors are OSErrors
+            what = "its pretrained weights" if kwargs.get("pretrained") else "its configuration"
+            raise _fetch_failed(spec, what, e, keys) from e
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ConfigError(f"{keys.arch}={spec}: timm has no model '{name}' (timm.list_models())") from e
+            raise
+
+    net = create(pretrained=state is None)
+    classes = _head_classes(net, state)
+    if classes is not None:
+        net = create(pretrained=False, num_classes=classes)
+    return net, timm_meta(net, spec)
+
+
+def timm_meta(net: nn.Module, spec: str) -> TeacherMeta:
+    """Mean/std, input size and class count from a timm model's ``pretrained_cfg`` (class names where the config
+    carries them, or ImageNet's from timm's bundled synset tables when the class count is an ImageNet subset's)."""
+    cfg = dict(getattr(net, "pretrained_cfg", None) or {})
+    num_classes = getattr(net, "num_classes", None) or cfg.get("num_classes") or None
+    input_size = cfg.get("input_size")
+    classes = cfg.get("label_names") or None
+    if classes is None and num_classes:
+        classes = _imagenet_classes(net)
+    if classes is not None and len(classes) != num_classes:
+        classes = None
+    return TeacherMeta(
+        mean=_floats(cfg.get("mean")),
+        std=_floats(cfg.get("std")),
+        input_shape=tuple(int(v) for v in input_size) if input_size and len(input_size) == 3 else None,
+        num_classes=int(num_classes) if num_classes else None,
+        classes=tuple(str(c) for c in classes) if classes is not None else None,
+        source=spec,
+    )
+
+
+def _imagenet_classes(net: nn.Module) -> list[str] | None:
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+    except ImportError:  # timm before 0.9.8 has no class tables
+        return None
+    subset = infer_imagenet_subset(net)
+    return list(ImageNetInfo(subset).label_descriptions()) if subset else None
+
+
+def _floats(values: Any) -> tuple[float, ...] | None:
+    return tuple(float(v) for v in values) if values is not None and len(values) else None
+
+
+# -- torchvision --------------------------------------------------------------------------------------------------
+
+
+def _torchvision(
+    spec: str, rest: str, state: dict[str, Tensor] | None, num_classes: int | None, keys: _Keys
+) -> tuple[nn.Module, TeacherMeta]:
+    models = _import_optional("torchvision.models", spec, keys)
+    name, _, weights_name = rest.partition(":")
+    try:
+        enum = models.get_model_weights(name)
+    except ValueError:
+        raise ConfigError(
+            f"{keys.arch}={spec}: torchvision has no model '{name}' (torchvision.models.list_models())"
+        ) from None
+    weights_name = weights_name.rpartition(".")[2]  # ResNet18_Weights.IMAGENET1K_V1 as get_weight spells it
+    chosen = None
+    if weights_name:
+        try:
+            chosen = enum[weights_name]
+        except KeyError:
+            members = [m.name for m in enum] + ["DEFAULT"]
+            raise ConfigError(
+                f"{keys.arch}={spec}: {enum.__name__} has no '{weights_name}'{closest(weights_name, members)}; "
+                f"choose one of {', '.join(members)}"
+            ) from None
+    elif state is None:
+        raise ConfigError(
+            f"{keys.arch}={spec} names no weights: add them (torchvision:{name}:DEFAULT) or pass {keys.weights}=FILE"
+        )
+    meta = torchvision_meta(chosen, spec)
+    kwargs: dict[str, Any] = {}
+    if chosen is not None:
+        kwargs["num_classes"] = meta.num_classes
+    elif num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        net = models.get_model(name, weights=chosen if state is None else None, **kwargs)
+    except OSError as e:
+        raise _fetch_failed(spec, f"the weights {chosen}", e, keys) from e
+    classes = _head_classes(net, state)
+    if classes is not None:
+        net = models.get_model(name, weights=None, num_classes=classes)
+        meta = TeacherMeta(meta.mean, meta.std, meta.input_shape, classes, None, spec)
+    return net, meta
+
+
+def torchvision_meta(weights: Any, spec: str) -> TeacherMeta:
+    """Mean/std, crop size and class names from a torchvision weights enum member (or just ``spec`` for None)."""
+    if weights is None:
+        return TeacherMeta(source=spec)
+    preset = weights.transforms()
+    categories = weights.meta.get("categories")
+    crop = getattr(preset, "crop_size", None)
+    size = int(crop[0]) if isinstance(crop, (list, tuple)) else int(crop) if crop else None
+    return TeacherMeta(
+        mean=_floats(getattr(preset, "mean", None)),
+        std=_floats(getattr(preset, "std", None)),
+        input_shape=(3, size, size) if size else None,
+        num_classes=len(categories) if categories else None,
+        classes=tuple(str(c) for c in categories) if categories else None,
+        source=spec,
+    )
+
+
+# -- torch.hub ----------------------------------------------------------------------------------------------------
+
+
+def _hub(spec: str, rest: str, keys: _Keys) -> tuple[nn.Module, TeacherMeta]:
+    repo, _, entry = rest.rpartition(":")
+    if not repo or not entry:
+        raise ConfigError(
+            f"{keys.arch}={spec}: give hub:OWNER/REPO:ENTRY or hub:DIR:ENTRY (the function in hubconf.py)"
+        )
+    local = Path(repo).expanduser()
+    if local.is_dir() or repo.startswith(("/", ".", "~")):
+        if not (local / "hubconf.py").is_file():
+            raise ConfigError(f"{keys.arch}={spec}: {local} is not a directory with a hubconf.py")
+        try:
+            net = _hub_load(spec, entry, keys, partial(torch.hub.load, str(local), entry, source="local"))
+        except OSError as e:
+            raise ConfigError(f"{keys.arch}={spec}: loading hub entry '{entry}' failed ({_one_line(e)})") from e
+    else:
+        # The user named the repository, which is the trust torch.hub asks for.
+        load = partial(torch.hub.load, repo, entry, source="github", trust_repo=True)
+        try:
+            net = _hub_load(spec, entry, keys, load)
+        except OSError as e:
+            raise ConfigError(
+                f"{keys.arch}={spec}: could not fetch {repo} from GitHub ({_one_line(e)}); clone it where there is "
+                f"network, copy it here and pass {keys.arch}=hub:/path/to/clone:{entry}"
+            ) from e
+    return net, _own_meta(net, spec)
+
+
+def _hub_load(spec: str, entry: str, keys: _Keys, load: Callable[[], Any]) -> nn.Module:
+    try:
+        value = load()
+    except OSError:
+        raise  # a download that failed: the caller says how to do without it
+    except Exception as e:
+        if "Cannot find callable" in str(e):
+            raise ConfigError(f"{keys.arch}={spec}: hubconf.py has no entry '{entry}'") from e
+        raise ConfigError(f"{keys.arch}={spec}: loading hub entry '{entry}' failed ({_one_line(e)})") from e
+    return _module(spec, value, f"hub entry '{entry}'", keys)
+
+
+# -- TorchScript --------------------------------------------------------------------------------------------------
+
+
+def _torchscript(spec: str, path_text: str, keys: _Keys) -> tuple[nn.Module, TeacherMeta]:
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{keys.arch}={spec}: the TorchScript file {path} does not exist")
+    if not _is_torchscript_archive(path):
+        raise ConfigError(
+            f"{keys.arch}={spec}: {path} is not a TorchScript archive; save one with "
+            f"torch.jit.save(torch.jit.script(model), path), or pass a state dict as {keys.weights}=FILE"
+        )
+    return torch.jit.load(str(path), map_location="cpu"), TeacherMeta(source=spec)
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    # torch.save writes a zip too; only TorchScript archives carry compiled code and constants.pkl.
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") for n in z.namelist())
+
+
+# -- Python factories ---------------------------------------------------------------------------------------------
+
+
+def _python(spec: str, rest: str, keys: _Keys) -> tuple[nn.Module, TeacherMeta]:
+    module_name, _, attr = rest.rpartition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{keys.arch}={spec}: give py:package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise ConfigError(
+                f"{keys.arch}={spec}: there is no module '{module_name}' ({_one_line(e)}); check the name and that "
+                "its folder is on PYTHONPATH"
+            ) from e
+        raise ConfigError(f"{keys.arch}={spec}: importing {module_name} failed ({_one_line(e)})") from e
+    except Exception as e:
+        raise ConfigError(f"{keys.arch}={spec}: importing {module_name} failed ({_one_line(e)})") from e
+    factory: Any = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            names = [n for n in dir(factory) if not n.startswith("_")]
+            raise ConfigError(f"{keys.arch}={spec}: {module_name} has no '{attr}'{closest(part, names)}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ConfigError(f"{keys.arch}={spec}: {module_name}.{attr} is a {type(factory).__name__}, not a function")
+    if _required_parameters(factory):
+        raise ConfigError(
+            f"{keys.arch}={spec}: {attr}() needs the arguments {', '.join(_required_parameters(factory))}; give a "
+            "function that builds the network without arguments (wrap it in one that passes them)"
+        )
+    try:
+        value = factory()
+    except Exception as e:
+        raise ConfigError(f"{keys.arch}={spec}: calling {attr}() failed ({_one_line(e)})") from e
+    net = _module(spec, value, f"{attr}()", keys)
+    return net, _own_meta(net, spec)
+
+
+def _required_parameters(factory: Callable[..., Any]) -> list[str]:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: just call them
+        return []
+    return [
+        p.name
+        for p in params
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+
+
+def _own_meta(net: nn.Module, spec: str) -> TeacherMeta:
+    """The meta a factory attached itself (with ``spec`` as its source), else one that only names ``spec``."""
+    meta = teacher_meta(net)
+    return TeacherMeta(meta.mean, meta.std, meta.input_shape, meta.num_classes, meta.classes, spec)
+
+
+__all__ = ["SOURCES", "build_source", "is_external_arch", "is_torchscript", "timm_meta", "torchvision_meta"]
