@@ -82,6 +82,11 @@ def for_8px():
     return attach_meta(with_bn(), TeacherMeta(input_shape=(3, 8, 8)))
 
 
+def conv_head():
+    """Logits from a 1x1 conv and global pooling: no nn.Linear, so no penultimate feature to hook."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
 def not_a_module():
     return 42
 
@@ -306,6 +311,16 @@ def test_bn_less_teacher_with_a_bn_method_names_the_option(factories, name):
     assert all(torch.isfinite(torch.as_tensor(v, dtype=torch.float64)).all() for v in logs.values())
 
 
+def test_activation_loss_on_a_teacher_without_linear_layer_names_the_option(factories):
+    teacher = frozen_teacher(build_network(f"py:{MODULE}:conv_head", role="teacher"))
+    with pytest.raises(
+        ConfigError, match=r"^dafl: method.act != 0 hooks .*has no nn.Linear layer.*; set method.act=0$"
+    ):
+        one_round("dafl", teacher, method_config("dafl"))
+    logs = one_round("dafl", teacher, method_config("dafl", act=0.0))
+    assert all(torch.isfinite(torch.as_tensor(v, dtype=torch.float64)).all() for v in logs.values())
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_torchscript_teacher_runs_logit_methods_and_refuses_hooks(factories, tmp_path, name):
     build_network(f"py:{MODULE}:with_bn")
@@ -396,6 +411,15 @@ def test_timm_fetch_failure_says_how_to_pass_a_file(monkeypatch):
     assert message.endswith("pass it as teacher.weights=FILE")
     with pytest.raises(ConfigError, match="timm has no model 'nosuch'"):
         build_network("timm:nosuch", role="teacher")
+    # an HTTP library's own error, not an OSError (httpx, which newer huggingface_hub uses)
+    connect_error = type("ConnectError", (Exception,), {"__module__": "httpx"})
+
+    def create_model_httpx(name, pretrained=False, **kwargs):
+        raise connect_error("[Errno 111] Connection refused")
+
+    fake_module(monkeypatch, "timm", create_model=create_model_httpx)
+    with pytest.raises(ConfigError, match=r"could not fetch its pretrained weights \(ConnectError: \[Errno 111\]"):
+        build_network("timm:resnet18", role="teacher")
 
 
 class FakeWeights(enum.Enum):

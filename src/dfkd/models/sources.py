@@ -38,6 +38,7 @@ from dfkd.models.loading import load_weights, read_weights
 from dfkd.models.meta import TeacherMeta, attach_meta, teacher_meta
 
 SOURCES = ("timm", "torchvision", "hub", "torchscript", "py")
+_HTTP_LIBRARIES = {"requests", "urllib3", "httpx", "httpcore", "huggingface_hub"}
 _FORMS = (
     "timm:NAME, torchvision:NAME[:WEIGHTS], hub:OWNER/REPO:ENTRY, hub:DIR:ENTRY, torchscript:FILE or py:MODULE:FUNCTION"
 )
@@ -154,6 +155,11 @@ def _import_optional(name: str, spec: str, keys: _Keys) -> Any:
         ) from e
 
 
+def _is_fetch_error(e: BaseException) -> bool:
+    """A download that failed: an OSError (URLError, HTTPError, requests' errors) or an HTTP library's own error."""
+    return isinstance(e, OSError) or any(c.__module__.partition(".")[0] in _HTTP_LIBRARIES for c in type(e).__mro__)
+
+
 def _fetch_failed(spec: str, what: str, e: BaseException, keys: _Keys) -> ConfigError:
     return ConfigError(
         f"{keys.arch}={spec}: could not fetch {what} ({_one_line(e)}); download the file where there is network, "
@@ -170,11 +176,11 @@ def _timm(spec: str, name: str, state: dict[str, Tensor] | None, keys: _Keys) ->
     def create(**kwargs: Any) -> nn.Module:
         try:
             return timm.create_model(name, **kwargs)
-        except OSError as e:  # URLError, HTTP and hub errors are OSErrors
-            what = "its pretrained weights" if kwargs.get("pretrained") else "its configuration"
-            raise _fetch_failed(spec, what, e, keys) from e
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
+        except Exception as e:
+            if _is_fetch_error(e):
+                what = "its pretrained weights" if kwargs.get("pretrained") else "its configuration"
+                raise _fetch_failed(spec, what, e, keys) from e
+            if isinstance(e, RuntimeError) and "Unknown model" in str(e):
                 raise ConfigError(f"{keys.arch}={spec}: timm has no model '{name}' (timm.list_models())") from e
             raise
 
@@ -256,8 +262,10 @@ def _torchvision(
         kwargs["num_classes"] = num_classes
     try:
         net = models.get_model(name, weights=chosen if state is None else None, **kwargs)
-    except OSError as e:
-        raise _fetch_failed(spec, f"the weights {chosen}", e, keys) from e
+    except Exception as e:
+        if _is_fetch_error(e):
+            raise _fetch_failed(spec, f"the weights {chosen}", e, keys) from e
+        raise
     classes = _head_classes(net, state)
     if classes is not None:
         net = models.get_model(name, weights=None, num_classes=classes)
@@ -296,31 +304,25 @@ def _hub(spec: str, rest: str, keys: _Keys) -> tuple[nn.Module, TeacherMeta]:
     if local.is_dir() or repo.startswith(("/", ".", "~")):
         if not (local / "hubconf.py").is_file():
             raise ConfigError(f"{keys.arch}={spec}: {local} is not a directory with a hubconf.py")
-        try:
-            net = _hub_load(spec, entry, keys, partial(torch.hub.load, str(local), entry, source="local"))
-        except OSError as e:
-            raise ConfigError(f"{keys.arch}={spec}: loading hub entry '{entry}' failed ({_one_line(e)})") from e
+        net = _hub_load(spec, entry, keys, partial(torch.hub.load, str(local), entry, source="local"))
     else:
         # The user named the repository, which is the trust torch.hub asks for.
         load = partial(torch.hub.load, repo, entry, source="github", trust_repo=True)
-        try:
-            net = _hub_load(spec, entry, keys, load)
-        except OSError as e:
-            raise ConfigError(
-                f"{keys.arch}={spec}: could not fetch {repo} from GitHub ({_one_line(e)}); clone it where there is "
-                f"network, copy it here and pass {keys.arch}=hub:/path/to/clone:{entry}"
-            ) from e
+        net = _hub_load(spec, entry, keys, load, github_repo=repo)
     return net, _own_meta(net, spec)
 
 
-def _hub_load(spec: str, entry: str, keys: _Keys, load: Callable[[], Any]) -> nn.Module:
+def _hub_load(spec: str, entry: str, keys: _Keys, load: Callable[[], Any], github_repo: str = "") -> nn.Module:
     try:
         value = load()
-    except OSError:
-        raise  # a download that failed: the caller says how to do without it
     except Exception as e:
         if "Cannot find callable" in str(e):
             raise ConfigError(f"{keys.arch}={spec}: hubconf.py has no entry '{entry}'") from e
+        if github_repo and _is_fetch_error(e):
+            raise ConfigError(
+                f"{keys.arch}={spec}: could not fetch {github_repo} from GitHub ({_one_line(e)}); clone it where "
+                f"there is network, copy it here and pass {keys.arch}=hub:/path/to/clone:{entry}"
+            ) from e
         raise ConfigError(f"{keys.arch}={spec}: loading hub entry '{entry}' failed ({_one_line(e)})") from e
     return _module(spec, value, f"hub entry '{entry}'", keys)
 
