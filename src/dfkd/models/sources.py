@@ -194,7 +194,8 @@ def _timm(spec: str, name: str, state: dict[str, Tensor] | None, keys: _Keys) ->
 def timm_meta(net: nn.Module, spec: str) -> TeacherMeta:
     """Mean/std, input size and class count from a timm model's ``pretrained_cfg`` (class names where the config
     carries them, or ImageNet's from timm's bundled synset tables when the class count is an ImageNet subset's)."""
-    cfg = dict(getattr(net, "pretrained_cfg", None) or {})
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)  # a PretrainedCfg dataclass in some versions
     num_classes = getattr(net, "num_classes", None) or cfg.get("num_classes") or None
     input_size = cfg.get("input_size")
     classes = cfg.get("label_names") or None
