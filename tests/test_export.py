@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -121,6 +122,13 @@ def test_onnx_export_takes_any_batch_of_01_images(capsys, run_dir, images, tmp_p
         assert torch.allclose(torch.from_numpy(logits), expected[:batch], atol=1e-4)
     with pytest.raises(DfkdError, match="ONNX export: run it with onnxruntime"):
         dfkd.load_student(out)
+
+
+def test_onnx_without_the_onnx_package_names_the_extra(capsys, run_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now raises ImportError
+    code, _, err = run(capsys, "export", run_dir, "--format", "onnx", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "--format onnx needs the onnx package: pip install 'dfkd[onnx]'")
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_changed_weights_file_is_refused(run_dir, tmp_path):

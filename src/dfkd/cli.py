@@ -327,7 +327,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     card = export_student(args.run_dir, args.format, args.which, args.out, args.overwrite)
     acc = card["accuracy"]
     score = ", ".join(
-        f"{key} {acc[key]:.2f}%" for key in ("top1", "agreement") if isinstance(acc.get(key), (int, float))
+        f"{name} {acc[key]:.2f}%"
+        for key, name in (("top1", "top-1"), ("agreement", "agreement"))
+        if isinstance(acc.get(key), (int, float))
     )
     weights = Path(card["path"]).parent / card["weights"]["file"]
     _write(
