@@ -158,6 +158,8 @@ def export_student(
         "torch_version": torch.__version__,
         "export": {**options, "command": _command(options, overwrite)},
     }
+    if card["run_status"] != "ok":
+        log.warning("the run's status is %s (%s): check it before shipping", card["run_status"], run.path)
     warning = _optimism_warning(which, split)
     if warning:
         card["warning"] = warning
@@ -354,7 +356,7 @@ def _write_weights(format: str, arch: str, state: dict, facts: dict, path: Path)
         save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path), {"arch": arch})
         return
     model = _student_module(arch, state, facts)
-    example = torch.rand(2, *facts["image_shape"])
+    example = torch.rand(2, *facts["image_shape"], generator=torch.Generator().manual_seed(0))
     if format == "torchscript":
         _write_torchscript(model, example, path)
     else:
@@ -368,7 +370,7 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> N
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(model, example)
-        other = torch.rand(3, *example.shape[1:])
+        other = torch.rand(3, *example.shape[1:], generator=torch.Generator().manual_seed(1))
         if not torch.allclose(traced(other), model(other), atol=1e-5, rtol=1e-4):
             raise DfkdError(f"the traced {type(model.net).__name__} differs from the network: use --format safetensors")
         torch.jit.save(traced, str(path))
