@@ -9,6 +9,8 @@ Example:
     ...                        ["teacher.weights=runs/teacher", "out=runs/student"])
     >>> summary = dfkd.distill(cfg)                      # or dfkd.distill(cfg, teacher=my_nn_module)
     >>> summary["student_top1_best"]
+    >>> card = dfkd.export_student("runs/student")       # runs/student/export: student.safetensors + card.json
+    >>> student = dfkd.load_student(card["path"])        # takes [0, 1] images; student.card is the card
 """
 
 from dfkd.config import load_config
@@ -16,6 +18,7 @@ from dfkd.engine.distill import distill
 from dfkd.engine.evaluate import evaluate_weights
 from dfkd.engine.supervised import train_teacher
 from dfkd.errors import DfkdError
+from dfkd.export import export_student, load_student
 from dfkd.methods import METHODS, Batch, Ctx, Method, MethodConfig, Progress
 from dfkd.models import create_generator, create_model
 
@@ -33,7 +36,9 @@ __all__ = [
     "create_model",
     "distill",
     "evaluate_weights",
+    "export_student",
     "load_config",
+    "load_student",
     "train_teacher",
     "__version__",
 ]

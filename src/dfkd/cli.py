@@ -1,4 +1,4 @@
-"""The ``dfkd`` command line: train-teacher, distill, eval, list, bench, demo.
+"""The ``dfkd`` command line: train-teacher, distill, eval, export, list, bench, demo.
 
 Settings come from a recipe (``--config NAME|PATH``) plus ``key=value`` overrides. Bad input ends with a one-line
 ``dfkd: error: ...`` on stderr and exit status 2, never a traceback.
@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   dfkd distill --config fashion-mnist/cudfkd-lenet5_bn-lenet5_half teacher.weights=runs/teacher out=runs/cudfkd
   dfkd distill --resume runs/cudfkd
   dfkd eval --weights runs/cudfkd --teacher runs/teacher
+  dfkd export runs/cudfkd --format safetensors          (writes runs/cudfkd/export: the student + card.json)
   dfkd list recipes
   dfkd bench fashion-mnist --methods cudfkd,dafl
   dfkd bench fashion-mnist --seeds 0,1,2 --budget 1800 --teacher RUN   (the accuracy-per-second race)
@@ -65,12 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("eval", help="top-1 of a checkpoint on the test set (and agreement with a teacher)")
-    p.add_argument("--weights", "-w", required=True, metavar="CKPT", help="a checkpoint file or a run directory")
+    p.add_argument(
+        "--weights", "-w", required=True, metavar="CKPT", help="a checkpoint file, a run directory or an export"
+    )
     p.add_argument("--arch", metavar="NAME", help="architecture (default: the one recorded in the checkpoint)")
     p.add_argument("--teacher", metavar="CKPT", help="also report agreement with this teacher")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. data.name=fashion-mnist-32 engine.device=cpu"
     )
+
+    p = sub.add_parser("export", help="write a run's student to ship (safetensors, TorchScript or ONNX) + card.json")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory of `dfkd distill`")
+    p.add_argument(
+        "--format",
+        choices=["safetensors", "torchscript", "onnx"],
+        default="safetensors",
+        help="safetensors: the bare network's weights (default); torchscript, onnx: the network with its "
+        "normalisation inside, taking [0, 1] images (onnx needs `pip install 'dfkd[onnx]'`)",
+    )
+    p.add_argument(
+        "--which",
+        choices=["best", "last"],
+        default="best",
+        help="best: the checkpoint the run chose on its evaluation split (default); last: the final epoch",
+    )
+    p.add_argument("--out", metavar="DIR", help="the export folder (default: RUN_DIR/export)")
+    p.add_argument("--overwrite", action="store_true", help="replace an export already in the folder")
 
     p = sub.add_parser("list", help="list methods, models, datasets or recipes")
     p.add_argument("what", choices=["methods", "models", "datasets", "recipes"])
@@ -288,14 +309,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config("eval", None, list(args.overrides) + extra)
     r = evaluate_weights(cfg)
     line = f"{r['arch']} on {r['dataset']} ({r['images']} test images): top-1 {r['top1']:.2f}%"
-    if Path(r["weights"]).name == "best.pt":
-        line += " (best.pt: the epoch its run chose on its evaluation split; on that split this is not a fresh score)"
+    if Path(r["weights"]).name == "best.pt" or r.get("checkpoint") == "best":
+        what = "an export of best.pt" if r.get("checkpoint") else "best.pt"
+        line += f" ({what}: the epoch its run chose on its evaluation split; on that split this is not a fresh score)"
     if "agreement" in r:
         line += (
             f", teacher top-1 {r['teacher_top1']:.2f}%, agreement {r['agreement']:.2f}%, "
             f"prob. loyalty {r['prob_loyalty']:.4f} (reference form {r['prob_loyalty_reference']:.4f})"
         )
     _write(f"{line}\nweights: {r['weights']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dfkd.export import export_student
+
+    card = export_student(args.run_dir, args.format, args.which, args.out, args.overwrite)
+    acc = card["accuracy"]
+    score = ", ".join(
+        f"{name} {acc[key]:.2f}%"
+        for key, name in (("top1", "top-1"), ("agreement", "agreement"))
+        if isinstance(acc.get(key), (int, float))
+    )
+    weights = Path(card["path"]).parent / card["weights"]["file"]
+    _write(
+        f"{card['architecture']} ({card['num_classes']} classes, input {'x'.join(map(str, card['input_shape']))}): "
+        f"{score or 'no score'} on {acc['split']}; {card['selected_by']}\n"
+        f"weights: {weights} (sha256 {card['weights']['sha256'][:16]}...)\ncard: {card['path']}"
+    )
+    if card.get("warning"):
+        _write(f"note: {card['warning']}")
     return 0
 
 
@@ -378,6 +421,7 @@ COMMANDS = {
     "train-teacher": cmd_train_teacher,
     "distill": cmd_distill,
     "eval": cmd_eval,
+    "export": cmd_export,
     "list": cmd_list,
     "bench": cmd_bench,
     "demo": cmd_demo,

@@ -37,17 +37,22 @@ def student_metrics(student_logits: Tensor, labels: Tensor, teacher_logits: Tens
 def evaluate_weights(cfg) -> dict:
     """``dfkd eval``: top-1 of a checkpoint on the test set, and agreement with a teacher when one is given.
 
-    The architecture and dataset default to those recorded in a dfkd checkpoint (``arch``, ``dataset``).
+    The architecture and dataset default to those recorded in a dfkd checkpoint (``arch``, ``dataset``). An export
+    of ``dfkd export`` (its folder or card) is evaluated as its card describes it: architecture, mean/std, dataset.
     """
     from dfkd.data import dataset_info
     from dfkd.engine.common import build_model, load_split_on_device, resolve_weights
     from dfkd.engine.env import setup_env
     from dfkd.errors import ConfigError
+    from dfkd.export import find_card
     from dfkd.models import read_weights
     from dfkd.models.sources import is_external_arch
 
     if not cfg.model.weights:
         raise ConfigError("no weights to evaluate: pass --weights CKPT (or model.weights=CKPT)")
+    card_path = find_card(cfg.model.weights)
+    if card_path is not None:
+        return _evaluate_export(cfg, card_path)
     path = resolve_weights(cfg.model.weights)
     _, meta = read_weights(str(path))
     arch = cfg.model.arch or meta.get("arch")
@@ -61,6 +66,54 @@ def evaluate_weights(cfg) -> dict:
     test_x, test_y = load_split_on_device(info, "test", cfg.data.root, env)
     model = build_model(arch, info, env, str(path), "model")
     logits = predict(model, test_x, cfg.eval.batch_size, env.channels_last)
+    result = {"weights": str(path), "arch": arch, "dataset": data, "images": int(test_y.numel())}
+    return _with_teacher(cfg, result, logits, test_x, test_y, info, env)
+
+
+def _evaluate_export(cfg, card_path) -> dict:
+    from dfkd.data import dataset_info
+    from dfkd.engine.common import load_split_on_device
+    from dfkd.engine.env import setup_env
+    from dfkd.errors import ConfigError
+    from dfkd.export import load_student
+
+    model = load_student(card_path)
+    card = model.card
+    if cfg.model.arch and cfg.model.arch != card["architecture"]:
+        raise ConfigError(f"the export {card_path} holds a {card['architecture']}, not {cfg.model.arch}: drop --arch")
+    data = cfg.data.name or card["dataset"]
+    if data == "none":
+        raise ConfigError(
+            f"the export {card_path} was distilled without data (data.name=none): pass data.name=NAME of a labelled "
+            "dataset with its classes to evaluate it"
+        )
+    info = dataset_info(data)
+    if list(info.image_shape) != list(card["input_shape"]) or info.num_classes != card["num_classes"]:
+        raise ConfigError(
+            f"the export takes {card['input_shape']} images and has {card['num_classes']} classes but {data} has "
+            f"{list(info.image_shape)} and {info.num_classes}: pass data.name= a dataset it fits"
+        )
+    env = setup_env(cfg.engine.device, "fp32", cfg.engine.channels_last, cfg.engine.threads, cfg.engine.compile)
+    model.to(env.device)
+    test_x, test_y = load_split_on_device(info, "test", cfg.data.root, env)
+    logits = predict(model, test_x, cfg.eval.batch_size)
+    weights = card_path.parent / card["weights"]["file"]
+    result = {
+        "weights": str(weights),
+        "arch": card["architecture"],
+        "dataset": data,
+        "images": int(test_y.numel()),
+        "checkpoint": card["checkpoint"],
+    }
+    return _with_teacher(cfg, result, logits, test_x, test_y, info, env)
+
+
+def _with_teacher(cfg, result: dict, logits: Tensor, test_x: Tensor, test_y: Tensor, info, env) -> dict:
+    """``result`` plus the metrics of ``logits``, and with ``teacher.weights`` the agreement with that teacher."""
+    from dfkd.engine.common import build_model, resolve_weights
+    from dfkd.errors import ConfigError
+    from dfkd.models import read_weights
+
     teacher_logits = None
     if cfg.teacher.weights or is_external_arch(cfg.teacher.arch):
         t_path = resolve_weights(cfg.teacher.weights) if cfg.teacher.weights else None
@@ -69,7 +122,6 @@ def evaluate_weights(cfg) -> dict:
             raise ConfigError(f"{t_path} does not record its architecture: pass teacher.arch=NAME")
         teacher = build_model(t_arch, info, env, str(t_path) if t_path else None, "teacher")
         teacher_logits = predict(teacher, test_x, cfg.eval.batch_size, env.channels_last)
-    result = {"weights": str(path), "arch": arch, "dataset": data, "images": int(test_y.numel())}
     result.update(student_metrics(logits, test_y, teacher_logits))
     if teacher_logits is not None:
         result["teacher_top1"] = student_metrics(teacher_logits, test_y, None)["top1"]

@@ -1,0 +1,434 @@
+"""A student to ship: a distillation run's student as one weights file plus a JSON card, and reading it back.
+
+Layout of an export folder (default ``RUN/export``)::
+
+    OUT/student.safetensors   the bare network's state dict, keys as in the CMI zoo (or .torchscript.pt / .onnx)
+    OUT/card.json             architecture, classes, mean/std, input shape, teacher, method, accuracy and how the
+                              checkpoint was chosen, the weights file's sha256
+
+The TorchScript and ONNX files hold the network with its normalisation inside, so they take [0, 1] images like every
+model in dfkd; the safetensors file holds the bare network and :func:`load_student` wraps it in
+:class:`~dfkd.models.Normalized` with the card's mean/std.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shlex
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dfkd.errors import CheckpointError, ConfigError, DfkdError
+
+log = logging.getLogger("dfkd")
+
+CARD_FORMAT = "dfkd-student-card/1"
+CARD_NAME = "card.json"
+FORMATS = ("safetensors", "torchscript", "onnx")
+WEIGHTS_NAMES = {
+    "safetensors": "student.safetensors",
+    "torchscript": "student.torchscript.pt",
+    "onnx": "student.onnx",
+}
+INPUT_NOTE = {
+    "safetensors": "the bare network's weights: it expects normalised images ((x - mean) / std of [0, 1] images); "
+    "dfkd.load_student returns it with the normalisation inside, taking [0, 1] images",
+    "torchscript": "float images in [0, 1], shape (N, C, H, W); the normalisation is inside the model",
+    "onnx": "input 'images': float32 images in [0, 1], shape (N, C, H, W), any N; output 'logits'; the normalisation "
+    "is inside the model",
+}
+DATA_KEYS = ("num_classes", "image_shape", "mean", "std")
+
+
+def export_student(
+    run_dir: str | os.PathLike[str],
+    format: str = "safetensors",
+    which: str = "best",
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write the student of a finished (or interrupted) ``dfkd distill`` run as a weights file plus ``card.json``.
+
+    Args:
+        run_dir: the run directory (it holds ``config.yaml`` and ``ckpt/``).
+        format: ``"safetensors"`` (the bare network's state dict), ``"torchscript"`` or ``"onnx"`` (the network with
+            its normalisation inside, taking [0, 1] images; ONNX needs ``pip install 'dfkd[onnx]'``).
+        which: ``"best"`` (the checkpoint the run chose on its evaluation split) or ``"last"`` (the final epoch).
+        out: the export folder; default ``run_dir/export``.
+        overwrite: replace an export already in ``out``.
+
+    Returns:
+        The card (also written to ``out/card.json``), with ``path`` added: where the card is.
+
+    Raises:
+        CheckpointError: the run has no such checkpoint, or it is not a distillation checkpoint.
+        ConfigError: unknown format or checkpoint; the run's dataset is unknown and its config does not give the
+            class count, image shape and mean/std.
+        DfkdError: ``out`` already holds an export (pass ``overwrite``); ONNX without the onnx package.
+
+    Example:
+        >>> card = dfkd.export_student("runs/cudfkd", format="safetensors")
+        >>> student = dfkd.load_student(card["path"])
+    """
+    from dfkd import __version__
+    from dfkd.config import read_yaml
+    from dfkd.engine.distill import CHECKPOINT_FORMAT
+    from dfkd.engine.rundir import RunDir, load_state
+
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format '{format}': use one of {', '.join(FORMATS)}")
+    if which not in ("best", "last"):
+        raise ConfigError(f"--which {which}: use 'best' or 'last'")
+    run = RunDir(run_dir)
+    ckpt_path = run.best if which == "best" else run.last
+    if not ckpt_path.is_file():
+        if not run.last.is_file():
+            raise CheckpointError(f"{run.path} holds no ckpt/last.pt: give the run directory of `dfkd distill`")
+        raise CheckpointError(f"{run.path} has no ckpt/best.pt (no scored epoch yet): use --which last")
+    if not (run.path / "config.yaml").is_file():
+        raise CheckpointError(f"{run.path} holds no config.yaml: give the run directory of `dfkd distill`")
+    out_dir = Path(out).expanduser() if out is not None else run.path / "export"
+    _check_out(out_dir, overwrite)
+    if format == "onnx":
+        _require_onnx()
+
+    ckpt = load_state(ckpt_path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{ckpt_path} is not a distillation checkpoint ({ckpt.get('format')}): export takes a `dfkd distill` run"
+        )
+    cfg = read_yaml(run.path / "config.yaml")
+    summary_path = run.path / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    facts = _data_facts(cfg.get("data") or {}, ckpt, run.path)
+    arch = str(ckpt.get("arch") or (cfg.get("student") or {}).get("arch"))
+    state = ckpt["state_dict"]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights_path = out_dir / WEIGHTS_NAMES[format]
+    tmp = weights_path.with_name(weights_path.name + ".tmp")
+    try:
+        _write_weights(format, arch, state, facts, tmp)
+        if overwrite:  # only now that the new file is written: a failed export keeps the old one
+            for name in (CARD_NAME, *WEIGHTS_NAMES.values()):
+                (out_dir / name).unlink(missing_ok=True)
+        os.replace(tmp, weights_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+    epoch = int(ckpt["epoch"])
+    row = next((r for r in ckpt.get("history", []) if r.get("epoch") == epoch), {})
+    split = summary.get("eval_split") or (cfg.get("eval") or {}).get("split") or "test"
+    accuracy: dict[str, Any] = {"split": split, "epoch": epoch}
+    accuracy.update({k[len("eval/") :]: v for k, v in row.items() if k.startswith("eval/") and v is not None})
+    if summary.get("teacher_top1") is not None:
+        accuracy["teacher_top1"] = summary["teacher_top1"]
+    teacher = cfg.get("teacher") or {}
+    options = {"run_dir": str(run.path), "format": format, "which": which, "out": str(out_dir)}
+    card = {
+        "format": CARD_FORMAT,
+        "architecture": arch,
+        "num_classes": facts["num_classes"],
+        "class_names": facts["class_names"],
+        "mean": facts["mean"],
+        "std": facts["std"],
+        "input_shape": facts["image_shape"],
+        "input": INPUT_NOTE[format],
+        "teacher": {"arch": teacher.get("arch"), "weights": teacher.get("weights"), "name": summary.get("teacher")},
+        "method": summary.get("method") or (cfg.get("method") or {}).get("name"),
+        "dataset": facts["dataset"],
+        "checkpoint": which,
+        "selected_by": _selected_by(which, split, summary, epoch),
+        "accuracy": accuracy,
+        "run_status": summary.get("status", "ok") if summary else "unfinished (no summary.json)",
+        "weights": {
+            "file": weights_path.name,
+            "format": format,
+            "sha256": sha256_file(weights_path),
+            "bytes": weights_path.stat().st_size,
+        },
+        "dfkd_version": __version__,
+        "torch_version": torch.__version__,
+        "export": {**options, "command": _command(options, overwrite)},
+    }
+    if card["run_status"] != "ok":
+        log.warning("the run's status is %s (%s): check it before shipping", card["run_status"], run.path)
+    warning = _optimism_warning(which, split)
+    if warning:
+        card["warning"] = warning
+    card_path = out_dir / CARD_NAME
+    card_tmp = card_path.with_name(CARD_NAME + ".tmp")
+    card_tmp.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(card_tmp, card_path)
+    log.info("exported %s (%s, checkpoint %s, epoch %d) to %s", arch, format, which, epoch, weights_path)
+    return {**card, "path": str(card_path)}
+
+
+def load_student(path: str | os.PathLike[str]) -> nn.Module:
+    """A student exported by :func:`export_student`, ready to use: eval mode, on the CPU, taking [0, 1] images.
+
+    Args:
+        path: the export folder, its ``card.json``, or the weights file beside the card.
+
+    Returns:
+        The model, with the card as ``model.card`` (a dict) and its :class:`~dfkd.models.meta.TeacherMeta` as
+        ``model.dfkd_meta``. A safetensors export comes back as a :class:`~dfkd.models.Normalized` zoo network, a
+        TorchScript one as the loaded script module.
+
+    Raises:
+        CheckpointError: no card, a card of another format, a weights file missing or whose sha256 differs from
+            the card's (changed or damaged after the export).
+        DfkdError: an ONNX export (those are for onnxruntime and other ONNX runtimes).
+
+    Example:
+        >>> student = dfkd.load_student("runs/cudfkd/export")
+        >>> student(torch.rand(8, *student.card["input_shape"])).argmax(1)
+    """
+    from dfkd.models.meta import TeacherMeta, attach_meta
+
+    card_path = find_card(path)
+    if card_path is None:
+        raise CheckpointError(f"{path} is not a dfkd export: give the folder `dfkd export` wrote or its card.json")
+    card = read_card(card_path)
+    weights = card_path.parent / card["weights"]["file"]
+    if not weights.is_file():
+        raise CheckpointError(f"the card {card_path} names {weights.name}, which is not beside it")
+    digest = sha256_file(weights)
+    if digest != card["weights"]["sha256"]:
+        raise CheckpointError(
+            f"{weights} does not match its card (sha256 {digest[:12]}... instead of {card['weights']['sha256'][:12]}"
+            "...): the file changed after the export; export the run again"
+        )
+    fmt = card["weights"]["format"]
+    if fmt == "onnx":
+        raise DfkdError(
+            f"{weights} is an ONNX export: run it with onnxruntime (onnxruntime.InferenceSession(path), input "
+            "'images' in [0, 1]); load_student reads safetensors and TorchScript exports"
+        )
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+
+        model = _student_module(card["architecture"], load_file(str(weights)), _card_facts(card))
+    elif fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=DeprecationWarning)
+            model = torch.jit.load(str(weights), map_location="cpu")
+    else:
+        raise CheckpointError(f"{card_path} names weights format '{fmt}', which this dfkd does not know")
+    model.eval()
+    model.card = card
+    return attach_meta(
+        model,
+        TeacherMeta(
+            mean=tuple(card["mean"]),
+            std=tuple(card["std"]),
+            input_shape=tuple(card["input_shape"]),
+            num_classes=int(card["num_classes"]),
+            classes=tuple(card["class_names"]) if card.get("class_names") else None,
+            source=f"dfkd export {card_path}",
+        ),
+    )
+
+
+def find_card(path: str | os.PathLike[str]) -> Path | None:
+    """The card of an export given as its folder, its card or its weights file; None when ``path`` is no export."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p / CARD_NAME if (p / CARD_NAME).is_file() else None
+    if p.suffix == ".json" and p.is_file():
+        return p
+    if p.is_file() and p.name in WEIGHTS_NAMES.values() and (p.parent / CARD_NAME).is_file():
+        return p.parent / CARD_NAME
+    return None
+
+
+def read_card(path: Path) -> dict:
+    """Read and check a card written by :func:`export_student`."""
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the export card {path}: {exc}") from None
+    if not isinstance(card, dict) or not str(card.get("format", "")).startswith("dfkd-student-card/"):
+        raise CheckpointError(f"{path} is not a dfkd export card (no 'format: {CARD_FORMAT}' entry)")
+    if card["format"] != CARD_FORMAT:
+        raise CheckpointError(f"{path} is a {card['format']} card; this dfkd reads {CARD_FORMAT}: upgrade dfkd")
+    return card
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_out(out_dir: Path, overwrite: bool) -> None:
+    present = [name for name in (CARD_NAME, *WEIGHTS_NAMES.values()) if (out_dir / name).exists()]
+    if present and not overwrite:
+        raise DfkdError(
+            f"{out_dir} already holds an export ({', '.join(present)}): pass --overwrite to replace it, or --out DIR"
+        )
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise DfkdError("--format onnx needs the onnx package: pip install 'dfkd[onnx]'") from None
+
+
+def _data_facts(data: dict, ckpt: dict, run: Path) -> dict:
+    """Classes, image shape and normalisation of the run's data: the registry's, else the config's data section.
+
+    A run on an unregistered data source (data.name none or folder) states them as data.num_classes,
+    data.image_shape, data.mean, data.std and data.class_names in its config.yaml, or as checkpoint entries of the
+    same names.
+    """
+    from dfkd.data import DATASETS, dataset_info
+
+    name = data.get("name")
+    if name in DATASETS:
+        info = dataset_info(name)
+        facts = {
+            "num_classes": info.num_classes,
+            "image_shape": list(info.image_shape),
+            "mean": list(info.mean),
+            "std": list(info.std),
+            "class_names": list(info.classes),
+        }
+    else:
+        facts = {key: data.get(key, ckpt.get(key)) for key in (*DATA_KEYS, "class_names")}
+        missing = [f"data.{key}" for key in DATA_KEYS if facts[key] is None]
+        if missing:
+            raise ConfigError(
+                f"{run}/config.yaml: data.name={name} is not a registered dataset and the run records no "
+                f"{', '.join(missing)}: the student's classes and input cannot be described"
+            )
+        try:
+            facts["num_classes"] = int(facts["num_classes"])
+            facts["image_shape"] = [int(v) for v in facts["image_shape"]]
+            facts["mean"] = [float(v) for v in facts["mean"]]
+            facts["std"] = [float(v) for v in facts["std"]]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{run}/config.yaml: data.num_classes, image_shape, mean or std is malformed") from None
+        if len(facts["image_shape"]) != 3:
+            raise ConfigError(f"{run}/config.yaml: data.image_shape must be [C, H, W], got {facts['image_shape']}")
+        if facts["class_names"] is not None:
+            facts["class_names"] = [str(c) for c in facts["class_names"]]
+    if ckpt.get("num_classes") is not None and int(ckpt["num_classes"]) != facts["num_classes"]:
+        raise CheckpointError(
+            f"{run}: the checkpoint has {ckpt['num_classes']} classes but its data has {facts['num_classes']}"
+        )
+    facts["dataset"] = name
+    return facts
+
+
+def _card_facts(card: dict) -> dict:
+    return {
+        "num_classes": int(card["num_classes"]),
+        "image_shape": [int(v) for v in card["input_shape"]],
+        "mean": card["mean"],
+        "std": card["std"],
+    }
+
+
+def _student_module(arch: str, state: dict, facts: dict) -> nn.Module:
+    from dfkd.models import Normalized, create_model, load_weights
+
+    net = create_model(arch, facts["num_classes"], facts["image_shape"][0])
+    load_weights(net, state, f"the student's weights ({arch})")
+    return Normalized(net, facts["mean"], facts["std"]).eval()
+
+
+def _write_weights(format: str, arch: str, state: dict, facts: dict, path: Path) -> None:
+    if format == "safetensors":
+        from safetensors.torch import save_file
+
+        # safetensors refuses tensors that share storage; clones own theirs
+        save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path), {"arch": arch})
+        return
+    model = _student_module(arch, state, facts)
+    example = torch.rand(2, *facts["image_shape"], generator=torch.Generator().manual_seed(0))
+    if format == "torchscript":
+        _write_torchscript(model, example, path)
+    else:
+        _write_onnx(model, example, path)
+
+
+def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        # trace is deprecated in favour of torch.export, but its files are what C++ and mobile runtimes load; the
+        # tracer's warnings about shape checks are answered by the comparison below
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, example)
+        other = torch.rand(3, *example.shape[1:], generator=torch.Generator().manual_seed(1))
+        if not torch.allclose(traced(other), model(other), atol=1e-5, rtol=1e-4):
+            raise DfkdError(f"the traced {type(model.net).__name__} differs from the network: use --format safetensors")
+        torch.jit.save(traced, str(path))
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    import onnx
+
+    with torch.no_grad(), warnings.catch_warnings():
+        # the torch.export-based exporter needs onnxscript; the TorchScript-based one needs nothing beyond onnx
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    onnx.checker.check_model(str(path))
+
+
+def _selected_by(which: str, split: str, summary: dict, epoch: int) -> str:
+    if which == "last":
+        return f"last: the weights of the final epoch ({epoch}), not chosen by any score"
+    if summary.get("selected_by"):
+        return str(summary["selected_by"])
+    epochs = summary.get("epochs")  # best.pt's own history ends at its epoch
+    where = f"(epoch {epoch} of {epochs})" if epochs else f"(epoch {epoch})"
+    if split == "test":
+        return (
+            f"best: the epoch of highest top-1 on the test set {where}; its test top-1 is optimistic, since the "
+            "test set chose it"
+        )
+    if split == "val":
+        return (
+            f"best: the epoch of highest top-1 on the validation slice held out of the training split {where}; "
+            "the test set did not take part in the choice"
+        )
+    return f"best: the epoch of best score on the run's evaluation split '{split}' {where}"
+
+
+def _optimism_warning(which: str, split: str) -> str | None:
+    if which == "best" and split == "test":
+        return (
+            "'best' was picked on the test set, so its test top-1 overstates what new images will show; "
+            "export --which last, or distill with eval.split=val, for an unbiased number"
+        )
+    return None
+
+
+def _command(options: dict, overwrite: bool) -> str:
+    parts = ["dfkd", "export", options["run_dir"], "--format", options["format"], "--which", options["which"]]
+    parts += ["--out", options["out"]] + (["--overwrite"] if overwrite else [])
+    return shlex.join(parts)
+
+
+__all__ = ["CARD_FORMAT", "FORMATS", "export_student", "find_card", "load_student", "read_card", "sha256_file"]
