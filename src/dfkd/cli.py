@@ -319,9 +319,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     real = f"against {r['real_images']} real test images" if r["real_images"] else f"alone ({r['real_missing_reason']})"
     _write(
         f"{r['method']}, {args.which} checkpoint (epoch {r['epoch']}): {r['synthetic_images']} synthetic images "
-        f"{real}; "
-        f"the teacher puts them in {hit} of {r['num_classes']} classes (entropy {r['class_entropy']:.2f} of "
-        f"{r['class_entropy_max']:.2f} nats)\nwrote {', '.join(r['files'])}"
+        f"{real}; the teacher puts them in {hit} of {r['num_classes']} classes (entropy {r['class_entropy']:.2f} "
+        f"of {r['class_entropy_max']:.2f} nats)\nwrote {', '.join(r['files'])}"
     )
     return 0
 
