@@ -1,4 +1,4 @@
-"""The ``dfkd`` command line: train-teacher, distill, eval, export, list, bench, demo.
+"""The ``dfkd`` command line: train-teacher, distill, eval, export, plot, list, bench, demo.
 
 Settings come from a recipe (``--config NAME|PATH``) plus ``key=value`` overrides. Bad input ends with a one-line
 ``dfkd: error: ...`` on stderr and exit status 2, never a traceback.
@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   dfkd distill --resume runs/cudfkd
   dfkd eval --weights runs/cudfkd --teacher runs/teacher
   dfkd export runs/cudfkd --format safetensors          (writes runs/cudfkd/export: the student + card.json)
+  dfkd plot runs/cudfkd   (t-SNE and class histogram of the synthetic images, in runs/cudfkd/plots)
   dfkd list recipes
   dfkd bench fashion-mnist --methods cudfkd,dafl
   dfkd bench fashion-mnist --seeds 0,1,2 --budget 1800 --teacher RUN   (the accuracy-per-second race)
@@ -92,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", metavar="DIR", help="the export folder (default: RUN_DIR/export)")
     p.add_argument("--overwrite", action="store_true", help="replace an export already in the folder")
+    p = sub.add_parser(
+        "plot",
+        help="t-SNE of teacher features (real test vs synthetic images) and the teacher's classes on synthetic images",
+        description="Rebuild a distillation run's teacher and method, draw synthetic images as its student gets them "
+        "and write RUN_DIR/plots/tsne.png, class_hist.png and plot.json.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the directory of a `dfkd distill` run")
+    p.add_argument("--real", type=int, default=500, metavar="N", help="real test images in the t-SNE (default 500)")
+    p.add_argument("--synthetic", type=int, default=500, metavar="N", help="synthetic images to draw (default 500)")
+    p.add_argument("--which", choices=["last", "best"], default="last", help="the checkpoint (default: last)")
 
     p = sub.add_parser("list", help="list methods, models, datasets or recipes")
     p.add_argument("what", choices=["methods", "models", "datasets", "recipes"])
@@ -342,6 +353,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from dfkd.plot import plot_run
+
+    r = plot_run(args.run_dir, real=args.real, synthetic=args.synthetic, which=args.which)
+    hit = sum(1 for count in r["class_counts"] if count)
+    real = f"against {r['real_images']} real test images" if r["real_images"] else f"alone ({r['real_missing_reason']})"
+    _write(
+        f"{r['method']}, {args.which} checkpoint (epoch {r['epoch']}): {r['synthetic_images']} synthetic images "
+        f"{real}; the teacher puts them in {hit} of {r['num_classes']} classes (entropy {r['class_entropy']:.2f} "
+        f"of {r['class_entropy_max']:.2f} nats)\nwrote {', '.join(r['files'])}"
+    )
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "methods":
         from dfkd.methods import describe_method, method_names
@@ -422,6 +447,7 @@ COMMANDS = {
     "distill": cmd_distill,
     "eval": cmd_eval,
     "export": cmd_export,
+    "plot": cmd_plot,
     "list": cmd_list,
     "bench": cmd_bench,
     "demo": cmd_demo,

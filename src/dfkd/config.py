@@ -150,6 +150,13 @@ class EngineConfig:
 
 
 @dataclass
+class LogConfig:
+    # Also write every epoch's metrics, the timing split and the sample grids as TensorBoard events under
+    # RUN/tensorboard (pip install 'dfkd[tensorboard]'); metrics.jsonl and metrics.csv are always written.
+    tensorboard: bool = False
+
+
+@dataclass
 class ExpectedConfig:
     """The published number a recipe should reproduce, for `dfkd bench`; informational only."""
 
@@ -168,6 +175,7 @@ class DistillConfig:
     train: DistillTrainConfig = field(default_factory=DistillTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     out: str | None = None  # the run directory
     expected: ExpectedConfig = field(default_factory=ExpectedConfig)
     description: str = ""
@@ -180,6 +188,7 @@ class TeacherTrainConfig:
     train: SupervisedTrainConfig = field(default_factory=SupervisedTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     out: str | None = None
     expected: ExpectedConfig = field(default_factory=ExpectedConfig)
     description: str = ""

@@ -31,6 +31,7 @@ from dfkd.engine.meters import Meters, Stopwatch, first_non_finite, format_secon
 from dfkd.engine.optim import build_optimizer, build_scheduler, warmup_factor
 from dfkd.engine.rundir import RunDir
 from dfkd.engine.seed import gather_rng_states, restore_rng_states, seed_everything
+from dfkd.engine.tblog import TensorBoardLog
 from dfkd.errors import ConfigError, DivergedError
 from dfkd.images import plot_curves, save_grid
 from dfkd.methods import METHODS, Ctx, Method, Progress
@@ -94,9 +95,8 @@ def _distill(
     test_x, test_y = load_split_on_device(info, cfg.eval.split, cfg.data.root, env, cfg.data.val_size)
     teacher = freeze(build_model(teacher_module or cfg.teacher.arch, info, env, cfg.teacher.weights, "teacher"))
     student = build_model(student_module or cfg.student.arch, info, env, None, "student")
-    method: Method = METHODS.get(cfg.method.name)(cfg.method, Ctx(teacher, student, info, env, cfg.train.batch_size))
+    method = build_method(cfg, teacher, student, info, env)
     cleanup.callback(method.close)
-    method.to(env.device)
     env.broadcast_state(student)
     env.broadcast_state(method)
     student_ddp = DistributedDataParallel(student) if env.distributed else student
@@ -105,6 +105,8 @@ def _distill(
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={cfg.train.ema_decay}: give a decay in [0, 1) (0 = no averaging)")
     ema = StudentEMA(student, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    tb = TensorBoardLog(cfg.log.tensorboard, env.is_main)
+    cleanup.callback(tb.close)
 
     run.prepare(resume=resume, overwrite=overwrite)
     state = _fresh_state()
@@ -114,6 +116,7 @@ def _distill(
         log.info("resuming %s from epoch %d", run.path, state["epoch"])
     run.write_text("config.yaml", to_yaml(cfg))
     run.write_metrics(state["history"])
+    tb.open(run.path / "tensorboard", state["history"])
 
     teacher_logits = predict(teacher, test_x, cfg.eval.batch_size, env.channels_last)
     teacher_top1 = top1_percent(teacher_logits, test_y)
@@ -237,6 +240,7 @@ def _distill(
             **{f"time/{k}": v for k, v in timers.items()},
         }
         state["history"].append(row)
+        tb.log_row(row)  # before the checkpoint: a resume purges what it repeats, but cannot restore what was lost
         is_best = not prog.in_warmup and metrics["top1"] > state["best_top1"]
         if is_best:
             state["best_top1"], state["best_epoch"] = metrics["top1"], epoch + 1
@@ -246,7 +250,7 @@ def _distill(
         run.save_checkpoint(checkpoint, is_best)
         run.append_metrics(row)
         if cfg.engine.sample_every and (epoch + 1) % cfg.engine.sample_every == 0 and epoch + 1 < all_epochs:
-            _pictures(run, method, state["history"], teacher_top1, cfg, env)  # the last epoch's come after the loop
+            _pictures(run, method, state["history"], teacher_top1, cfg, env, tb)  # the last epoch's come after the loop
         done = epoch + 1 - _first_epoch(state)
         remaining = (time.perf_counter() - loop_started) / max(1, done) * (all_epochs - epoch - 1)
         log.info(
@@ -275,7 +279,7 @@ def _distill(
             break
     bar.close()
 
-    _pictures(run, method, state["history"], teacher_top1, cfg, env)
+    _pictures(run, method, state["history"], teacher_top1, cfg, env, tb)
     timers["total_seconds"] = earlier_total + time.perf_counter() - started
     summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path)
     summary["memory"] = {  # the parts of peak_memory_bytes
@@ -304,6 +308,23 @@ def _distill(
             run.path / "summary.json",
         )
     return summary
+
+
+def build_method(cfg: DistillConfig, teacher: nn.Module, student: nn.Module, info, env: Env) -> Method:
+    """The run's method (``cfg.method``) on a frozen ``teacher`` and a ``student``, on the device."""
+    method = METHODS.get(cfg.method.name)(cfg.method, Ctx(teacher, student, info, env, cfg.train.batch_size))
+    try:
+        return method.to(env.device)
+    except BaseException:
+        method.close()  # its hooks must not stay on a caller's teacher
+        raise
+
+
+def restore_method(method: Method, ckpt: dict) -> None:
+    """Load a distillation checkpoint's method state: submodules (generators, pools, banks), optimisers, counters."""
+    method.load_state_dict(ckpt["method"])
+    method.load_checkpoint_state(ckpt["method_state"])
+    method.images_synthesized = int(ckpt["images_synthesized"])
 
 
 def _arch_name(arch: str, module: nn.Module | None) -> str:
@@ -394,9 +415,7 @@ def _restore(
         ema.updates = int(ckpt["ema_updates"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    method.load_state_dict(ckpt["method"])
-    method.load_checkpoint_state(ckpt["method_state"])
-    method.images_synthesized = int(ckpt["images_synthesized"])
+    restore_method(method, ckpt)
     restore_rng_states(ckpt["rng"], env, seed, int(ckpt["epoch"]), run.last)
     guard.load_state_dict(ckpt.get("guard", {}))
     return {
@@ -411,12 +430,15 @@ def _restore(
     }
 
 
-def _pictures(run: RunDir, method: Method, history: list[dict], teacher_top1: float, cfg, env: Env) -> None:
+def _pictures(
+    run: RunDir, method: Method, history: list[dict], teacher_top1: float, cfg, env: Env, tb: TensorBoardLog
+) -> None:
     if not env.is_main or not history:
         return
     samples = method.preview(64)
     if samples is not None:
         save_grid(run.path / "samples" / f"epoch_{history[-1]['epoch']:03d}.png", samples)
+        tb.log_images("samples", samples, history[-1]["epoch"])
     plot_curves(
         run.path / "accuracy.png",
         {

@@ -46,7 +46,6 @@ def evaluate_weights(cfg) -> dict:
     from dfkd.errors import ConfigError
     from dfkd.export import find_card
     from dfkd.models import read_weights
-    from dfkd.models.sources import is_external_arch
 
     if not cfg.model.weights:
         raise ConfigError("no weights to evaluate: pass --weights CKPT (or model.weights=CKPT)")
@@ -113,6 +112,7 @@ def _with_teacher(cfg, result: dict, logits: Tensor, test_x: Tensor, test_y: Ten
     from dfkd.engine.common import build_model, resolve_weights
     from dfkd.errors import ConfigError
     from dfkd.models import read_weights
+    from dfkd.models.sources import is_external_arch
 
     teacher_logits = None
     if cfg.teacher.weights or is_external_arch(cfg.teacher.arch):

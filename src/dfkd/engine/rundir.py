@@ -4,12 +4,15 @@ Layout::
 
     RUN/config.yaml        the resolved configuration
     RUN/metrics.jsonl      one JSON object per epoch
+    RUN/metrics.csv        the same rows as a table (columns: every key, in the order first seen)
     RUN/summary.json       written once, when the run completes
     RUN/ckpt/last.pt       everything needed to resume (written atomically every epoch)
     RUN/ckpt/best.pt       the same, for the epoch of best top-1 on the evaluation split (selected on it)
     RUN/samples/*.png      grids of synthetic samples
     RUN/accuracy.png       the accuracy curve
     RUN/log.txt            the log
+    RUN/tensorboard/       event files, with log.tensorboard=true
+    RUN/plots/             what `dfkd plot` draws
 
 Only rank 0 writes. Earlier results are never destroyed by accident: a directory holding a run is refused unless
 the caller resumes it or explicitly overwrites it.
@@ -17,6 +20,8 @@ the caller resumes it or explicitly overwrites it.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
@@ -31,7 +36,18 @@ from dfkd.errors import CheckpointError, DfkdError
 
 log = logging.getLogger("dfkd")
 
-ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "ckpt", "samples", "accuracy.png", "log.txt")
+ARTIFACTS = (
+    "config.yaml",
+    "metrics.jsonl",
+    "metrics.csv",
+    "summary.json",
+    "ckpt",
+    "samples",
+    "accuracy.png",
+    "log.txt",
+    "tensorboard",
+    "plots",
+)
 
 
 class RunDir:
@@ -109,11 +125,25 @@ class RunDir:
         if self.is_main:
             text = "".join(json.dumps(_jsonable(row)) + "\n" for row in history)
             _atomic_write_bytes(self.path / "metrics.jsonl", text.encode())
+            self._write_csv()
 
     def append_metrics(self, row: dict) -> None:
         if self.is_main:
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(_jsonable(row)) + "\n")
+            self._write_csv()
+
+    def _write_csv(self) -> None:
+        """Rewrite metrics.csv from metrics.jsonl, whole: a row may bring a new column (an epoch's first logged
+        term), and a resumed run drops the rows of lost epochs from both files."""
+        lines = (self.path / "metrics.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()]
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: _csv_cell(v) for k, v in row.items()} for row in rows)
+        _atomic_write_bytes(self.path / "metrics.csv", out.getvalue().encode())
 
     def write_summary(self, summary: dict) -> None:
         if self.is_main:
@@ -154,6 +184,16 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()  # as in metrics.jsonl
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return value
 
 
 def _jsonable(obj: Any) -> Any:

@@ -19,6 +19,7 @@ from dfkd.engine.meters import Meters, first_non_finite, format_seconds
 from dfkd.engine.optim import build_optimizer, build_scheduler
 from dfkd.engine.rundir import RunDir
 from dfkd.engine.seed import gather_rng_states, restore_rng_states, seed_everything
+from dfkd.engine.tblog import TensorBoardLog
 from dfkd.errors import ConfigError, DivergedError
 from dfkd.images import plot_curves, save_grid
 from dfkd.metrics import top1_percent
@@ -42,13 +43,16 @@ def train_teacher(
     run.check(resume=resume, overwrite=overwrite)
     env.barrier()  # every rank checks before rank 0 writes anything
     try:
-        return _train(cfg, env, run, model, resume, overwrite)
+        with TensorBoardLog(cfg.log.tensorboard, env.is_main) as tb:
+            return _train(cfg, env, run, model, resume, overwrite, tb)
     finally:
         run.close()
         env.teardown()
 
 
-def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool, overwrite: bool) -> dict:
+def _train(
+    cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool, overwrite: bool, tb: TensorBoardLog
+) -> dict:
     started = time.perf_counter()
     seed_everything(cfg.engine.seed, env.rank)
     info = dataset_info(cfg.data.name)
@@ -87,6 +91,7 @@ def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool,
         best, timers = (float(ckpt["best_top1"]), int(ckpt["best_epoch"])), dict(ckpt["timers"])
     run.write_text("config.yaml", to_yaml(cfg))
     run.write_metrics(history)
+    tb.open(run.path / "tensorboard", history)
     log.info(
         "training %s on %s (%d images) for %d epochs | device %s | run dir %s",
         cfg.model.arch if module is None else type(module).__name__,
@@ -117,6 +122,7 @@ def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool,
             bar.update(1)
         if epoch == epoch0 and env.is_main:
             save_grid(run.path / "samples" / "train_batch.png", x[:64].float())
+            tb.log_images("train_batch", x[:64].float(), epoch + 1)
         losses = meters.means()
         if (bad := first_non_finite(losses)) is not None:
             raise DivergedError(
@@ -133,6 +139,7 @@ def _train(cfg: TeacherTrainConfig, env: Env, run: RunDir, module, resume: bool,
         row = {"epoch": epoch + 1, "eval/top1": top1, **losses, "lr": optimizer.param_groups[0]["lr"]}
         row.update({f"time/{k}": v for k, v in timers.items()})
         history.append(row)
+        tb.log_row(row)
         is_best = top1 > best[0]
         if is_best:
             best = (top1, epoch + 1)
