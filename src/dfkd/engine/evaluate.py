@@ -24,9 +24,9 @@ def predict(model: nn.Module, images_u8: Tensor, batch_size: int, channels_last:
     return torch.cat(outputs)
 
 
-def student_metrics(student_logits: Tensor, labels: Tensor, teacher_logits: Tensor | None) -> dict[str, float]:
-    """top1, and with teacher logits: agreement, probability loyalty (corrected and reference forms)."""
-    out = {"top1": top1_percent(student_logits, labels)}
+def student_metrics(student_logits: Tensor, labels: Tensor | None, teacher_logits: Tensor | None) -> dict[str, float]:
+    """top1 (with labels), and with teacher logits: agreement, probability loyalty (corrected and reference forms)."""
+    out = {} if labels is None else {"top1": top1_percent(student_logits, labels)}
     if teacher_logits is not None:
         out["agreement"] = agreement_percent(student_logits, teacher_logits)
         out["prob_loyalty"] = prob_loyalty(student_logits, teacher_logits)
