@@ -39,23 +39,38 @@ def is_data_free(name: str) -> bool:
 
 
 def _recorded(weights: str | os.PathLike | None) -> dict:
-    """The scalar entries of a weights file (empty for none, and for a file that is not a state dict: the teacher
-    loader that reads it says what is wrong with it)."""
+    """The top-level entries of a weights file other than its tensors (empty for none, and for a file that is not a
+    dict of tensors: the teacher loader that reads it says what is wrong with it)."""
     if not weights:
         return {}
     from dfkd.engine.common import resolve_weights
-    from dfkd.models import read_weights
 
     try:
-        return read_weights(str(resolve_weights(str(weights))))[1]
+        obj = torch.load(resolve_weights(str(weights)), map_location="cpu", weights_only=True)
     except DfkdError:
         return {}
+    except Exception:  # not a weights-only torch file (TorchScript, foreign pickle): it states nothing here
+        return {}
+    if not isinstance(obj, dict):
+        return {}
+    return {str(k): v for k, v in obj.items() if isinstance(v, (bool, int, float, str, list))}
 
 
 def checkpoint_meta(weights: str | os.PathLike | None) -> TeacherMeta:
-    """What a dfkd checkpoint states about its network: class count, and, when it records a registered dataset,
-    that dataset's shape, normalisation and class names. Empty for other files."""
+    """What a dfkd checkpoint states about its network: class count, and the shape, normalisation and class names
+    of its run (recorded by a data-free distillation, else those of the registered dataset it names). Empty for
+    other files."""
     meta = _recorded(weights)
+    if isinstance(meta.get("image_shape"), list) and isinstance(meta.get("mean"), list):
+        classes = meta.get("classes")
+        return TeacherMeta(
+            tuple(meta["mean"]),
+            tuple(meta.get("std") or ()) or None,
+            tuple(meta["image_shape"]),
+            _int_or_none(meta.get("num_classes")),
+            tuple(classes) if isinstance(classes, list) else None,
+            str(weights),
+        )
     name = meta.get("dataset")
     if isinstance(name, str) and name and not is_data_free(name):
         try:
@@ -113,8 +128,13 @@ def resolve_dataset_info(data_cfg: Any, meta: TeacherMeta | None = None) -> Data
     names = tuple(data_cfg.class_names) if data_cfg.class_names else None
     classes = _agreeing("data.class_names", names, meta.classes, source)
     num_classes = _agreeing("data.num_classes", data_cfg.num_classes, meta.num_classes, source)
+    if classes is not None and num_classes is not None and len(classes) != num_classes:
+        raise ConfigError(
+            f"{len(classes)} class names (data.class_names or the teacher's) for {num_classes} classes "
+            "(data.num_classes or the teacher's): give one name per class"
+        )
     if classes is not None:
-        num_classes = _agreeing("data.num_classes", num_classes, len(classes), " (class names)")
+        num_classes = len(classes)
     if name == FOLDER and classes is None:
         classes = tuple(_class_folders(data_cfg.root))
         if num_classes is not None and len(classes) != num_classes:

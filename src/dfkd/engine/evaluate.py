@@ -37,9 +37,14 @@ def student_metrics(student_logits: Tensor, labels: Tensor | None, teacher_logit
 def evaluate_weights(cfg) -> dict:
     """``dfkd eval``: top-1 of a checkpoint on the test set, and agreement with a teacher when one is given.
 
-    The architecture and dataset default to those recorded in a dfkd checkpoint (``arch``, ``dataset``).
+    The architecture and dataset default to those recorded in a dfkd checkpoint (``arch``, ``dataset``). With
+    ``data.name=folder`` the test set is the image folder in ``data.root``, its classes, image shape and
+    normalisation those the checkpoint records (or the ``data`` config gives).
     """
+    import dataclasses
+
     from dfkd.data import dataset_info
+    from dfkd.data.datafree import FOLDER, NO_DATA, checkpoint_meta, load_image_folder, resolve_dataset_info
     from dfkd.engine.common import build_model, load_split_on_device, resolve_weights
     from dfkd.engine.env import setup_env
     from dfkd.errors import ConfigError
@@ -55,9 +60,18 @@ def evaluate_weights(cfg) -> dict:
         raise ConfigError(f"{path} does not record its architecture: pass --arch NAME (`dfkd list models`)")
     if not data:
         raise ConfigError(f"{path} does not record its dataset: pass data.name=NAME (`dfkd list datasets`)")
+    if data == NO_DATA:
+        raise ConfigError(
+            f"{path} was distilled without data (data.name=none): there is no test set to score it on; pass "
+            "data.name=folder data.root=DIR (a folder of labelled images) or a registered dataset (data.name=NAME)"
+        )
     env = setup_env(cfg.engine.device, "fp32", cfg.engine.channels_last, cfg.engine.threads, cfg.engine.compile)
-    info = dataset_info(data)
-    test_x, test_y = load_split_on_device(info, "test", cfg.data.root, env)
+    if data == FOLDER:
+        info = resolve_dataset_info(dataclasses.replace(cfg.data, name=FOLDER), checkpoint_meta(path))
+        test_x, test_y = (t.to(env.device) for t in load_image_folder(cfg.data.root, info))
+    else:
+        info = dataset_info(data)
+        test_x, test_y = load_split_on_device(info, "test", cfg.data.root, env)
     model = build_model(arch, info, env, str(path), "model")
     logits = predict(model, test_x, cfg.eval.batch_size, env.channels_last)
     teacher_logits = None
