@@ -209,6 +209,8 @@ def test_folders_are_matched_to_known_class_names(tmp_path):
     info = folder_info(tmp_path, image_shape=[3, 4, 4], mean=[0.5], std=[0.25], class_names=["dog", "owl", "cat"])
     _, labels = load_image_folder(tmp_path, info)
     assert labels.tolist() == [2, 1]  # cat, owl in folder order
+    save_png(tmp_path / "0" / "x.png", np.zeros((4, 4, 3)))  # a class by its index
+    assert load_image_folder(tmp_path, info)[1].tolist() == [0, 2, 1]
     save_png(tmp_path / "emu" / "x.png", np.zeros((4, 4, 3)))
     with pytest.raises(DataError, match="folder 'emu' names no class of the teacher"):
         load_image_folder(tmp_path, info)

@@ -211,10 +211,9 @@ def check_data_free_eval(data_cfg: Any, eval_split: str) -> None:
     """The evaluation settings a data-free run cannot honour are errors, not silently ignored."""
     if not is_data_free(data_cfg.name):
         return
-    if eval_split == "val" or data_cfg.val_size:
+    if eval_split == "val":
         raise ConfigError(
-            f"data.name={data_cfg.name} has no training split to hold a validation slice out of: drop eval.split=val "
-            "and data.val_size"
+            f"data.name={data_cfg.name} has no training split to hold a validation slice out of: drop eval.split=val"
         )
     if data_cfg.name == NO_DATA and (data_cfg.heldout_size < 1 or data_cfg.heldout_steps < 0):
         raise ConfigError(
@@ -242,7 +241,8 @@ def _class_folders(root: str | os.PathLike | None) -> list[str]:
 
 def load_image_folder(root: str | os.PathLike | None, info: DatasetInfo) -> tuple[Tensor, Tensor]:
     """Read an ImageFolder-style tree into memory for evaluation: each ``ROOT/CLASS/IMAGE`` labelled by the index
-    of ``CLASS`` in ``info.classes``, converted to ``info.image_shape``'s channels and resized to its size.
+    of ``CLASS`` in ``info.classes`` (or by ``CLASS`` itself where it is an index and no class name), converted to
+    ``info.image_shape``'s channels and resized to its size.
 
     Args:
         root: the folder (``data.root``).
@@ -265,10 +265,13 @@ def load_image_folder(root: str | os.PathLike | None, info: DatasetInfo) -> tupl
     mode = "L" if channels == 1 else "RGB"
     images, labels = [], []
     for folder in _class_folders(path):
-        if folder not in index:
+        label = index.get(folder)
+        if label is None and folder.isdigit() and int(folder) < len(info.classes):
+            label = int(folder)  # a class whose name cannot be a folder name ("T-shirt/top") by its index
+        if label is None:
             raise DataError(
                 f"{path / folder}: folder '{folder}' names no class of the teacher{closest(folder, info.classes)}; "
-                "rename it to one of the class names (data.class_names) or remove it"
+                "rename it to one of the class names (data.class_names) or its index, or remove it"
             )
         files = sorted(p for p in (path / folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         for file in files:
@@ -280,7 +283,7 @@ def load_image_folder(root: str | os.PathLike | None, info: DatasetInfo) -> tupl
                 raise DataError(f"{file}: cannot read the image ({exc})") from None
             x = pixels.view(size[1], size[0], channels).permute(2, 0, 1)
             images.append(_resized(x, height, width))
-            labels.append(index[folder])
+            labels.append(label)
     if not images:
         raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
     log.info("loaded image folder %s: %d images of %d classes", path, len(images), len(set(labels)))

@@ -170,7 +170,8 @@ def _distill(
         f"teacher top-1 {teacher_top1:.2f}% on {len(test_y)} {'folder' if is_data_free(info.name) else 'test'} images"
         if test_y is not None
         else f"no test set: the student is scored by agreement with the teacher on {len(test_x)} held-out synthetic "
-        f"images (data.heldout_seed={cfg.data.heldout_seed})",
+        f"images (data.heldout_seed={cfg.data.heldout_seed}; the teacher gives {_target_share(teacher_logits):.1f}% "
+        "of them the class they were made for)",
         env.describe(),
         run.path,
     )
@@ -395,6 +396,12 @@ def _teacher_facts(net: nn.Module, weights: str | None) -> TeacherMeta:
     )
 
 
+def _target_share(teacher_logits: torch.Tensor) -> float:
+    """How well the held-out set was made: the teacher's top-1 against the class each image was optimised toward."""
+    targets = torch.arange(len(teacher_logits), device=teacher_logits.device) % teacher_logits.shape[1]
+    return top1_percent(teacher_logits, targets)
+
+
 def _score_text(metrics: dict, state: dict, select: str) -> str:
     best = f"{state['best_score']:.2f}%" if state["best_epoch"] else "-"
     if select == "agreement":
@@ -547,7 +554,7 @@ def _pictures(
         plot_curves(
             run.path / "accuracy.png",
             {f"student ({cfg.student.arch})": [row.get("eval/agreement") for row in history]},
-            title=f"{cfg.method.name}: {cfg.teacher.arch} -> {cfg.student.arch}, no data: "
+            title=f"{cfg.method.name}: {cfg.teacher.arch} -> {cfg.student.arch}, no data: agreement on "
             f"{cfg.data.heldout_size} held-out synthetic images",
             ylabel="agreement with the teacher (%)",
         )
