@@ -167,11 +167,7 @@ def _distill(
         _arch_name(cfg.teacher.arch, teacher_module),
         _arch_name(cfg.student.arch, student_module),
         info.name,
-        f"teacher top-1 {teacher_top1:.2f}% on {len(test_y)} {'folder' if is_data_free(info.name) else 'test'} images"
-        if test_y is not None
-        else f"no test set: the student is scored by agreement with the teacher on {len(test_x)} held-out synthetic "
-        f"images (data.heldout_seed={cfg.data.heldout_seed}; the teacher gives {_target_share(teacher_logits):.1f}% "
-        "of them the class they were made for)",
+        _evaluation_text(cfg, teacher_logits, teacher_top1),
         env.describe(),
         run.path,
     )
@@ -396,10 +392,18 @@ def _teacher_facts(net: nn.Module, weights: str | None) -> TeacherMeta:
     )
 
 
-def _target_share(teacher_logits: torch.Tensor) -> float:
-    """How well the held-out set was made: the teacher's top-1 against the class each image was optimised toward."""
-    targets = torch.arange(len(teacher_logits), device=teacher_logits.device) % teacher_logits.shape[1]
-    return top1_percent(teacher_logits, targets)
+def _evaluation_text(cfg, teacher_logits: torch.Tensor, teacher_top1: float | None) -> str:
+    """What the run is scored on, for the first log line."""
+    n = len(teacher_logits)
+    if teacher_top1 is not None:
+        return f"teacher top-1 {teacher_top1:.2f}% on {n} {'folder' if is_data_free(cfg.data.name) else 'test'} images"
+    # how well the held-out set was made: the teacher's top-1 against the class each image was optimised toward
+    targets = torch.arange(n, device=teacher_logits.device) % teacher_logits.shape[1]
+    return (
+        f"no test set: the student is scored by agreement with the teacher on {n} held-out synthetic images "
+        f"(data.heldout_seed={cfg.data.heldout_seed}; the teacher gives {top1_percent(teacher_logits, targets):.1f}% "
+        "of them the class they were made for)"
+    )
 
 
 def _score_text(metrics: dict, state: dict, select: str) -> str:
