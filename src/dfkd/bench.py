@@ -199,10 +199,10 @@ def _curve(summary: dict) -> list[float]:
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row["eval/top1"] for row in rows]
+    return [row.get("eval/top1", row.get("eval/agreement")) for row in rows]  # agreement: a data.name=none run
 
 
-AGGREGATED = ("student_top1_best", "student_top1_last", "agreement_best", "mu", "var")
+AGGREGATED = ("student_top1_best", "student_top1_last", "agreement_best", "agreement_last", "mu", "var")
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:

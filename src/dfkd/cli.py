@@ -270,10 +270,18 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if failure:
         _write(failure)
         return 1
+    if s["student_top1_best"] is None:  # data.name=none: no labels, the student is scored by agreement alone
+        score = (
+            f"agreement with the teacher on held-out synthetic images {s['agreement_best']:.2f}% best / "
+            f"{s['agreement_last']:.2f}% last (no test set)"
+        )
+    else:
+        score = (
+            f"student top-1 {s['student_top1_best']:.2f}% best / {s['student_top1_last']:.2f}% last "
+            f"(teacher {s['teacher_top1']:.2f}%), agreement {s['agreement_best']:.2f}% (best epoch)"
+        )
     _write(
-        f"{s['method']}: {s['teacher']} -> {s['student']} on {s['dataset']}: "
-        f"student top-1 {s['student_top1_best']:.2f}% best / {s['student_top1_last']:.2f}% last "
-        f"(teacher {s['teacher_top1']:.2f}%), agreement {s['agreement_best']:.2f}% (best epoch), "
+        f"{s['method']}: {s['teacher']} -> {s['student']} on {s['dataset']}: {score}, "
         f"{s['images_synthesized']:,} images synthesised in {s['total_seconds']:.0f}s; run dir {s['run_dir']}"
     )
     return 0
@@ -293,12 +301,14 @@ def _distill_seeds(args: argparse.Namespace) -> int:
     overrides = [o for o in args.overrides if o.partition("=")[0].strip() != "out"]
     summaries = run_seeds(args.config, Path(cfg.out), seeds, overrides)
     agg = aggregate_seeds(summaries)
+    # a data.name=none run has no top-1: its seeds are compared by agreement with the teacher
+    scored = "student_top1" if agg["student_top1_best"]["mean"] is not None else "agreement"
     for s in summaries:
         _write(
-            f"seed {s['seed']}: {s.get('status', 'ok')}, best {s['student_top1_best']:.2f}%, "
-            f"last {s['student_top1_last']:.2f}%"
+            f"seed {s['seed']}: {s.get('status', 'ok')}, best {s[scored + '_best']:.2f}%, "
+            f"last {s[scored + '_last']:.2f}%"
         )
-    best, last, agree = agg["student_top1_best"], agg["student_top1_last"], agg["agreement_best"]
+    best, last, agree = agg[scored + "_best"], agg[scored + "_last"], agg["agreement_best"]
     failed = agg["collapsed"] + agg["diverged"]
     _write(
         f"{summaries[0]['method']} over {agg['n']} seeds: best {best['mean']:.2f} ± {best['std']:.2f}%, "

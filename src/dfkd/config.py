@@ -40,6 +40,18 @@ class DataConfig:
     # Images held out of the training split as a validation slice (a fixed permutation, the same in every run):
     # training then uses the rest, and eval.split=val evaluates on the slice. 0 = no slice.
     val_size: int = 0
+    # What a run without a registered dataset (name=none: no data at all; name=folder: an ImageFolder-style test set
+    # in data.root) needs to know; null takes the teacher's own metadata, and a value given both ways must agree.
+    num_classes: int | None = None
+    image_shape: list[int] | None = None  # C, H, W of the teacher's input
+    mean: list[float] | None = None  # per-channel mean of the [0, 1] images the teacher was trained on
+    std: list[float] | None = None
+    class_names: list[str] | None = None  # index = logit; folder names are matched to them
+    # name=none evaluates the student's agreement with the teacher on a fixed set of synthetic images, optimised
+    # from noise against the teacher with its own seed (never the run's) and never trained on.
+    heldout_size: int = 512
+    heldout_seed: int = 1234
+    heldout_steps: int = 20  # optimisation steps from noise; 0 = plain noise images
 
 
 @dataclass

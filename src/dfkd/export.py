@@ -288,9 +288,9 @@ def _require_onnx() -> None:
 def _data_facts(data: dict, ckpt: dict, run: Path) -> dict:
     """Classes, image shape and normalisation of the run's data: the registry's, else the config's data section.
 
-    A run on an unregistered data source (data.name none or folder) states them as data.num_classes,
-    data.image_shape, data.mean, data.std and data.class_names in its config.yaml, or as checkpoint entries of the
-    same names.
+    A run on an unregistered data source (data.name none or folder) records them in its checkpoint (num_classes,
+    image_shape, mean, std, classes), else its config.yaml states them as data.num_classes, data.image_shape,
+    data.mean, data.std and data.class_names.
     """
     from dfkd.data import DATASETS, dataset_info
 
@@ -305,7 +305,12 @@ def _data_facts(data: dict, ckpt: dict, run: Path) -> dict:
             "class_names": list(info.classes),
         }
     else:
-        facts = {key: data.get(key, ckpt.get(key)) for key in (*DATA_KEYS, "class_names")}
+        # the checkpoint records the facts the run resolved (config and teacher metadata together); older
+        # checkpoints and hand-made configs leave them to the config's data section
+        recorded = {**{key: ckpt.get(key) for key in DATA_KEYS}, "class_names": ckpt.get("classes")}
+        facts = {
+            key: recorded[key] if recorded[key] is not None else data.get(key) for key in (*DATA_KEYS, "class_names")
+        }
         missing = [f"data.{key}" for key in DATA_KEYS if facts[key] is None]
         if missing:
             raise ConfigError(

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dfkd.config import load_config
-from dfkd.data import dataset_info
+from dfkd.data.datafree import resolve_dataset_info
 from dfkd.engine.distill import distill
 from dfkd.engine.meters import format_seconds
 from dfkd.errors import ConfigError, closest
@@ -100,7 +100,7 @@ def run_throughput(
         if teacher:
             cfg.teacher.weights = teacher
         else:
-            info = dataset_info(cfg.data.name)
+            info = resolve_dataset_info(cfg.data)  # a registered dataset, or data.name=none with its data keys
             torch.manual_seed(0)  # the same untrained teacher for every setting
             module = create_model(cfg.teacher.arch, info.num_classes, info.image_shape[0])
         log.info("throughput: %s, %s, %d rounds", recipe, name, rounds)

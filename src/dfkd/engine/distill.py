@@ -1,8 +1,9 @@
 """The distillation loop: one loop for every method.
 
 Per epoch: ``rounds_per_epoch`` x (``method.synthesize`` then ``kd_steps`` student steps on ``method.next_batch``
-with ``method.student_loss``), then the learning-rate schedule, an evaluation on the real test set, a checkpoint
-and a line of metrics. Synthesis time and student time are accounted separately.
+with ``method.student_loss``), then the learning-rate schedule, an evaluation on the real test set (with
+``data.name=none``: agreement with the teacher on held-out synthetic images, see :mod:`dfkd.engine.heldout`), a
+checkpoint and a line of metrics. Synthesis time and student time are accounted separately.
 
 Launch under torchrun for data parallelism::
 
@@ -21,12 +22,30 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dfkd.config import DistillConfig, to_dict, to_yaml
-from dfkd.data import dataset_info
-from dfkd.engine.common import build_model, default_out, freeze, load_split_on_device, progress_bar, tensor_bytes
+from dfkd.data import DatasetInfo, dataset_info
+from dfkd.data.datafree import (
+    NO_DATA,
+    check_data_free_eval,
+    checkpoint_meta,
+    is_data_free,
+    load_image_folder,
+    resolve_dataset_info,
+    zoo_sizes,
+)
+from dfkd.engine.common import (
+    build_model,
+    default_out,
+    freeze,
+    load_split_on_device,
+    progress_bar,
+    resolve_weights,
+    tensor_bytes,
+)
 from dfkd.engine.ema import StudentEMA
 from dfkd.engine.env import Env, setup_env
 from dfkd.engine.evaluate import predict, student_metrics
 from dfkd.engine.guard import STATUS_DIVERGED, STATUS_OK, CollapseGuard, collapse_reasons
+from dfkd.engine.heldout import HELDOUT_SPLIT, digest, synthesize_heldout
 from dfkd.engine.meters import Meters, Stopwatch, first_non_finite, format_seconds
 from dfkd.engine.optim import build_optimizer, build_scheduler, warmup_factor
 from dfkd.engine.rundir import RunDir
@@ -36,6 +55,8 @@ from dfkd.errors import ConfigError, DivergedError
 from dfkd.images import plot_curves, save_grid
 from dfkd.methods import METHODS, Ctx, Method, Progress
 from dfkd.metrics import accuracy_curve_stats, top1_percent
+from dfkd.models import MODELS, build_network
+from dfkd.models.meta import TeacherMeta, teacher_meta
 from dfkd.models.sources import is_external_arch
 from dfkd.sysinfo import cpu_model
 
@@ -86,14 +107,32 @@ def _distill(
 ) -> dict:
     started = time.perf_counter()
     seed_everything(cfg.engine.seed, env.rank)
-    info = dataset_info(cfg.data.name)
     if teacher_module is None and not cfg.teacher.weights and not is_external_arch(cfg.teacher.arch):
         raise ConfigError(
             "teacher.weights is not set: train a teacher with `dfkd train-teacher` and pass teacher.weights=RUN_DIR "
             "(or a checkpoint file)"
         )
-    test_x, test_y = load_split_on_device(info, cfg.eval.split, cfg.data.root, env, cfg.data.val_size)
-    teacher = freeze(build_model(teacher_module or cfg.teacher.arch, info, env, cfg.teacher.weights, "teacher"))
+    check_data_free_eval(cfg.data, cfg.eval.split)
+    teacher_source, teacher_weights = teacher_module or cfg.teacher.arch, cfg.teacher.weights
+    heldout = None
+    if is_data_free(cfg.data.name):
+        # the teacher comes first: what it states about itself fills what the data config leaves unset
+        teacher_source, teacher_weights = _raw_teacher(cfg, teacher_module), None
+        info = resolve_dataset_info(cfg.data, _teacher_facts(teacher_source, cfg.teacher.weights))
+        if cfg.data.name == NO_DATA:
+            test_x, test_y = None, None
+        else:
+            test_x, test_y = (t.to(env.device) for t in load_image_folder(cfg.data.root, info))
+    else:
+        info = dataset_info(cfg.data.name)
+        test_x, test_y = load_split_on_device(info, cfg.eval.split, cfg.data.root, env, cfg.data.val_size)
+    teacher = freeze(build_model(teacher_source, info, env, teacher_weights, "teacher"))
+    if test_x is None:
+        d = cfg.data
+        test_x = synthesize_heldout(teacher, info, d.heldout_size, d.heldout_seed, d.heldout_steps, env.device)
+        heldout = digest(test_x)
+    # the score that picks the best checkpoint: top-1 where there are labels, else agreement with the teacher
+    select = "top1" if test_y is not None else "agreement"
     student = build_model(student_module or cfg.student.arch, info, env, None, "student")
     method = build_method(cfg, teacher, student, info, env)
     cleanup.callback(method.close)
@@ -114,19 +153,25 @@ def _distill(
     if resume:
         state = _restore(run, student, optimizer, scheduler, method, guard, ema, env, cfg.engine.seed)
         log.info("resuming %s from epoch %d", run.path, state["epoch"])
+        if heldout is not None and state.get("heldout_digest") not in (None, heldout):
+            log.warning(
+                "the held-out synthetic images differ from the ones this run started with (another device or "
+                "library version rebuilt them): agreement before and after the resume is on different images"
+            )
+    state["heldout_digest"] = heldout
     run.write_text("config.yaml", to_yaml(cfg))
     run.write_metrics(state["history"])
     tb.open(run.path / "tensorboard", state["history"])
 
     teacher_logits = predict(teacher, test_x, cfg.eval.batch_size, env.channels_last)
-    teacher_top1 = top1_percent(teacher_logits, test_y)
+    teacher_top1 = top1_percent(teacher_logits, test_y) if test_y is not None else None
     log.info(
-        "%s: %s -> %s on %s | teacher top-1 %.2f%% | device %s | run dir %s",
+        "%s: %s -> %s on %s | %s | device %s | run dir %s",
         cfg.method.name,
         _arch_name(cfg.teacher.arch, teacher_module),
         _arch_name(cfg.student.arch, student_module),
         info.name,
-        teacher_top1,
+        _evaluation_text(cfg, teacher_logits, teacher_top1),
         env.describe(),
         run.path,
     )
@@ -192,7 +237,7 @@ def _distill(
             last = f"epoch {state['epoch']}" if state["epoch"] else "none yet"
             where = f"{bad} became {losses[bad]}" if bad is not None else "the loss became non-finite on another rank"
             reason = f"{where} in epoch {epoch + 1}"
-            summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path)
+            summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path, select)
             run.write_summary({**summary, "status": STATUS_DIVERGED, "status_reason": reason})
             raise DivergedError(
                 f"training diverged: {reason}; stopped without saving this epoch (last good checkpoint: {last}, "
@@ -211,7 +256,7 @@ def _distill(
         metrics = student_metrics(student_logits, test_y, teacher_logits)
         if ema is not None:
             live_logits = predict(student, test_x, cfg.eval.batch_size, env.channels_last)
-            metrics["top1_live"] = top1_percent(live_logits, test_y)
+            metrics[f"{select}_live"] = student_metrics(live_logits, test_y, teacher_logits)[select]
         # the untrained student of a synthesis warm-up epoch is evaluated (an honest point of the accuracy-time
         # curve) but can neither be the best student nor look collapsed
         reasons = (
@@ -241,26 +286,25 @@ def _distill(
         }
         state["history"].append(row)
         tb.log_row(row)  # before the checkpoint: a resume purges what it repeats, but cannot restore what was lost
-        is_best = not prog.in_warmup and metrics["top1"] > state["best_top1"]
+        is_best = not prog.in_warmup and metrics[select] > state["best_score"]
         if is_best:
-            state["best_top1"], state["best_epoch"] = metrics["top1"], epoch + 1
+            state["best_score"], state["best_epoch"] = metrics[select], epoch + 1
         state.update(epoch=epoch + 1, step=prog.step, timers=timers, guard=guard.state_dict())
         rng = gather_rng_states(env)
-        checkpoint = _checkpoint(cfg, state, student, optimizer, scheduler, method, metrics["top1"], ema, rng)
+        checkpoint = _checkpoint(cfg, info, state, student, optimizer, scheduler, method, metrics, ema, rng)
         run.save_checkpoint(checkpoint, is_best)
         run.append_metrics(row)
         if cfg.engine.sample_every and (epoch + 1) % cfg.engine.sample_every == 0 and epoch + 1 < all_epochs:
-            _pictures(run, method, state["history"], teacher_top1, cfg, env, tb)  # the last epoch's come after the loop
+            # the last epoch's come after the loop
+            _pictures(run, method, state["history"], teacher_top1, cfg, env, select, tb)
         done = epoch + 1 - _first_epoch(state)
         remaining = (time.perf_counter() - loop_started) / max(1, done) * (all_epochs - epoch - 1)
         log.info(
-            "%sepoch %d/%d | top-1 %.2f%% (best %s) | agree %.2f%% | loss %s | synth %s, student %s | eta %s",
+            "%sepoch %d/%d | %s | loss %s | synth %s, student %s | eta %s",
             "synthesis warm-up: " if prog.in_warmup else "",
             epoch + 1,
             all_epochs,
-            metrics["top1"],
-            f"{state['best_top1']:.2f}%" if state["best_epoch"] else "-",
-            metrics["agreement"],
+            _score_text(metrics, state, select),
             f"{losses['train/loss']:.4g}" if "train/loss" in losses else "-",
             format_seconds(timers["synth_seconds"]),
             format_seconds(timers["student_seconds"]),
@@ -279,9 +323,9 @@ def _distill(
             break
     bar.close()
 
-    _pictures(run, method, state["history"], teacher_top1, cfg, env, tb)
+    _pictures(run, method, state["history"], teacher_top1, cfg, env, select, tb)
     timers["total_seconds"] = earlier_total + time.perf_counter() - started
-    summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path)
+    summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path, select)
     summary["memory"] = {  # the parts of peak_memory_bytes
         # the process before the loop: interpreter and libraries, data, networks
         "loop_start_bytes": memory_at_loop_start,
@@ -298,6 +342,15 @@ def _distill(
     run.write_summary(summary)
     if status != STATUS_OK:
         log.warning("FAILED: the run %s: %s; its accuracy is not a result (summary in %s)", status, reason, run.path)
+    elif select == "agreement":
+        log.info(
+            "done: student agreement with the teacher on held-out synthetic images %.2f%% best / %.2f%% last (no "
+            "test set, no top-1) in %s; summary in %s",
+            summary["agreement_best"],
+            summary["agreement_last"],
+            format_seconds(summary["total_seconds"]),
+            run.path / "summary.json",
+        )
     else:
         log.info(
             "done: student top-1 %.2f%% best / %.2f%% last (teacher %.2f%%) in %s; summary in %s",
@@ -331,6 +384,70 @@ def _arch_name(arch: str, module: nn.Module | None) -> str:
     return type(module).__name__ if module is not None else arch
 
 
+def _raw_teacher(cfg, teacher_module: nn.Module | None) -> nn.Module:
+    """The teacher network with its weights, unwrapped, built before the run's dataset facts are known."""
+    arch, weights = teacher_module or cfg.teacher.arch, cfg.teacher.weights
+    if isinstance(arch, str) and not arch:
+        raise ConfigError("teacher.arch is not set: name an architecture (`dfkd list models`)")
+    path = str(resolve_weights(weights)) if weights else None
+    sizes = {}
+    if isinstance(arch, str):
+        num_classes, in_channels = zoo_sizes(cfg.data, checkpoint_meta(weights), weights)
+        if arch in MODELS and not (num_classes and in_channels):
+            raise ConfigError(
+                f"teacher.arch={arch} is built from data.num_classes and data.image_shape when data.name="
+                f"{cfg.data.name}: set them (e.g. data.num_classes=10 data.image_shape=[3,32,32])"
+            )
+        sizes = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if v}
+    return build_network(arch, weights=path, role="teacher", **sizes)
+
+
+def _teacher_facts(net: nn.Module, weights: str | None) -> TeacherMeta:
+    """What the teacher states about itself; a dfkd checkpoint's records fill what its network does not say."""
+    stated = teacher_meta(net)
+    recorded = checkpoint_meta(weights)
+    return TeacherMeta(
+        **{
+            f: getattr(stated, f) if getattr(stated, f) not in (None, "") else getattr(recorded, f)
+            for f in ("mean", "std", "input_shape", "num_classes", "classes", "source")
+        }
+    )
+
+
+def _evaluation_text(cfg, teacher_logits: torch.Tensor, teacher_top1: float | None) -> str:
+    """What the run is scored on, for the first log line."""
+    n = len(teacher_logits)
+    if teacher_top1 is not None:
+        return f"teacher top-1 {teacher_top1:.2f}% on {n} {'folder' if is_data_free(cfg.data.name) else 'test'} images"
+    # how well the held-out set was made: the teacher's top-1 against the class each image was optimised toward
+    targets = torch.arange(n, device=teacher_logits.device) % teacher_logits.shape[1]
+    return (
+        f"no test set: the student is scored by agreement with the teacher on {n} held-out synthetic images "
+        f"(data.heldout_seed={cfg.data.heldout_seed}; the teacher gives {top1_percent(teacher_logits, targets):.1f}% "
+        "of them the class they were made for)"
+    )
+
+
+def _score_text(metrics: dict, state: dict, select: str) -> str:
+    best = f"{state['best_score']:.2f}%" if state["best_epoch"] else "-"
+    if select == "agreement":
+        return (
+            f"agreement on held-out synthetic images {metrics['agreement']:.2f}% (best {best}) | "
+            f"prob. loyalty {metrics['prob_loyalty']:.4f}"
+        )
+    return f"top-1 {metrics['top1']:.2f}% (best {best}) | agree {metrics['agreement']:.2f}%"
+
+
+def _selected_by(cfg, select: str) -> str:
+    if select == "agreement":
+        return (
+            f"best eval/agreement: the student's agreement with the teacher on {cfg.data.heldout_size} held-out "
+            f"synthetic images (data.heldout_seed={cfg.data.heldout_seed}); there is no test set"
+        )
+    where = f"image folder {cfg.data.root}" if is_data_free(cfg.data.name) else f"{cfg.eval.split} split"
+    return f"best eval/top1 on the {where}"
+
+
 def _fresh_state() -> dict:
     timers = {
         "synth_seconds": 0.0,
@@ -342,7 +459,7 @@ def _fresh_state() -> dict:
     return {
         "epoch": 0,
         "step": 0,
-        "best_top1": -1.0,
+        "best_score": -1.0,  # of the selection metric: eval/top1, or eval/agreement without labels
         "best_epoch": 0,
         "history": [],
         "timers": timers,
@@ -356,7 +473,16 @@ def _first_epoch(state: dict) -> int:
 
 
 def _checkpoint(
-    cfg, state, student, optimizer, scheduler, method: Method, top1: float, ema: StudentEMA | None, rng: list[dict]
+    cfg,
+    info: DatasetInfo,
+    state,
+    student,
+    optimizer,
+    scheduler,
+    method: Method,
+    metrics: dict,
+    ema: StudentEMA | None,
+    rng: list[dict],
 ) -> dict:
     # ``state_dict`` holds the weights the run evaluated (the average when train.ema_decay is set): what `dfkd eval`
     # and a teacher.weights=RUN_DIR load. The live student travels beside it for resuming.
@@ -367,14 +493,23 @@ def _checkpoint(
         "state_dict": evaluated.net.state_dict(),
         **extra,
         "arch": cfg.student.arch,
-        "num_classes": int(dataset_info(cfg.data.name).num_classes),
-        "in_channels": int(dataset_info(cfg.data.name).image_shape[0]),
+        "num_classes": int(info.num_classes),
+        "in_channels": int(info.image_shape[0]),
         "dataset": cfg.data.name,
-        "top1": top1,
+        # the facts the run used (data.name=none takes them from config and teacher, not a registry)
+        "image_shape": list(info.image_shape),
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "classes": list(info.classes),
+        "top1": metrics.get("top1"),  # None without labels (data.name=none)
+        "agreement": metrics.get("agreement"),
         "epoch": state["epoch"],
         "step": state["step"],
-        "best_top1": state["best_top1"],
+        "best_score": state["best_score"],
+        "selected_by": _selected_by(cfg, "top1" if "top1" in metrics else "agreement"),
+        **({"best_top1": state["best_score"]} if "top1" in metrics else {}),
         "best_epoch": state["best_epoch"],
+        "heldout_digest": state.get("heldout_digest"),
         "history": state["history"],
         "timers": dict(state["timers"]),
         "guard": state["guard"],
@@ -421,17 +556,25 @@ def _restore(
     return {
         "epoch": int(ckpt["epoch"]),
         "step": int(ckpt["step"]),
-        "best_top1": float(ckpt["best_top1"]),
+        "best_score": float(ckpt["best_score"] if "best_score" in ckpt else ckpt["best_top1"]),
         "best_epoch": int(ckpt["best_epoch"]),
         "history": list(ckpt["history"]),
         "timers": dict(ckpt["timers"]),
         "start": int(ckpt["epoch"]),
         "guard": guard.state_dict(),
+        "heldout_digest": ckpt.get("heldout_digest"),
     }
 
 
 def _pictures(
-    run: RunDir, method: Method, history: list[dict], teacher_top1: float, cfg, env: Env, tb: TensorBoardLog
+    run: RunDir,
+    method: Method,
+    history: list[dict],
+    teacher_top1: float | None,
+    cfg,
+    env: Env,
+    select: str,
+    tb: TensorBoardLog,
 ) -> None:
     if not env.is_main or not history:
         return
@@ -439,6 +582,15 @@ def _pictures(
     if samples is not None:
         save_grid(run.path / "samples" / f"epoch_{history[-1]['epoch']:03d}.png", samples)
         tb.log_images("samples", samples, history[-1]["epoch"])
+    if select == "agreement":
+        plot_curves(
+            run.path / "accuracy.png",
+            {f"student ({cfg.student.arch})": [row.get("eval/agreement") for row in history]},
+            title=f"{cfg.method.name}: {cfg.teacher.arch} -> {cfg.student.arch}, no data: agreement on "
+            f"{cfg.data.heldout_size} held-out synthetic images",
+            ylabel="agreement with the teacher (%)",
+        )
+        return
     plot_curves(
         run.path / "accuracy.png",
         {
@@ -450,9 +602,12 @@ def _pictures(
     )
 
 
-def _summary(cfg, env: Env, state, method: Method, teacher_top1, teacher_module, student_module, path: Path) -> dict:
+def _summary(
+    cfg, env: Env, state, method: Method, teacher_top1, teacher_module, student_module, path: Path, select: str
+) -> dict:
     history = state["history"]
-    curve = [row["eval/top1"] for row in history if not row.get("synthesis_warmup")]
+    # mu, var and the best are taken over the selection metric's curve: top-1, or agreement without labels
+    curve = [row[f"eval/{select}"] for row in history if not row.get("synthesis_warmup")]
     stats = accuracy_curve_stats(curve, cfg.eval.window_start, cfg.eval.window_end)
     last = history[-1] if history else {}
     best = next((row for row in history if row["epoch"] == state["best_epoch"]), {})
@@ -464,12 +619,14 @@ def _summary(cfg, env: Env, state, method: Method, teacher_top1, teacher_module,
     return {
         "method": cfg.method.name,
         "dataset": cfg.data.name,
-        "eval_split": cfg.eval.split,
+        "eval_split": HELDOUT_SPLIT if select == "agreement" else cfg.eval.split,
+        "selected_by": _selected_by(cfg, select),
+        "curve_metric": f"eval/{select}",  # what mu, var and curve_window describe
         "seed": cfg.engine.seed,
         "teacher": _arch_name(cfg.teacher.arch, teacher_module),
         "student": _arch_name(cfg.student.arch, student_module),
         "teacher_top1": teacher_top1,
-        "student_top1_best": stats["best"],
+        "student_top1_best": stats["best"] if select == "top1" else None,
         "best_epoch": state["best_epoch"],
         "student_top1_last": last.get("eval/top1"),
         # the papers report the best epoch's agreement and loyalty; the last epoch's are the run's final student

@@ -24,9 +24,9 @@ def predict(model: nn.Module, images_u8: Tensor, batch_size: int, channels_last:
     return torch.cat(outputs)
 
 
-def student_metrics(student_logits: Tensor, labels: Tensor, teacher_logits: Tensor | None) -> dict[str, float]:
-    """top1, and with teacher logits: agreement, probability loyalty (corrected and reference forms)."""
-    out = {"top1": top1_percent(student_logits, labels)}
+def student_metrics(student_logits: Tensor, labels: Tensor | None, teacher_logits: Tensor | None) -> dict[str, float]:
+    """top1 (with labels), and with teacher logits: agreement, probability loyalty (corrected and reference forms)."""
+    out = {} if labels is None else {"top1": top1_percent(student_logits, labels)}
     if teacher_logits is not None:
         out["agreement"] = agreement_percent(student_logits, teacher_logits)
         out["prob_loyalty"] = prob_loyalty(student_logits, teacher_logits)
@@ -39,8 +39,13 @@ def evaluate_weights(cfg) -> dict:
 
     The architecture and dataset default to those recorded in a dfkd checkpoint (``arch``, ``dataset``). An export
     of ``dfkd export`` (its folder or card) is evaluated as its card describes it: architecture, mean/std, dataset.
+    With ``data.name=folder`` the test set is the image folder in ``data.root``, its classes, image shape and
+    normalisation those the checkpoint records (or the ``data`` config gives).
     """
+    import dataclasses
+
     from dfkd.data import dataset_info
+    from dfkd.data.datafree import FOLDER, NO_DATA, checkpoint_meta, load_image_folder, resolve_dataset_info
     from dfkd.engine.common import build_model, load_split_on_device, resolve_weights
     from dfkd.engine.env import setup_env
     from dfkd.errors import ConfigError
@@ -60,9 +65,18 @@ def evaluate_weights(cfg) -> dict:
         raise ConfigError(f"{path} does not record its architecture: pass --arch NAME (`dfkd list models`)")
     if not data:
         raise ConfigError(f"{path} does not record its dataset: pass data.name=NAME (`dfkd list datasets`)")
+    if data == NO_DATA:
+        raise ConfigError(
+            f"{path} was distilled without data (data.name=none): there is no test set to score it on; pass "
+            "data.name=folder data.root=DIR (a folder of labelled images) or a registered dataset (data.name=NAME)"
+        )
     env = setup_env(cfg.engine.device, "fp32", cfg.engine.channels_last, cfg.engine.threads, cfg.engine.compile)
-    info = dataset_info(data)
-    test_x, test_y = load_split_on_device(info, "test", cfg.data.root, env)
+    if data == FOLDER:
+        info = resolve_dataset_info(dataclasses.replace(cfg.data, name=FOLDER), checkpoint_meta(path))
+        test_x, test_y = (t.to(env.device) for t in load_image_folder(cfg.data.root, info))
+    else:
+        info = dataset_info(data)
+        test_x, test_y = load_split_on_device(info, "test", cfg.data.root, env)
     model = build_model(arch, info, env, str(path), "model")
     logits = predict(model, test_x, cfg.eval.batch_size, env.channels_last)
     result = {"weights": str(path), "arch": arch, "dataset": data, "images": int(test_y.numel())}
