@@ -187,11 +187,12 @@ def test_selected_by_follows_the_evaluation_split(run_dir, tmp_path):
     card = dfkd.export_student(copy, out=tmp_path / "val")
     assert "validation slice" in card["selected_by"] and "warning" not in card
     assert card["accuracy"]["split"] == "val"
-    picked = "best: the epoch of highest agreement with the teacher on 256 held-out synthetic images"
+    picked = "best eval/agreement: the student's agreement with the teacher on 256 held-out synthetic images"
     heldout = {**summary, "eval_split": "synthetic-heldout", "selected_by": picked}
     (copy / "summary.json").write_text(json.dumps(heldout))
     card = dfkd.export_student(copy, out=tmp_path / "heldout")
-    assert card["selected_by"] == picked and card["accuracy"]["split"] == "synthetic-heldout"
+    assert card["selected_by"].startswith(f"best: {picked} (epoch ")
+    assert card["accuracy"]["split"] == "synthetic-heldout"
 
 
 def test_a_run_without_a_registered_dataset_describes_its_data_in_config(capsys, run_dir, tmp_path):
@@ -199,7 +200,15 @@ def test_a_run_without_a_registered_dataset_describes_its_data_in_config(capsys,
     config = yaml.safe_load((copy / "config.yaml").read_text())
     config["data"] = {"name": "none"}
     (copy / "config.yaml").write_text(yaml.safe_dump(config))
-    # the class count is also in the checkpoint; the input is not
+    # the checkpoint records the facts the run resolved: they describe the student
+    card = dfkd.export_student(copy, out=tmp_path / "recorded")
+    assert (card["dataset"], card["input_shape"], card["num_classes"]) == ("none", [1, 32, 32], 10)
+    # a checkpoint without them (older dfkd) leaves them to the config, which must then state them
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(copy / "ckpt" / name, weights_only=True)
+        for key in ("image_shape", "mean", "std", "classes"):
+            ckpt.pop(key, None)
+        torch.save(ckpt, copy / "ckpt" / name)
     with pytest.raises(
         ConfigError, match="data.name=none is not a registered dataset .* no data.image_shape, data.mean"
     ):

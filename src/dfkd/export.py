@@ -404,8 +404,6 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
 def _selected_by(which: str, split: str, summary: dict, epoch: int) -> str:
     if which == "last":
         return f"last: the weights of the final epoch ({epoch}), not chosen by any score"
-    if summary.get("selected_by"):
-        return str(summary["selected_by"])
     epochs = summary.get("epochs")  # best.pt's own history ends at its epoch
     where = f"(epoch {epoch} of {epochs})" if epochs else f"(epoch {epoch})"
     if split == "test":
@@ -418,6 +416,8 @@ def _selected_by(which: str, split: str, summary: dict, epoch: int) -> str:
             f"best: the epoch of highest top-1 on the validation slice held out of the training split {where}; "
             "the test set did not take part in the choice"
         )
+    if summary.get("selected_by"):  # e.g. agreement on held-out synthetic images, for a run without data
+        return f"best: {summary['selected_by']} {where}"
     return f"best: the epoch of best score on the run's evaluation split '{split}' {where}"
 
 
