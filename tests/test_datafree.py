@@ -320,3 +320,21 @@ def test_folder_run_and_eval(capsys, teacher_file, tmp_path):
     code, stdout, err = run(capsys, "eval", "--weights", out, "data.name=folder", f"data.root={folder}")
     assert code == 0, err
     assert f"top-1 {summary['student_top1_last']:.2f}%" in stdout and "(8 test images)" in stdout
+
+
+def test_a_run_without_data_exports_and_plots(capsys, teacher_file, tmp_path):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "none"
+    assert run(capsys, *none_args(teacher_file, out, "train.epochs=1"))[0] == 0
+    code, _, err = run(capsys, "export", out)
+    assert code == 0, err
+    student = dfkd.load_student(out / "export")
+    card = student.card
+    assert (card["input_shape"], card["num_classes"], card["accuracy"]["split"]) == (SHAPE, 4, "synthetic-heldout")
+    assert "held-out synthetic images" in card["selected_by"] and "top1" not in card["accuracy"]
+    assert student(torch.rand(3, *SHAPE)).shape == (3, 4)
+    code, stdout, err = run(capsys, "plot", out, "--synthetic", "12")
+    assert code == 0, err
+    numbers = json.loads((out / "plots" / "plot.json").read_text())
+    assert numbers["real_images"] == 0 and sum(numbers["class_counts"]) == 12 and len(numbers["class_counts"]) == 4
+    assert "data.name=none" in stdout

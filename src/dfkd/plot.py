@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from dfkd.config import build_config, read_yaml
 from dfkd.data import DatasetInfo, dataset_info, load_split, to_float
+from dfkd.data.datafree import FOLDER, NO_DATA, checkpoint_meta, is_data_free, load_image_folder, resolve_dataset_info
 from dfkd.engine.common import build_model, freeze
 from dfkd.engine.distill import CHECKPOINT_FORMAT, build_method, restore_method
 from dfkd.engine.env import setup_env
@@ -39,6 +40,7 @@ from dfkd.errors import CheckpointError, ConfigError, DfkdError
 from dfkd.hooks import InputHook
 from dfkd.methods import Method, Progress
 from dfkd.models import classifier_module
+from dfkd.models.sources import is_external_arch
 
 log = logging.getLogger("dfkd")
 
@@ -79,7 +81,7 @@ def plot_run(
         raise ConfigError(f"--which {which}: give last or best")
     tsne_class = _tsne_class()
     cfg = _run_config(path)
-    if teacher is None and not cfg.teacher.weights:
+    if teacher is None and not cfg.teacher.weights and not is_external_arch(cfg.teacher.arch):
         raise ConfigError(
             f"{path}/config.yaml names no teacher.weights (its teacher was passed as a module): call "
             "dfkd.plot.plot_run(RUN_DIR, teacher=MODULE)"
@@ -94,7 +96,9 @@ def plot_run(
 
     env = setup_env("auto", "fp32", False, cfg.engine.threads, False)
     seed_everything(cfg.engine.seed)
-    info = dataset_info(cfg.data.name)
+    # a run without a registered dataset recorded the classes, shape and mean/std it resolved in its checkpoint
+    info = resolve_dataset_info(cfg.data, checkpoint_meta(ckpt_path)) if is_data_free(cfg.data.name) else None
+    info = info or dataset_info(cfg.data.name)
     if teacher is None:
         net = freeze(build_model(cfg.teacher.arch, info, env, cfg.teacher.weights, "teacher"))
     else:
@@ -222,8 +226,13 @@ def _real_images(cfg, info: DatasetInfo, n: int) -> tuple[tuple[Tensor, Tensor] 
     """``n`` test images (uint8) and labels drawn with the run's seed, or None and why not."""
     if n == 0:
         return None, "--real 0"
+    if cfg.data.name == NO_DATA:
+        return None, "a run without data (data.name=none)"
     try:
-        images, labels = load_split(info.name, "test", cfg.data.root)
+        if cfg.data.name == FOLDER:
+            images, labels = load_image_folder(cfg.data.root, info)
+        else:
+            images, labels = load_split(info.name, "test", cfg.data.root)
     except DfkdError as exc:
         log.info("no real test images for the t-SNE (%s): plotting the synthetic images only", exc)
         return None, f"no test set of {info.name} could be loaded"
