@@ -7,12 +7,14 @@ Layout::
     RUN/metrics.csv        the same rows as a table (columns: every key, in the order first seen)
     RUN/summary.json       written once, when the run completes
     RUN/ckpt/last.pt       everything needed to resume (written atomically every epoch)
-    RUN/ckpt/best.pt       the same, for the epoch of best top-1 on the evaluation split (selected on it)
+    RUN/ckpt/best.pt       the same, for the epoch of best top-1 on the evaluation split (selected on it; with
+                           data.name=none: of best agreement on the held-out synthetic images)
     RUN/samples/*.png      grids of synthetic samples
     RUN/accuracy.png       the accuracy curve
     RUN/log.txt            the log
     RUN/tensorboard/       event files, with log.tensorboard=true
     RUN/plots/             what `dfkd plot` draws
+    RUN/export/            what `dfkd export` writes by default
 
 Only rank 0 writes. Earlier results are never destroyed by accident: a directory holding a run is refused unless
 the caller resumes it or explicitly overwrites it.
@@ -47,6 +49,7 @@ ARTIFACTS = (
     "log.txt",
     "tensorboard",
     "plots",
+    "export",  # `dfkd export`'s default folder: a replaced run must not keep the old run's student beside it
 )
 
 
