@@ -120,7 +120,10 @@ def plot_race(path: str | Path, curves: dict[str, list[Curve]], budget: float, t
         finished = [t for cs in curves.values() for c in cs for t, _ in c[-1:]]
         end = min(budget, max(finished, default=budget))  # runs that all finished early need no empty budget
         grid = [i * end / 400 for i in range(401)]
-        for method, seed_curves in curves.items():
+        palette = plt.get_cmap("tab10").colors
+        for i, (method, seed_curves) in enumerate(curves.items()):
+            # ten colours, then the same colours dashed: no two methods share a line style
+            style = {"color": palette[i % len(palette)], "linestyle": ("-", "--", ":")[i // len(palette) % 3]}
             last = max((c[-1][0] for c in seed_curves if c), default=0.0)
             xs, mean, low, high = [], [], [], []
             for t in [*(g for g in grid if g < last), last]:  # each line ends with its method's last evaluation
@@ -132,8 +135,8 @@ def plot_race(path: str | Path, curves: dict[str, list[Curve]], budget: float, t
                 low.append(min(values))  # type: ignore[type-var]
                 high.append(max(values))  # type: ignore[type-var]
             if xs:
-                (line,) = ax.plot(xs, mean, drawstyle="steps-post", linewidth=1.6, label=method)
-                ax.fill_between(xs, low, high, step="post", alpha=0.15, color=line.get_color())
+                ax.plot(xs, mean, drawstyle="steps-post", linewidth=1.6, label=method, **style)
+                ax.fill_between(xs, low, high, step="post", alpha=0.15, color=style["color"])
         for x in THRESHOLDS:
             ax.axhline(x, color="gray", linewidth=0.5, linestyle=":")
         if end >= budget:
