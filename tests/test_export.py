@@ -191,7 +191,7 @@ def test_selected_by_follows_the_evaluation_split(run_dir, tmp_path):
     heldout = {**summary, "eval_split": "synthetic-heldout", "selected_by": picked}
     (copy / "summary.json").write_text(json.dumps(heldout))
     card = dfkd.export_student(copy, out=tmp_path / "heldout")
-    assert card["selected_by"].startswith(f"best: {picked} (epoch ")
+    assert card["selected_by"].startswith(f"{picked} (epoch ")
     assert card["accuracy"]["split"] == "synthetic-heldout"
 
 

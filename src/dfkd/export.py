@@ -417,7 +417,7 @@ def _selected_by(which: str, split: str, summary: dict, epoch: int) -> str:
             "the test set did not take part in the choice"
         )
     if summary.get("selected_by"):  # e.g. agreement on held-out synthetic images, for a run without data
-        return f"best: {summary['selected_by']} {where}"
+        return f"{summary['selected_by']} {where}"
     return f"best: the epoch of best score on the run's evaluation split '{split}' {where}"
 
 
