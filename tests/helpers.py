@@ -100,3 +100,21 @@ def interrupted_after(epoch: int) -> Iterator[None]:
         yield
     finally:
         rundir.RunDir.append_metrics = original
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``dfkd ARGV`` in this process: its exit status, stdout and stderr."""
+    from dfkd.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, fragment: str) -> None:
+    """Bad input: exit status 2 and exactly one ``dfkd: error:`` line that says ``fragment``, no traceback."""
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("dfkd: error:")]
+    assert len(lines) == 1, err
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in err

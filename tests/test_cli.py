@@ -8,27 +8,14 @@ import sys
 
 import pytest
 import torch
-from helpers import TINY_DISTILL, tiny_bench_args
+from helpers import TINY_DISTILL, assert_one_line_error, tiny_bench_args
+from helpers import run_cli as run
 
 from dfkd.cli import main
 from dfkd.data import load_split
 from dfkd.models import create_model
 
 DEMO = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, fragment):
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.startswith("dfkd: error:")]
-    assert len(lines) == 1, err
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in err
 
 
 def distill_args(data_root, teacher_run, out, *extra):

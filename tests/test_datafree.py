@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from helpers import interrupted_after
+from helpers import run_cli as run
 from PIL import Image
 from torch import nn
 
 import dfkd
-from dfkd.cli import main
 from dfkd.config import DataConfig, build, load_config
 from dfkd.data import dataset_info
 from dfkd.data.datafree import load_image_folder, resolve_dataset_info
@@ -59,12 +59,6 @@ def teacher_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "tiny.pt"
     torch.save({"state_dict": tiny_teacher().state_dict(), "arch": "tiny_cnn"}, path)
     return path
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def rows(run_dir):

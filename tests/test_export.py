@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 import yaml
-from helpers import TINY_DISTILL
+from helpers import TINY_DISTILL, assert_one_line_error
+from helpers import run_cli as run
 
 import dfkd
 from dfkd.cli import main
@@ -19,19 +20,6 @@ from dfkd.errors import CheckpointError, ConfigError, DfkdError
 from dfkd.models import Normalized, build_network
 
 DEMO = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, fragment):
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.startswith("dfkd: error:")]
-    assert len(lines) == 1 and fragment in lines[0], err
-    assert "Traceback" not in err
 
 
 @pytest.fixture(scope="module")

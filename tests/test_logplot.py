@@ -11,11 +11,10 @@ import sys
 import pytest
 import torch
 import yaml
-from helpers import TINY_DISTILL
+from helpers import TINY_DISTILL, assert_one_line_error, run_cli
 
 import dfkd
 from dfkd import load_config
-from dfkd.cli import main
 from dfkd.engine import rundir as rundir_module
 from dfkd.errors import DataError, DfkdError
 from dfkd.gpucheck import TINY_METHOD
@@ -68,20 +67,6 @@ def tensorboard_events(run):
 
 def points(events, tag):
     return [(e.step, e.value) for e in events.Scalars(tag)]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, fragment):
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.startswith("dfkd: error:")]
-    assert len(lines) == 1, err
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
