@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dfkd.data.datasets import DatasetInfo, dataset_info
-from dfkd.errors import ConfigError, DataError, DfkdError, closest
+from dfkd.errors import ConfigError, DataError, closest
 from dfkd.models.meta import TeacherMeta
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def is_data_free(name: str) -> bool:
     return name in DATA_FREE_NAMES
 
 
-def _recorded(weights: str | os.PathLike | None) -> dict:
+def checkpoint_record(weights: str | os.PathLike | None) -> dict:
     """The top-level entries of a weights file other than its tensors (empty for none, and for a file that is not a
     dict of tensors: the teacher loader that reads it says what is wrong with it)."""
     if not weights:
@@ -47,20 +47,18 @@ def _recorded(weights: str | os.PathLike | None) -> dict:
 
     try:
         obj = torch.load(resolve_weights(str(weights)), map_location="cpu", weights_only=True)
-    except DfkdError:
-        return {}
-    except Exception:  # not a weights-only torch file (TorchScript, foreign pickle): it states nothing here
+    except Exception:  # missing, or not a weights-only torch file (TorchScript, foreign pickle): it states nothing
         return {}
     if not isinstance(obj, dict):
         return {}
     return {str(k): v for k, v in obj.items() if isinstance(v, (bool, int, float, str, list))}
 
 
-def checkpoint_meta(weights: str | os.PathLike | None) -> TeacherMeta:
+def checkpoint_meta(weights: str | os.PathLike | None, record: dict | None = None) -> TeacherMeta:
     """What a dfkd checkpoint states about its network: class count, and the shape, normalisation and class names
     of its run (recorded by a data-free distillation, else those of the registered dataset it names). Empty for
-    other files."""
-    meta = _recorded(weights)
+    other files. ``record``: the file's :func:`checkpoint_record`, when the caller has read it already."""
+    meta = checkpoint_record(weights) if record is None else record
     if isinstance(meta.get("image_shape"), list) and isinstance(meta.get("mean"), list):
         classes = meta.get("classes")
         return TeacherMeta(
@@ -82,13 +80,12 @@ def checkpoint_meta(weights: str | os.PathLike | None) -> TeacherMeta:
     return TeacherMeta(num_classes=_int_or_none(meta.get("num_classes")), source=str(weights or ""))
 
 
-def zoo_sizes(data_cfg: Any, meta: TeacherMeta, weights: str | None) -> tuple[int | None, int | None]:
+def zoo_sizes(data_cfg: Any, meta: TeacherMeta, recorded: dict) -> tuple[int | None, int | None]:
     """``(num_classes, in_channels)`` to build a zoo network for a data-free run: config, else the teacher's meta,
-    else what its dfkd checkpoint records, else (the class count of a folder run) the class folders; None where
-    nobody says."""
+    else what its dfkd checkpoint records (``recorded``: its :func:`checkpoint_record`), else (the class count of a
+    folder run) the class folders; None where nobody says."""
     num_classes = data_cfg.num_classes or (len(data_cfg.class_names) if data_cfg.class_names else None)
     in_channels = data_cfg.image_shape[0] if data_cfg.image_shape else None
-    recorded = _recorded(weights) if num_classes is None or in_channels is None else {}
     num_classes = num_classes or meta.num_classes or _int_or_none(recorded.get("num_classes"))
     if num_classes is None and data_cfg.name == FOLDER:
         num_classes = len(_class_folders(data_cfg.root))  # the folders are the classes
@@ -304,6 +301,7 @@ __all__ = [
     "NO_DATA",
     "check_data_free_eval",
     "checkpoint_meta",
+    "checkpoint_record",
     "is_data_free",
     "load_image_folder",
     "resolve_dataset_info",

@@ -27,6 +27,7 @@ from dfkd.data.datafree import (
     NO_DATA,
     check_data_free_eval,
     checkpoint_meta,
+    checkpoint_record,
     is_data_free,
     load_image_folder,
     resolve_dataset_info,
@@ -117,8 +118,10 @@ def _distill(
     heldout = None
     if is_data_free(cfg.data.name):
         # the teacher comes first: what it states about itself fills what the data config leaves unset
-        teacher_source, teacher_weights = _raw_teacher(cfg, teacher_module), None
-        info = resolve_dataset_info(cfg.data, _teacher_facts(teacher_source, cfg.teacher.weights))
+        record = checkpoint_record(cfg.teacher.weights)  # read once: the sizes of a zoo teacher, the data's facts
+        recorded = checkpoint_meta(cfg.teacher.weights, record)
+        teacher_source, teacher_weights = _raw_teacher(cfg, teacher_module, recorded, record), None
+        info = resolve_dataset_info(cfg.data, _teacher_facts(teacher_source, recorded))
         if cfg.data.name == NO_DATA:
             test_x, test_y = None, None
         else:
@@ -384,15 +387,16 @@ def _arch_name(arch: str, module: nn.Module | None) -> str:
     return type(module).__name__ if module is not None else arch
 
 
-def _raw_teacher(cfg, teacher_module: nn.Module | None) -> nn.Module:
-    """The teacher network with its weights, unwrapped, built before the run's dataset facts are known."""
+def _raw_teacher(cfg, teacher_module: nn.Module | None, recorded: TeacherMeta, record: dict) -> nn.Module:
+    """The teacher network with its weights, unwrapped, built before the run's dataset facts are known (``recorded``
+    and ``record``: what its weights file states, see :func:`checkpoint_meta`)."""
     arch, weights = teacher_module or cfg.teacher.arch, cfg.teacher.weights
     if isinstance(arch, str) and not arch:
         raise ConfigError("teacher.arch is not set: name an architecture (`dfkd list models`)")
     path = str(resolve_weights(weights)) if weights else None
     sizes = {}
     if isinstance(arch, str):
-        num_classes, in_channels = zoo_sizes(cfg.data, checkpoint_meta(weights), weights)
+        num_classes, in_channels = zoo_sizes(cfg.data, recorded, record)
         if arch in MODELS and not (num_classes and in_channels):
             raise ConfigError(
                 f"teacher.arch={arch} is built from data.num_classes and data.image_shape when data.name="
@@ -402,10 +406,9 @@ def _raw_teacher(cfg, teacher_module: nn.Module | None) -> nn.Module:
     return build_network(arch, weights=path, role="teacher", **sizes)
 
 
-def _teacher_facts(net: nn.Module, weights: str | None) -> TeacherMeta:
-    """What the teacher states about itself; a dfkd checkpoint's records fill what its network does not say."""
+def _teacher_facts(net: nn.Module, recorded: TeacherMeta) -> TeacherMeta:
+    """What the teacher states about itself; its dfkd checkpoint's records fill what its network does not say."""
     stated = teacher_meta(net)
-    recorded = checkpoint_meta(weights)
     return TeacherMeta(
         **{
             f: getattr(stated, f) if getattr(stated, f) not in (None, "") else getattr(recorded, f)
