@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 from dfkd.config import build as build_config
 from dfkd.errors import ConfigError
 from dfkd.hooks import ForwardCapture, InputHook
-from dfkd.losses import class_entropy
+from dfkd.losses import class_entropy, histogram_entropy
 from dfkd.methods import METHODS, GeneratorMethod, Progress
 from dfkd.methods.deepinv import jitter_and_flip
 from dfkd.models import create_generator
@@ -45,6 +45,12 @@ def test_class_entropy_golden_values(classes, num_classes, expected):
     value = class_entropy(logits_for(classes, num_classes))
     assert value.dtype == torch.float32 and not value.requires_grad
     assert value.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_histogram_entropy_golden_values():
+    # p = (1/2, 1/4, 1/4, 0): 1/2 ln 2 + 2 * 1/4 ln 4 = 1.5 ln 2 nats; the empty bin adds nothing (no NaN)
+    assert histogram_entropy(torch.tensor([2.0, 1.0, 1.0, 0.0])).item() == pytest.approx(1.5 * math.log(2), abs=1e-6)
+    assert histogram_entropy(torch.tensor([3.0, 3.0, 3.0])).item() == pytest.approx(math.log(3), abs=1e-6)
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)

@@ -48,14 +48,20 @@ def save_grid(path: str | Path, images: Tensor, nrow: int | None = None) -> None
     write_png(path, make_grid(images, nrow))
 
 
-@contextmanager
-def _epoch_axes(path: str | Path, title: str, ylabel: str, legend: bool) -> Iterator:
-    """A figure with an epoch axis, saved to ``path`` (PNG) when the block ends."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (runs have no display), imported when a figure is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+@contextmanager
+def _epoch_axes(path: str | Path, title: str, ylabel: str, legend: bool) -> Iterator:
+    """A figure with an epoch axis, saved to ``path`` (PNG) when the block ends."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     try:
         yield ax

@@ -38,6 +38,8 @@ from dfkd.engine.rundir import RunDir, load_state
 from dfkd.engine.seed import seed_everything
 from dfkd.errors import CheckpointError, ConfigError, DfkdError
 from dfkd.hooks import InputHook
+from dfkd.images import pyplot
+from dfkd.losses import histogram_entropy
 from dfkd.methods import Method, Progress
 from dfkd.models import classifier_module
 from dfkd.models.sources import is_external_arch
@@ -139,7 +141,7 @@ def plot_run(
         names,
         title if real_images is not None else f"{title}\nsynthetic images only ({why_no_real})",
     )
-    entropy = class_entropy(counts)
+    entropy = float(histogram_entropy(counts.double()))
     _draw_histogram(out / "class_hist.png", counts.tolist(), names, entropy, title)
     numbers = {
         "run_dir": str(path),
@@ -253,24 +255,8 @@ def tsne(features: np.ndarray, seed: int, tsne_class: type) -> tuple[np.ndarray,
     return embedded.fit_transform(features.astype(np.float32)), perplexity
 
 
-def class_entropy(counts: Tensor) -> float:
-    """Entropy (nats) of the class histogram ``counts``: log(classes) when balanced, 0 when one class has all."""
-    p = counts.double() / counts.sum()
-    p = p[p > 0]
-    return float((p * p.reciprocal().log()).sum())
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _colours(num_classes: int) -> np.ndarray:
-    plt = _pyplot()
+    plt = pyplot()
     cmap = plt.get_cmap("tab10" if num_classes <= 10 else "tab20" if num_classes <= 20 else "turbo")
     return np.array([cmap(i if num_classes <= 20 else i / max(1, num_classes - 1)) for i in range(num_classes)])
 
@@ -285,7 +271,7 @@ def _draw_tsne(
     names: list[str] | None,
     title: str,
 ) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     colours = _colours(num_classes)
     fig, ax = plt.subplots(figsize=(7.5, 6.0), dpi=100)
     try:
@@ -312,7 +298,7 @@ def _draw_tsne(
 
 
 def _draw_histogram(path: Path, counts: list[int], names: list[str] | None, entropy: float, title: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     k = len(counts)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * k), 4.0), dpi=100)
     try:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from dfkd.bench import mean_std
 from dfkd.engine.meters import format_seconds
+from dfkd.images import pyplot
 from dfkd.sysinfo import cpu_model
 
 THRESHOLDS = (70.0, 75.0, 80.0, 85.0)
@@ -110,11 +111,7 @@ def plot_race(path: str | Path, curves: dict[str, list[Curve]], budget: float, t
     """Test accuracy against wall time: per method the mean over seeds of the last evaluated accuracy and a band
     from the lowest to the highest seed, up to the method's last evaluation (the x axis ends at the budget, or
     sooner when every run finished sooner)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=100)
     try:
         finished = [t for cs in curves.values() for c in cs for t, _ in c[-1:]]

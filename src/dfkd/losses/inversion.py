@@ -156,8 +156,13 @@ def class_entropy(t: Tensor) -> Tensor:
         return t.new_zeros((), dtype=torch.float32)
     predicted = t.argmax(dim=1, keepdim=True)
     counts = (predicted == torch.arange(classes, device=t.device)).sum(dim=0).to(torch.float32)
+    return histogram_entropy(counts) / math.log(classes)
+
+
+def histogram_entropy(counts: Tensor) -> Tensor:
+    """Entropy (nats) of a histogram of float ``counts``: ln(bins) when every bin is equal, 0 when one bin has all."""
     p = counts / counts.sum()
-    return -torch.special.xlogy(p, p).sum() / math.log(classes)
+    return -torch.special.xlogy(p, p).sum()
 
 
 def class_balance(t: Tensor) -> Tensor:
