@@ -20,6 +20,7 @@ TorchScript. What the source states about the network's input (mean/std, image s
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import os
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 
 from dfkd.errors import ConfigError, closest
 from dfkd.models import MODELS
-from dfkd.models.loading import load_weights, read_weights
+from dfkd.models.loading import _last_linear, load_weights, read_weights
 from dfkd.models.meta import TeacherMeta, attach_meta, teacher_meta
 
 SOURCES = ("timm", "torchvision", "hub", "torchscript", "py")
@@ -133,10 +134,7 @@ def _head_classes(net: nn.Module, state: dict[str, Tensor] | None) -> int | None
     """The class count a weights file's final linear layer has, when it differs from ``net``'s (else None)."""
     if state is None:
         return None
-    last = None
-    for name, m in net.named_modules():
-        if isinstance(m, nn.Linear):
-            last = (name, m)
+    last = _last_linear(net)
     if last is None:
         return None
     found = state.get(f"{last[0]}.weight")
@@ -270,7 +268,7 @@ def _torchvision(
     classes = _head_classes(net, state)
     if classes is not None:
         net = models.get_model(name, weights=None, num_classes=classes)
-        meta = TeacherMeta(meta.mean, meta.std, meta.input_shape, classes, None, spec)
+        meta = dataclasses.replace(meta, num_classes=classes, classes=None)  # the enum's names are not the file's
     return net, meta
 
 
@@ -377,9 +375,10 @@ def _python(spec: str, rest: str, keys: _Keys) -> tuple[nn.Module, TeacherMeta]:
         factory = getattr(factory, part)
     if not callable(factory):
         raise ConfigError(f"{keys.arch}={spec}: {module_name}.{attr} is a {type(factory).__name__}, not a function")
-    if _required_parameters(factory):
+    required = _required_parameters(factory)
+    if required:
         raise ConfigError(
-            f"{keys.arch}={spec}: {attr}() needs the arguments {', '.join(_required_parameters(factory))}; give a "
+            f"{keys.arch}={spec}: {attr}() needs the arguments {', '.join(required)}; give a "
             "function that builds the network without arguments (wrap it in one that passes them)"
         )
     try:
@@ -404,8 +403,7 @@ def _required_parameters(factory: Callable[..., Any]) -> list[str]:
 
 def _own_meta(net: nn.Module, spec: str) -> TeacherMeta:
     """The meta a factory attached itself (with ``spec`` as its source), else one that only names ``spec``."""
-    meta = teacher_meta(net)
-    return TeacherMeta(meta.mean, meta.std, meta.input_shape, meta.num_classes, meta.classes, spec)
+    return dataclasses.replace(teacher_meta(net), source=spec)
 
 
 __all__ = ["SOURCES", "build_source", "is_external_arch", "is_torchscript", "timm_meta", "torchvision_meta"]
