@@ -35,7 +35,7 @@ from dfkd.losses import (
     kd_kl,
     onehot_ce,
 )
-from dfkd.models import classifier_module, create_generator, init_dcgan_
+from dfkd.models import bn_layers, classifier_module, create_generator, init_dcgan_
 from dfkd.models.generators import in_unit_range
 from dfkd.models.meta import teacher_meta
 from dfkd.models.sources import is_torchscript
@@ -204,7 +204,7 @@ class Method(nn.Module):
         if weight == 0:
             return None
         refuse_torchscript_teacher(self.ctx.teacher, self.name, "BatchNorm-statistics loss", "method.bn=0")
-        if not any(isinstance(m, nn.BatchNorm2d) for m in self.ctx.teacher.modules()):
+        if not bn_layers(self.ctx.teacher):
             raise ConfigError(
                 f"{self.name}: method.bn > 0 needs a teacher with BatchNorm2d layers and {_teacher_name(self.ctx)} "
                 "has none; set method.bn=0 to drop the BN-statistics loss"
