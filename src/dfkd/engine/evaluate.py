@@ -66,10 +66,7 @@ def evaluate_weights(cfg) -> dict:
     if not data:
         raise ConfigError(f"{path} does not record its dataset: pass data.name=NAME (`dfkd list datasets`)")
     if data == NO_DATA:
-        raise ConfigError(
-            f"{path} was distilled without data (data.name=none): there is no test set to score it on; pass "
-            "data.name=folder data.root=DIR (a folder of labelled images) or a registered dataset (data.name=NAME)"
-        )
+        raise _no_test_set(str(path))
     env = setup_env(cfg.engine.device, "fp32", cfg.engine.channels_last, cfg.engine.threads, cfg.engine.compile)
     if data == FOLDER:
         info = resolve_dataset_info(dataclasses.replace(cfg.data, name=FOLDER), checkpoint_meta(path))
@@ -85,6 +82,7 @@ def evaluate_weights(cfg) -> dict:
 
 def _evaluate_export(cfg, card_path) -> dict:
     from dfkd.data import dataset_info
+    from dfkd.data.datafree import NO_DATA
     from dfkd.engine.common import load_split_on_device
     from dfkd.engine.env import setup_env
     from dfkd.errors import ConfigError
@@ -95,11 +93,8 @@ def _evaluate_export(cfg, card_path) -> dict:
     if cfg.model.arch and cfg.model.arch != card["architecture"]:
         raise ConfigError(f"the export {card_path} holds a {card['architecture']}, not {cfg.model.arch}: drop --arch")
     data = cfg.data.name or card["dataset"]
-    if data == "none":
-        raise ConfigError(
-            f"the export {card_path} was distilled without data (data.name=none): pass data.name=NAME of a labelled "
-            "dataset with its classes to evaluate it"
-        )
+    if data == NO_DATA:
+        raise _no_test_set(f"the export {card_path}")
     info = dataset_info(data)
     if list(info.image_shape) != list(card["input_shape"]) or info.num_classes != card["num_classes"]:
         raise ConfigError(
@@ -119,6 +114,15 @@ def _evaluate_export(cfg, card_path) -> dict:
         "checkpoint": card["checkpoint"],
     }
     return _with_teacher(cfg, result, logits, test_x, test_y, info, env)
+
+
+def _no_test_set(what: str):
+    from dfkd.errors import ConfigError
+
+    return ConfigError(
+        f"{what} was distilled without data (data.name=none): there is no test set to score it on; pass "
+        "data.name=folder data.root=DIR (a folder of labelled images) or a registered dataset (data.name=NAME)"
+    )
 
 
 def _with_teacher(cfg, result: dict, logits: Tensor, test_x: Tensor, test_y: Tensor, info, env) -> dict:
