@@ -87,3 +87,17 @@ def test_auto_precision_takes_bf16_only_on_a_cpu_with_bf16_instructions(monkeypa
     assert env.precision == picked
     assert f"engine.precision=auto: {picked}" in caplog.text
     assert env.describe().endswith(picked)
+
+
+@pytest.mark.parametrize(
+    ("name", "capability", "picked"),
+    [("Tesla T4", (7, 5), "fp32"), ("Tesla V100", (7, 0), "fp32"), ("A100", (8, 0), "bf16"), ("H100", (9, 0), "bf16")],
+)
+def test_auto_precision_takes_bf16_only_on_a_gpu_that_runs_it_natively(monkeypatch, name, capability, picked):
+    # torch.cuda.is_bf16_supported() is true on a T4 or V100 too, where bf16 is emulated and slower than fp32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: name)
+    precision, why = auto_precision(torch.device("cuda", 0))
+    assert precision == picked
+    assert name in why and f"compute capability {capability[0]}.{capability[1]}" in why

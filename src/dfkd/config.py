@@ -142,8 +142,8 @@ class EvalConfig:
 class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
-    # bf16 = autocast on the student/synthesis forwards; auto = bf16 where the hardware runs it faster (a GPU with
-    # bfloat16, a CPU with AMX-BF16 or AVX512-BF16), fp32 elsewhere; the run logs which it picked
+    # bf16 = autocast on the student/synthesis forwards; auto = bf16 where the hardware runs it faster (a GPU of
+    # compute capability 8.0+, a CPU with AMX-BF16 or AVX512-BF16), fp32 elsewhere; the run logs which it picked
     precision: str = choice("fp32", "fp32", "bf16", "auto")
     channels_last: bool = False  # memory format of the networks and generators (faster convs on CPU and GPU)
     # torch.compile the networks and generators (inductor; needs a C++ compiler on CPU). Compilation costs minutes

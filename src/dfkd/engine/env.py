@@ -260,16 +260,18 @@ def resolve_device(
 
 
 def auto_precision(device: torch.device) -> tuple[str, str]:
-    """The precision ``engine.precision=auto`` picks on ``device``, and why: bf16 on a GPU that supports it and on a
-    CPU with bf16 instructions (AMX-BF16 or AVX512-BF16, which oneDNN's convolutions use), fp32 elsewhere.
+    """The precision ``engine.precision=auto`` picks on ``device``, and why: bf16 on a GPU of compute capability 8.0
+    or more (Ampere and later, bf16 tensor cores) and on a CPU with bf16 instructions (AMX-BF16 or AVX512-BF16, which oneDNN's convolutions use), fp32 elsewhere.
 
     On an AVX512-BF16 CPU without AMX (EPYC Zen 4) bf16 ran 1.51x the student steps per second of fp32 on the
     demo's LeNet pair and 1.8-2.0x on the WRN pair, both with channels_last (BENCHMARKS.md, issue 13); on an
     AVX2-only CPU bf16 is emulated and slower."""
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bf16", f"{torch.cuda.get_device_name(device)} supports bfloat16"
-        return "fp32", f"{torch.cuda.get_device_name(device)} has no bfloat16"
+        # is_bf16_supported() is also true where bf16 is emulated (T4, V100: compute capability 7.x), slower than fp32
+        name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        if major >= 8 and torch.cuda.is_bf16_supported():
+            return "bf16", f"{name} (compute capability {major}.{minor}) runs bfloat16 natively"
+        return "fp32", f"{name} (compute capability {major}.{minor}) has no native bfloat16 (needs 8.0 or more)"
     flags = cpu_flags()
     for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")):
         if flag in flags:
