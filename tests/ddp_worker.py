@@ -3,22 +3,27 @@
 Modes: ``run`` (each rank dumps its student and generator at the end), ``kill`` (every rank SIGKILLs itself once
 epoch 1 is saved), ``resume`` (continue the killed run), ``diverge`` (rank 1's teacher turns NaN at the end of
 epoch 2; each rank records the error it stopped with), ``method:<name>`` (that method's LeNet recipe, tiny, one
-warm-up and one distillation epoch; each rank dumps the method's state).
+warm-up and one distillation epoch; each rank dumps the method's state), ``clock`` (rank 0's clock runs 1,000 s
+per reading, rank 1's is true, against engine.time_limit=1500; each rank records the epochs it ran).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from helpers import NaNAfter
 
 import dfkd
+import dfkd.engine.distill as distill_module
 import dfkd.methods.cudfkd as cudfkd
 from dfkd.engine import rundir
 from dfkd.errors import DivergedError
@@ -102,6 +107,11 @@ def main() -> None:
         "engine.device=cpu",
         "method.adv=1.0",
     ]
+    if mode == "clock":
+        overrides.append("engine.time_limit=1500")
+        if rank == 0:  # past the limit after the first epoch on rank 0 only
+            readings = iter(range(10**6))
+            distill_module.time = SimpleNamespace(perf_counter=lambda: time.perf_counter() + 1000.0 * next(readings))
     if mode == "diverge":
         net = dfkd.create_model("lenet5_bn", 10, 1)
         net.load_state_dict(torch.load(Path(teacher_run) / "ckpt" / "best.pt", weights_only=True)["state_dict"])
@@ -111,11 +121,12 @@ def main() -> None:
         overrides += ["teacher.weights=null", "method.bn=0"]
     cfg = dfkd.load_config("distill", "fashion-mnist/cudfkd-lenet5_bn-lenet5_half", overrides)
     try:
-        dfkd.distill(cfg, teacher=teacher, student=student, resume=mode == "resume")
+        summary = dfkd.distill(cfg, teacher=teacher, student=student, resume=mode == "resume")
     except DivergedError as exc:
         (dump / f"diverged{rank}.txt").write_text(str(exc))
         return
     torch.save(student.state_dict(), dump / f"student{rank}.pt")
+    (dump / f"summary{rank}.json").write_text(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Two gloo processes on CPU (torchrun): ranks stay identical (BatchNorm student included), a killed run resumes to
-exactly the uninterrupted one, and a loss that turns NaN on one rank stops every rank."""
+exactly the uninterrupted one, and a loss that turns NaN on one rank or a clock past the time limit on one rank stops
+every rank."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +24,18 @@ pytestmark = pytest.mark.skipif(
 def torchrun(mode: str, data_root: Path, teacher_run: Path, out: Path) -> subprocess.CompletedProcess:
     launcher = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     worker = Path(__file__).with_name("ddp_worker.py")
-    return subprocess.run(
-        [launcher, "--standalone", "--nproc_per_node=2", str(worker), mode, str(data_root), str(teacher_run), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    command = [launcher, "--standalone", "--nproc_per_node=2", str(worker), mode, str(data_root), str(teacher_run)]
+    # a session of its own: a hang kills torchrun and both workers, not torchrun alone
+    proc = subprocess.Popen(
+        [*command, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"torchrun {mode} did not end within 300 s: the ranks hang")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def errors(proc: subprocess.CompletedProcess) -> str:
@@ -84,6 +93,17 @@ def test_a_loss_that_turns_nan_on_one_rank_stops_every_rank(data_root, teacher_r
     assert "non-finite on another rank in epoch 2" in other
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "diverged"
+
+
+def test_rank_0s_clock_decides_the_time_limit_for_every_rank(data_root, teacher_run, tmp_path):
+    # rank 0's clock is past engine.time_limit after epoch 1, rank 1's is not: a rank that stopped alone would leave
+    # the other waiting in a collective (a hang ends in the timeout)
+    proc = torchrun("clock", data_root, teacher_run, tmp_path)
+    assert proc.returncode == 0, errors(proc)
+    ran = [json.loads((tmp_path / "dump" / f"summary{rank}.json").read_text())["epochs"] for rank in (0, 1)]
+    assert ran == [1, 1]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stopped_at_time_limit"] and summary["status"] == "ok"
 
 
 # what each method keeps identical across ranks (the rest of its state, e.g. a pool, is per rank by design)

@@ -320,7 +320,7 @@ def _distill(
             )
             break
         limit = cfg.engine.time_limit
-        if limit is not None and timers["total_seconds"] >= limit and epoch + 1 < all_epochs:
+        if limit is not None and env.main_decides(timers["total_seconds"] >= limit) and epoch + 1 < all_epochs:
             state["time_limited"] = True
             log.info("stopping: the run's wall time passed engine.time_limit=%gs after epoch %d", limit, epoch + 1)
             break

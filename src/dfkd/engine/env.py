@@ -101,6 +101,15 @@ class Env:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def main_decides(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank: for a decision each rank could take differently (its own clock), which
+        must come out the same everywhere or the ranks leave the loop at different epochs and wait on each other."""
+        if not self.distributed:
+            return flag
+        decision = torch.tensor(float(flag), device=self.device)
+        dist.broadcast(decision, src=0)
+        return bool(decision.item())
+
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's ``tensor`` (same shape on every rank) concatenated along dim 0 in rank order; the tensor
         itself in a single process."""
