@@ -210,6 +210,22 @@ def test_folders_are_matched_to_known_class_names(tmp_path):
         load_image_folder(tmp_path, info)
 
 
+def test_folders_named_by_index_are_labelled_by_their_number(tmp_path):
+    # sorted as text, "10" comes third: the labels must be the numbers, not the folders' order
+    for k in range(12):
+        save_png(tmp_path / str(k) / "x.png", np.full((4, 4, 3), k))
+    facts = {"image_shape": [3, 4, 4], "mean": [0.5], "std": [0.25]}
+    for info in (folder_info(tmp_path, **facts), folder_info(tmp_path, num_classes=12, **facts)):
+        assert info.classes == tuple(str(k) for k in range(12))
+        images, labels = load_image_folder(tmp_path, info)
+        assert labels.tolist() == images[:, 0, 0, 0].tolist()  # each image's pixel value is its folder's number
+    # a test set with some of a 20-class teacher's classes: each folder still names its class
+    info = folder_info(tmp_path, num_classes=20, **facts)
+    assert info.num_classes == 20 and sorted(set(load_image_folder(tmp_path, info)[1].tolist())) == list(range(12))
+    with pytest.raises(DataError, match="folder '11' names no class of the teacher"):
+        load_image_folder(tmp_path, folder_info(tmp_path, num_classes=11, **facts))
+
+
 def test_folder_errors(tmp_path):
     facts = {"image_shape": [3, 4, 4], "mean": [0.5], "std": [0.25]}
     with pytest.raises(ConfigError, match="data.name=folder needs data.root=DIR"):
@@ -314,6 +330,13 @@ def test_folder_run_and_eval(capsys, teacher_file, tmp_path):
     code, stdout, err = run(capsys, "eval", "--weights", out, "data.name=folder", f"data.root={folder}")
     assert code == 0, err
     assert f"top-1 {summary['student_top1_last']:.2f}%" in stdout and "(8 test images)" in stdout
+    # its export is scored on the folder the same way: the card says data.name=folder, data.root says where
+    assert run(capsys, "export", out, "--which", "last")[0] == 0
+    code, stdout, err = run(capsys, "eval", "--weights", out / "export", f"data.root={folder}")
+    assert code == 0, err
+    assert f"top-1 {summary['student_top1_last']:.2f}%" in stdout and "(8 test images)" in stdout
+    code, _, err = run(capsys, "eval", "--weights", out / "export")
+    assert code == 2 and "data.name=folder needs data.root=DIR" in err
 
 
 def test_a_run_without_data_exports_and_plots(capsys, teacher_file, tmp_path):

@@ -13,7 +13,8 @@ from torch import nn
 import dfkd
 from dfkd import load_config
 from dfkd.engine import rundir as rundir_module
-from dfkd.errors import DfkdError, DivergedError
+from dfkd.engine.common import check_validation_slice
+from dfkd.errors import ConfigError, DfkdError, DivergedError
 
 DEMO = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"
 
@@ -256,3 +257,26 @@ def test_synthesis_warmup_epochs_synthesise_without_training_the_student(data_ro
     assert rows[0]["eval/top1"] == rows[1]["eval/top1"]  # no student step moved it
     ckpt = torch.load(out / "ckpt" / "last.pt", weights_only=True)
     assert ckpt["scheduler"]["last_epoch"] == 1  # the schedule steps in distillation epochs only
+
+
+def test_a_validation_slice_the_teacher_trained_on_is_refused(data_root, teacher_run, tmp_path, caplog):
+    # the teacher held out 64 training images (data.val_size=64): a slice of 128 holds 64 images it trained on
+    out = tmp_path / "val"
+    with pytest.raises(ConfigError) as refused:
+        dfkd.distill(distill_cfg(data_root, teacher_run, out, "eval.split=val", "data.val_size=128"))
+    message = str(refused.value)
+    assert "\n" not in message and "data.val_size=128" in message and "data.val_size=64 or less" in message
+    assert str(teacher_run) in message and not out.exists()  # refused before anything was written
+
+    def warnings_for(weights, val_size: int) -> list[str]:
+        caplog.clear()
+        cfg = distill_cfg(data_root, weights, out, "eval.split=val", f"data.val_size={val_size}")
+        check_validation_slice(cfg.data, cfg.eval.split, cfg.teacher.weights)
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    with caplog.at_level("WARNING", logger="dfkd"):
+        assert warnings_for(teacher_run, 64) == [] and warnings_for(teacher_run, 32) == []  # inside its held-out part
+        bare = tmp_path / "bare.pt"  # a state dict alone, as a zoo teacher comes: it does not say what it trained on
+        torch.save(torch.load(teacher_run / "ckpt" / "last.pt", weights_only=True)["state_dict"], bare)
+        (warning,) = warnings_for(bare, 64)
+        assert "does not record which images it trained on" in warning and "data.val_size=64" in warning

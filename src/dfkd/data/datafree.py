@@ -133,7 +133,14 @@ def resolve_dataset_info(data_cfg: Any, meta: TeacherMeta | None = None) -> Data
     if classes is not None:
         num_classes = len(classes)
     if name == FOLDER and classes is None:
-        classes = tuple(_class_folders(data_cfg.root))
+        folders = _class_folders(data_cfg.root)
+        if all(folder.isdigit() for folder in folders):
+            # folders named by class index: "10" is class 10 (not the third folder in text order), and a test set
+            # may hold some of the classes only
+            count = num_classes if num_classes is not None else len(folders)
+            classes = tuple(str(i) for i in range(count))
+        else:
+            classes = tuple(folders)
         if num_classes is not None and len(classes) != num_classes:
             raise ConfigError(
                 f"{data_cfg.root} has {len(classes)} class folders but the teacher has {num_classes} classes: "

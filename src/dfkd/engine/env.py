@@ -270,7 +270,8 @@ def resolve_device(
 
 def auto_precision(device: torch.device) -> tuple[str, str]:
     """The precision ``engine.precision=auto`` picks on ``device``, and why: bf16 on a GPU of compute capability 8.0
-    or more (Ampere and later, bf16 tensor cores) and on a CPU with bf16 instructions (AMX-BF16 or AVX512-BF16, which oneDNN's convolutions use), fp32 elsewhere.
+    or more (Ampere and later, bf16 tensor cores) and on a CPU with bf16 instructions (AMX-BF16 or AVX512-BF16,
+    which oneDNN's convolutions use), fp32 elsewhere.
 
     On an AVX512-BF16 CPU without AMX (EPYC Zen 4) bf16 ran 1.51x the student steps per second of fp32 on the
     demo's LeNet pair and 1.8-2.0x on the WRN pair, both with channels_last (BENCHMARKS.md, issue 13); on an

@@ -40,13 +40,10 @@ def evaluate_weights(cfg) -> dict:
     The architecture and dataset default to those recorded in a dfkd checkpoint (``arch``, ``dataset``). An export
     of ``dfkd export`` (its folder or card) is evaluated as its card describes it: architecture, mean/std, dataset.
     With ``data.name=folder`` the test set is the image folder in ``data.root``, its classes, image shape and
-    normalisation those the checkpoint records (or the ``data`` config gives).
+    normalisation those the checkpoint or the export's card records (or the ``data`` config gives).
     """
-    import dataclasses
-
-    from dfkd.data import dataset_info
-    from dfkd.data.datafree import FOLDER, NO_DATA, checkpoint_meta, load_image_folder, resolve_dataset_info
-    from dfkd.engine.common import build_model, load_split_on_device, resolve_weights
+    from dfkd.data.datafree import NO_DATA, checkpoint_meta
+    from dfkd.engine.common import build_model, resolve_weights
     from dfkd.engine.env import setup_env
     from dfkd.errors import ConfigError
     from dfkd.export import find_card
@@ -68,12 +65,8 @@ def evaluate_weights(cfg) -> dict:
     if data == NO_DATA:
         raise _no_test_set(str(path))
     env = setup_env(cfg.engine.device, "fp32", cfg.engine.channels_last, cfg.engine.threads, cfg.engine.compile)
-    if data == FOLDER:
-        info = resolve_dataset_info(dataclasses.replace(cfg.data, name=FOLDER), checkpoint_meta(path))
-        test_x, test_y = (t.to(env.device) for t in load_image_folder(cfg.data.root, info))
-    else:
-        info = dataset_info(data)
-        test_x, test_y = load_split_on_device(info, "test", cfg.data.root, env)
+    info = _test_info(cfg, data, checkpoint_meta(path))
+    test_x, test_y = _load_test_set(cfg, info, env)
     model = build_model(arch, info, env, str(path), "model")
     logits = predict(model, test_x, cfg.eval.batch_size, env.channels_last)
     result = {"weights": str(path), "arch": arch, "dataset": data, "images": int(test_y.numel())}
@@ -81,12 +74,11 @@ def evaluate_weights(cfg) -> dict:
 
 
 def _evaluate_export(cfg, card_path) -> dict:
-    from dfkd.data import dataset_info
     from dfkd.data.datafree import NO_DATA
-    from dfkd.engine.common import load_split_on_device
     from dfkd.engine.env import setup_env
     from dfkd.errors import ConfigError
     from dfkd.export import load_student
+    from dfkd.models.meta import teacher_meta
 
     model = load_student(card_path)
     card = model.card
@@ -95,7 +87,7 @@ def _evaluate_export(cfg, card_path) -> dict:
     data = cfg.data.name or card["dataset"]
     if data == NO_DATA:
         raise _no_test_set(f"the export {card_path}")
-    info = dataset_info(data)
+    info = _test_info(cfg, data, teacher_meta(model))  # a folder's classes and shape: what the card states
     if list(info.image_shape) != list(card["input_shape"]) or info.num_classes != card["num_classes"]:
         raise ConfigError(
             f"the export takes {card['input_shape']} images and has {card['num_classes']} classes but {data} has "
@@ -103,7 +95,7 @@ def _evaluate_export(cfg, card_path) -> dict:
         )
     env = setup_env(cfg.engine.device, "fp32", cfg.engine.channels_last, cfg.engine.threads, cfg.engine.compile)
     model.to(env.device)
-    test_x, test_y = load_split_on_device(info, "test", cfg.data.root, env)
+    test_x, test_y = _load_test_set(cfg, info, env)
     logits = predict(model, test_x, cfg.eval.batch_size)
     weights = card_path.parent / card["weights"]["file"]
     result = {
@@ -114,6 +106,30 @@ def _evaluate_export(cfg, card_path) -> dict:
         "checkpoint": card["checkpoint"],
     }
     return _with_teacher(cfg, result, logits, test_x, test_y, info, env)
+
+
+def _test_info(cfg, data: str, meta):
+    """The facts of the test set: a registered dataset's, or with data.name=folder those the checkpoint or export
+    states (``meta``, a :class:`~dfkd.models.meta.TeacherMeta`) with the ``data`` config and the class folders."""
+    import dataclasses
+
+    from dfkd.data import dataset_info
+    from dfkd.data.datafree import FOLDER, resolve_dataset_info
+
+    if data == FOLDER:
+        return resolve_dataset_info(dataclasses.replace(cfg.data, name=FOLDER), meta)
+    return dataset_info(data)
+
+
+def _load_test_set(cfg, info, env) -> tuple[Tensor, Tensor]:
+    """The test images and labels on the device: the image folder in data.root, or the dataset's test split."""
+    from dfkd.data.datafree import FOLDER, load_image_folder
+    from dfkd.engine.common import load_split_on_device
+
+    if info.name == FOLDER:
+        images, labels = load_image_folder(cfg.data.root, info)
+        return images.to(env.device), labels.to(env.device)
+    return load_split_on_device(info, "test", cfg.data.root, env)
 
 
 def _no_test_set(what: str):
