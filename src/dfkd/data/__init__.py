@@ -19,6 +19,7 @@ from dfkd.data.datasets import (
     load_dataset,
     load_split,
     read_idx,
+    source_dataset,
 )
 from dfkd.data.loader import TensorLoader, to_float, to_uint8
 from dfkd.data.pool import RingStore, SyntheticPool
@@ -43,6 +44,7 @@ __all__ = [
     "random_hflip",
     "random_resized_crop",
     "read_idx",
+    "source_dataset",
     "to_float",
     "to_uint8",
 ]

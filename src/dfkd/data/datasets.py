@@ -114,6 +114,14 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASETS.get(name).info
 
 
+def source_dataset(name: str) -> str:
+    """The registered dataset whose files ``name`` derives its images from (``name`` itself for one read from its own
+    files): datasets of one source share their training images, and so their validation slices."""
+    while DATASETS.get(name).base is not None:
+        name = DATASETS.get(name).base
+    return name
+
+
 def dataset_names() -> list[str]:
     """Sorted names of all registered datasets."""
     return DATASETS.names()

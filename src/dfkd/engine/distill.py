@@ -35,6 +35,7 @@ from dfkd.data.datafree import (
 )
 from dfkd.engine.common import (
     build_model,
+    check_validation_slice,
     default_out,
     freeze,
     load_split_on_device,
@@ -114,6 +115,7 @@ def _distill(
             "(or a checkpoint file)"
         )
     check_data_free_eval(cfg.data, cfg.eval.split)
+    check_validation_slice(cfg.data, cfg.eval.split, cfg.teacher.weights)
     teacher_source, teacher_weights = teacher_module or cfg.teacher.arch, cfg.teacher.weights
     heldout = None
     if is_data_free(cfg.data.name):
