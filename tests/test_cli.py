@@ -205,6 +205,15 @@ def test_bench_throughput_reports_every_setting_it_ran(capsys, data_root, tmp_pa
         assert summary["peak_memory_bytes"] >= mem["loop_start_bytes"] > mem["data_bytes"] + mem["teacher_bytes"]
         assert mem["method_bytes"] > 0
     assert "Where the memory goes" in out and out.count("| fp32 |") == 2
+    # the same folder again: refused unless --overwrite, the earlier runs intact
+    before = (tmp_path / "fp32" / "ckpt" / "last.pt").read_bytes()
+    code, _, err = run(capsys, *args, "--out", str(tmp_path), f"data.root={data_root}", *tiny)
+    assert_one_line_error(code, err, f"{tmp_path / 'fp32'} (and 1 more) already holds a run: pass --overwrite")
+    assert (tmp_path / "fp32" / "ckpt" / "last.pt").read_bytes() == before
+    args[-1] = "fp32"
+    code, _, err = run(capsys, *args, "--out", str(tmp_path), f"data.root={data_root}", *tiny, "--overwrite")
+    assert code == 0, err
+    assert (tmp_path / "fp32" / "ckpt" / "last.pt").read_bytes() != before
     code, _, err = run(capsys, "bench", "throughput", "--settings", "fp16")
     assert_one_line_error(code, err, "unknown setting 'fp16'")
     code, _, err = run(capsys, "bench", "throughput", "--out", str(tmp_path), "train.epochs=3")

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         "30 min) and race.png (accuracy against wall time) beside the table",
     )
     p.add_argument("--tiny", action="store_true", help="gpu-check only: tiny sizes, so that it runs on a CPU")
+    p.add_argument(
+        "--overwrite", action="store_true", help="gpu-check and throughput only: replace their runs already in --out"
+    )
     p.add_argument("--recipe", metavar="NAME|PATH", help="throughput only: the recipe (default: the demo's)")
     p.add_argument("--rounds", type=int, help="throughput only: rounds per setting (default: 8)")
     p.add_argument(
@@ -420,7 +423,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if args.seeds or args.overrides or args.budget is not None:
             raise ConfigError("gpu-check runs fixed settings: drop --seeds, --budget and key=value overrides")
-        ok, table = run_gpu_check(out, args.teacher, args.tiny, methods)
+        ok, table = run_gpu_check(out, args.teacher, args.tiny, methods, args.overwrite)
         _write(table)
         return 0 if ok else 1
     if args.suite == "throughput":
@@ -433,12 +436,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rounds = args.rounds if args.rounds is not None else DEFAULT_ROUNDS
         settings = parse_settings(args.settings)
         recipe = args.recipe or DEFAULT_RECIPE
-        _write(run_throughput(out, recipe, settings, rounds, args.teacher, list(args.overrides)))
+        _write(run_throughput(out, recipe, settings, rounds, args.teacher, list(args.overrides), args.overwrite))
         return 0
     if args.recipe or args.rounds is not None or args.settings:
         raise ConfigError("--recipe, --rounds and --settings belong to `dfkd bench throughput`; drop them for a suite")
     if args.tiny:
         raise ConfigError("--tiny belongs to `dfkd bench gpu-check`; drop it for a suite")
+    if args.overwrite:
+        raise ConfigError("--overwrite belongs to gpu-check and throughput; a suite reuses its finished runs")
     seeds = parse_seeds(args.seeds) if args.seeds else None
     _write(run_suite(args.suite, out, methods, args.teacher, list(args.overrides), seeds, args.budget))
     return 0

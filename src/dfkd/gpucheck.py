@@ -8,7 +8,8 @@ A method that crashes is a row with its error, and the check goes on to the next
 It measures that the GPU path runs and what it costs, not accuracy: each run is ``ROUNDS`` rounds, and methods whose
 round is a long inner optimisation (DeepInversion's 2,000 inversion steps) are capped at ``MAX_SYNTHESIS_STEPS``
 steps per round. Without ``--teacher`` it trains a ResNet-34 for one epoch first. On one H100/H200 the whole check
-is sized to take under eight minutes; ``--tiny`` shrinks everything so that the test suite runs it on a CPU.
+is sized to take under eight minutes; ``--tiny`` shrinks everything so that the test suite runs it on a CPU (without
+it, a machine without a CUDA GPU is refused). Runs already in the output folder are replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import logging
 import traceback
 from pathlib import Path
 
+import torch
+
 from dfkd.bench import SUITES, _finished, suite_recipes
 from dfkd.config import load_config
 from dfkd.engine.distill import distill
+from dfkd.engine.rundir import check_run_dirs_free
 from dfkd.engine.supervised import train_teacher
-from dfkd.errors import DfkdError, DivergedError
+from dfkd.errors import ConfigError, DfkdError, DivergedError
 from dfkd.sysinfo import cpu_model
 
 log = logging.getLogger("dfkd")
@@ -52,11 +56,25 @@ TINY_SYNTHESIS_STEPS = 2
 
 
 def run_gpu_check(
-    out: str | Path, teacher: str | None = None, tiny: bool = False, methods: list[str] | None = None
+    out: str | Path,
+    teacher: str | None = None,
+    tiny: bool = False,
+    methods: list[str] | None = None,
+    overwrite: bool = False,
 ) -> tuple[bool, str]:
-    """Run the check into ``out``; return (every run finished with finite losses, the markdown table)."""
+    """Run the check into ``out``; return (every run finished with finite losses, the markdown table). Runs already
+    in ``out`` are refused unless ``overwrite``; without ``tiny`` a machine without a CUDA GPU is refused."""
+    if not tiny and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "no CUDA device visible"
+        raise ConfigError(
+            f"gpu-check measures a GPU but torch finds none here (torch {torch.__version__}, {build}): run it on a "
+            "machine with an NVIDIA GPU and a CUDA build of torch, or add --tiny for the CPU-sized check"
+        )
     root = Path(out)
     recipes = suite_recipes(SUITES[SUITE], methods)
+    check_run_dirs_free(
+        (_run_dir(root, recipe, precision) for recipe in recipes for precision, _ in PRECISIONS), overwrite
+    )
     if teacher is None:
         teacher_dir = root / "teacher"
         if _finished(teacher_dir) is None:
@@ -67,7 +85,7 @@ def run_gpu_check(
     rows = []
     for recipe in recipes:
         for precision, channels_last in PRECISIONS:
-            rows.append(_check_one(recipe, precision, channels_last, teacher, root, tiny))
+            rows.append(_check_one(recipe, precision, channels_last, teacher, root, tiny, overwrite))
     ok = all(row["finite"] for row in rows)
     return ok, format_check(rows, ok)
 
@@ -93,14 +111,24 @@ def _overrides(recipe: str, precision: str, channels_last: bool, teacher: str, r
     return base
 
 
-def _check_one(recipe: str, precision: str, channels_last: bool, teacher: str, root: Path, tiny: bool) -> dict:
-    method = recipe.split("/")[-1].split("-")[0]
-    run = root / f"{method}-{precision}"
+def _method(recipe: str) -> str:
+    return recipe.split("/")[-1].split("-")[0]
+
+
+def _run_dir(root: Path, recipe: str, precision: str) -> Path:
+    return root / f"{_method(recipe)}-{precision}"
+
+
+def _check_one(
+    recipe: str, precision: str, channels_last: bool, teacher: str, root: Path, tiny: bool, overwrite: bool
+) -> dict:
+    method = _method(recipe)
+    run = _run_dir(root, recipe, precision)
     row = {"method": method, "precision": precision + (" + channels_last" if channels_last else ""), "run": run}
     log.info("gpu-check: %s in %s", method, row["precision"])
     try:
         cfg = load_config("distill", recipe, _overrides(recipe, precision, channels_last, teacher, run, tiny))
-        summary = distill(cfg, overwrite=True)
+        summary = distill(cfg, overwrite=overwrite)
     except DivergedError as exc:
         summary = _finished(run) or {}
         row["error"] = str(exc).split(";")[0]

@@ -23,6 +23,7 @@ from dfkd.config import load_config
 from dfkd.data.datafree import resolve_dataset_info
 from dfkd.engine.distill import distill
 from dfkd.engine.meters import format_seconds
+from dfkd.engine.rundir import check_run_dirs_free
 from dfkd.errors import ConfigError, closest
 from dfkd.models import create_model
 from dfkd.sysinfo import cpu_model
@@ -70,9 +71,11 @@ def run_throughput(
     rounds: int = DEFAULT_ROUNDS,
     teacher: str | None = None,
     overrides: list[str] | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Run ``recipe`` for ``rounds`` rounds per setting into ``out/<setting>``; return the markdown table (also
-    written to ``out/throughput.md``, the numbers to ``out/throughput.json``)."""
+    written to ``out/throughput.md``, the numbers to ``out/throughput.json``). Runs already in ``out/<setting>`` are
+    refused unless ``overwrite``."""
     if rounds < 1:
         raise ConfigError(f"--rounds {rounds}: give at least one round")
     for item in overrides or []:
@@ -80,8 +83,10 @@ def run_throughput(
         if key in OWN_KEYS:
             raise ConfigError(f"bench throughput sets {key} itself: {OWN_KEYS[key]}")
     root = Path(out)
+    settings = settings or DEFAULT_SETTINGS
+    check_run_dirs_free((root / name for name in settings), overwrite)
     rows = []
-    for name in settings or DEFAULT_SETTINGS:
+    for name in settings:
         precision, channels_last, compiled = SETTINGS[name]
         cfg = load_config(
             "distill",
@@ -104,7 +109,7 @@ def run_throughput(
             torch.manual_seed(0)  # the same untrained teacher for every setting
             module = create_model(cfg.teacher.arch, info.num_classes, info.image_shape[0])
         log.info("throughput: %s, %s, %d rounds", recipe, name, rounds)
-        rows.append((name, distill(cfg, teacher=module, overwrite=True)))
+        rows.append((name, distill(cfg, teacher=module, overwrite=overwrite)))
     table = format_throughput(recipe, rounds, rows)
     root.mkdir(parents=True, exist_ok=True)
     (root / "throughput.md").write_text(table + "\n")

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,18 @@ class RunDir:
     def load_checkpoint(self, which: str = "last") -> dict:
         path = self.last if which == "last" else self.best
         return load_state(path)
+
+
+def check_run_dirs_free(paths: Iterable[Path], overwrite: bool) -> None:
+    """For a command that fills several run directories: refuse, before the first run starts, directories that hold
+    a run unless ``overwrite`` (then each run replaces its own); deletes nothing."""
+    taken = [Path(p) for p in paths if RunDir(p)._present()]
+    if taken and not overwrite:
+        more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+        raise DfkdError(
+            f"{taken[0]}{more} already holds a run: pass --overwrite to replace it (its files will be deleted), or "
+            "--out DIR"
+        )
 
 
 def load_state(path: Path) -> dict:
