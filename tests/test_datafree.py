@@ -169,8 +169,15 @@ def test_heldout_optimisation_moves_the_images_toward_their_classes():
 def test_heldout_set_for_a_teacher_without_batchnorm():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
     info = resolve_dataset_info(data_cfg(num_classes=4, image_shape=SHAPE, mean=[0.5], std=[0.25]))
-    images = synthesize_heldout(wrapped(net), info, 6, seed=0, steps=2, device="cpu")
-    assert images.shape == (6, 3, 16, 16)
+    teacher = wrapped(net)
+    noise = synthesize_heldout(teacher, info, 8, seed=0, steps=0, device="cpu")
+    shaped = synthesize_heldout(teacher, info, 8, seed=0, steps=8, device="cpu")
+    assert shaped.shape == (8, 3, 16, 16) and not torch.equal(noise, shaped)
+    # without BN statistics to match, the class term alone moves the images toward their classes
+    targets = torch.arange(8) % 4
+    with torch.no_grad():
+        ce = [nn.functional.cross_entropy(teacher(x.float() / 255), targets).item() for x in (noise, shaped)]
+    assert ce[1] < ce[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -349,7 +356,12 @@ def test_a_run_without_data_exports_and_plots(capsys, teacher_file, tmp_path):
     card = student.card
     assert (card["input_shape"], card["num_classes"], card["accuracy"]["split"]) == (SHAPE, 4, "synthetic-heldout")
     assert "held-out synthetic images" in card["selected_by"] and "top1" not in card["accuracy"]
-    assert student(torch.rand(3, *SHAPE)).shape == (3, 4)
+    # the exported student is the run's best student: the same logits as its checkpoint's weights
+    run_student = wrapped(create_model("tiny_cnn", 4, 3))
+    run_student.net.load_state_dict(torch.load(out / "ckpt" / "best.pt", weights_only=True)["state_dict"])
+    x = torch.rand(3, *SHAPE)
+    with torch.no_grad():
+        assert torch.allclose(student(x), run_student(x), atol=1e-6)
     code, stdout, err = run(capsys, "plot", out, "--synthetic", "12")
     assert code == 0, err
     numbers = json.loads((out / "plots" / "plot.json").read_text())

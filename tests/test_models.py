@@ -98,7 +98,8 @@ def test_tiny_cnn_any_size_trains(size):
     model = create_model("tiny_cnn", num_classes=5)
     loss = model(torch.rand(2, 3, size, size)).logsumexp(1).mean()
     loss.backward()
-    assert all(p.grad is not None for p in model.parameters())
+    # every parameter takes part in the output at any input size (no layer cut off by a too-small image)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
 def test_vgg_takes_64px_inputs():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import re
 import sys
 import types
 import urllib.error
@@ -321,30 +320,54 @@ def test_activation_loss_on_a_teacher_without_linear_layer_names_the_option(fact
     assert all(torch.isfinite(torch.as_tensor(v, dtype=torch.float64)).all() for v in logs.values())
 
 
+# What each method does with a TorchScript teacher: the options that turn off its terms that hook the teacher's
+# layers (each refused by name while on), or REFUSED where a hooked term is the method itself.
+REFUSED = "refused"
+TORCHSCRIPT_TEACHER = {
+    "adadfkd": REFUSED,  # its contrastive loss on penultimate features
+    "cmi": REFUSED,  # its contrastive loss on layer features
+    "cudfkd": ("bn",),
+    "dafl": ("act",),
+    "deepinv": ("bn",),
+    "dfad": (),  # logits only
+    "dfq": ("bn",),
+    "fastdfkd": ("bn",),
+    "mb_dfkd": ("act",),
+    "nayer": ("bn",),
+    "pre_dfkd": ("act",),
+    "zskt": (),  # logits only (its attention transfer is off by default)
+}
+
+
+def test_every_method_states_what_it_does_with_a_torchscript_teacher():
+    assert sorted(TORCHSCRIPT_TEACHER) == METHODS.names()
+
+
+def assert_torchscript_refusal(name: str, message: str) -> None:
+    assert message.startswith(f"{name}: the ") and "which a TorchScript teacher does not allow" in message
+    assert "teacher.arch=py:MODULE:FUNCTION or hub:DIR:ENTRY" in message and "\n" not in message
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_torchscript_teacher_runs_logit_methods_and_refuses_hooks(factories, tmp_path, name):
     build_network(f"py:{MODULE}:with_bn")
     path = tmp_path / "t.ts"
     torch.jit.script(eager("with_bn")).save(str(path))
     teacher = frozen_teacher(build_network(f"torchscript:{path}", role="teacher"))
-    changes: dict = {}
-    while True:
-        try:
-            logs = one_round(name, teacher, method_config(name, **changes))
-            break
-        except ConfigError as e:
-            message = str(e)
-            assert message.startswith(f"{name}: the ") and "which a TorchScript teacher does not allow" in message
-            assert "teacher.arch=py:MODULE:FUNCTION or hub:DIR:ENTRY" in message and "\n" not in message
-            off = re.search(r"set method\.(\w+)=0 to drop", message)
-            if off is None:  # nothing turns the term off: the method hooks the teacher whatever its settings
-                assert f"{name} cannot run without its" in message
-                return
-            assert off.group(1) not in changes
-            changes[off.group(1)] = 0.0
+    expected = TORCHSCRIPT_TEACHER[name]
+    if expected == REFUSED:  # nothing turns the term off
+        with pytest.raises(ConfigError) as refused:
+            one_round(name, teacher, method_config(name))
+        assert_torchscript_refusal(name, str(refused.value))
+        assert f"{name} cannot run without its" in str(refused.value)
+        return
+    for option in expected:  # on, the term is refused and the message names its option
+        with pytest.raises(ConfigError) as refused:
+            one_round(name, teacher, method_config(name, **{o: 0.0 for o in expected if o != option}))
+        assert_torchscript_refusal(name, str(refused.value))
+        assert f"set method.{option}=0 to drop" in str(refused.value)
+    logs = one_round(name, teacher, method_config(name, **{o: 0.0 for o in expected}))
     assert all(torch.isfinite(torch.as_tensor(v, dtype=torch.float64)).all() for v in logs.values())
-    if name in ("dfad", "zskt"):  # they use only the teacher's logits
-        assert changes == {}
     if name == "zskt":
         with pytest.raises(ConfigError, match="attention transfer hooks .* or set method.beta=0"):
             one_round(name, teacher, method_config(name, beta=1.0))
