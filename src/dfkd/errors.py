@@ -7,7 +7,10 @@ it without a traceback and exits with status 2; the Python API lets it propagate
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class DfkdError(Exception):
@@ -28,6 +31,19 @@ class CheckpointError(DfkdError):
 
 class DivergedError(DfkdError):
     """Training produced a NaN or Inf loss and was stopped."""
+
+
+def write_error(path: str | os.PathLike[str], exc: OSError, kept: str = "") -> DfkdError:
+    """The one-line error for a file that could not be written (a full disk, a read-only folder): which file, why,
+    what to do, and ``kept``: what the failed write left intact."""
+    path = Path(path)
+    if exc.errno == errno.ENOSPC:
+        hint = f"free space on the disk of {path.parent}"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = f"make {path.parent} writable (or write somewhere else)"
+    else:
+        hint = "check the disk and the folder"
+    return DfkdError(f"cannot write {path}: {exc.strerror or exc}; {hint}" + (f"; {kept}" if kept else ""))
 
 
 def closest(name: str, choices: Iterable[str]) -> str:

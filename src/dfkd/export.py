@@ -14,6 +14,7 @@ model in dfkd; the safetensors file holds the bare network and :func:`load_stude
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfkd.errors import CheckpointError, ConfigError, DfkdError
+from dfkd.errors import CheckpointError, ConfigError, DfkdError, write_error
 
 log = logging.getLogger("dfkd")
 
@@ -80,7 +81,7 @@ def export_student(
     from dfkd import __version__
     from dfkd.config import read_yaml
     from dfkd.engine.distill import CHECKPOINT_FORMAT
-    from dfkd.engine.rundir import RunDir, load_state
+    from dfkd.engine.rundir import RunDir, load_state, read_summary, write_atomically
 
     if format not in FORMATS:
         raise ConfigError(f"unknown export format '{format}': use one of {', '.join(FORMATS)}")
@@ -105,23 +106,13 @@ def export_student(
             f"{ckpt_path} is not a distillation checkpoint ({ckpt.get('format')}): export takes a `dfkd distill` run"
         )
     cfg = read_yaml(run.path / "config.yaml")
-    summary_path = run.path / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_summary(run.path) or {}
     facts = _data_facts(cfg.get("data") or {}, ckpt, run.path)
     arch = str(ckpt.get("arch") or (cfg.get("student") or {}).get("arch"))
     state = ckpt["state_dict"]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     weights_path = out_dir / WEIGHTS_NAMES[format]
-    tmp = weights_path.with_name(weights_path.name + ".tmp")
-    try:
-        _write_weights(format, arch, state, facts, tmp)
-        if overwrite:  # only now that the new file is written: a failed export keeps the old one
-            for name in (CARD_NAME, *WEIGHTS_NAMES.values()):
-                (out_dir / name).unlink(missing_ok=True)
-        os.replace(tmp, weights_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    weights = _weights_bytes(format, arch, state, facts)  # a student is small: whole in memory, written in one go
 
     epoch = int(ckpt["epoch"])
     row = next((r for r in ckpt.get("history", []) if r.get("epoch") == epoch), {})
@@ -151,8 +142,8 @@ def export_student(
         "weights": {
             "file": weights_path.name,
             "format": format,
-            "sha256": sha256_file(weights_path),
-            "bytes": weights_path.stat().st_size,
+            "sha256": hashlib.sha256(weights).hexdigest(),
+            "bytes": len(weights),
         },
         "dfkd_version": __version__,
         "torch_version": torch.__version__,
@@ -164,9 +155,17 @@ def export_student(
     if warning:
         card["warning"] = warning
     card_path = out_dir / CARD_NAME
-    card_tmp = card_path.with_name(CARD_NAME + ".tmp")
-    card_tmp.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(card_tmp, card_path)
+    kept = f"the earlier export in {out_dir} is intact" if (out_dir / CARD_NAME).exists() else ""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(out_dir, exc) from None
+    # the weights and the card replace the earlier ones together, once both are written whole
+    write_atomically({weights_path: weights, card_path: (json.dumps(card, indent=2) + "\n").encode()}, kept)
+    if overwrite:  # the earlier export's weights in another format go only now that the new export is in place
+        for name in WEIGHTS_NAMES.values():
+            if name != weights_path.name:
+                (out_dir / name).unlink(missing_ok=True)
     log.info("exported %s (%s, checkpoint %s, epoch %d) to %s", arch, format, which, epoch, weights_path)
     return {**card, "path": str(card_path)}
 
@@ -213,9 +212,14 @@ def load_student(path: str | os.PathLike[str]) -> nn.Module:
             "'images' in [0, 1]); load_student reads safetensors and TorchScript exports"
         )
     if fmt == "safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        model = _student_module(card["architecture"], load_file(str(weights)), _card_facts(card))
+        try:
+            tensors = load_file(str(weights))
+        except (SafetensorError, OSError) as exc:  # its card was changed with it, or the file was damaged since
+            raise CheckpointError(f"cannot read {weights} ({exc}): the file is damaged; export the run again") from None
+        model = _student_module(card["architecture"], tensors, _card_facts(card))
     elif fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=DeprecationWarning)
@@ -353,22 +357,24 @@ def _student_module(arch: str, state: dict, facts: dict) -> nn.Module:
     return Normalized(net, facts["mean"], facts["std"]).eval()
 
 
-def _write_weights(format: str, arch: str, state: dict, facts: dict, path: Path) -> None:
+def _weights_bytes(format: str, arch: str, state: dict, facts: dict) -> bytes:
+    """The weights file's content (written by the caller: a full disk is then an OSError, not a crash in a writer)."""
     if format == "safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         # safetensors refuses tensors that share storage; clones own theirs
-        save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path), {"arch": arch})
-        return
+        return save({k: v.detach().contiguous().clone() for k, v in state.items()}, {"arch": arch})
     model = _student_module(arch, state, facts)
     example = torch.rand(2, *facts["image_shape"], generator=torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
     if format == "torchscript":
-        _write_torchscript(model, example, path)
+        _write_torchscript(model, example, buffer)
     else:
-        _write_onnx(model, example, path)
+        _write_onnx(model, example, buffer)
+    return buffer.getvalue()
 
 
-def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _write_torchscript(model: nn.Module, example: torch.Tensor, f: io.BytesIO) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         # trace is deprecated in favour of torch.export, but its files are what C++ and mobile runtimes load; the
         # tracer's warnings about shape checks are answered by the comparison below
@@ -378,10 +384,10 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> N
         other = torch.rand(3, *example.shape[1:], generator=torch.Generator().manual_seed(1))
         if not torch.allclose(traced(other), model(other), atol=1e-5, rtol=1e-4):
             raise DfkdError(f"the traced {type(model.net).__name__} differs from the network: use --format safetensors")
-        torch.jit.save(traced, str(path))
+        torch.jit.save(traced, f)
 
 
-def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _write_onnx(model: nn.Module, example: torch.Tensor, f: io.BytesIO) -> None:
     import onnx
 
     with torch.no_grad(), warnings.catch_warnings():
@@ -392,13 +398,13 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
         torch.onnx.export(
             model,
             (example,),
-            str(path),
+            f,
             dynamo=False,
             input_names=["images"],
             output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
         )
-    onnx.checker.check_model(str(path))
+    onnx.checker.check_model(onnx.load_from_string(f.getvalue()))
 
 
 def _selected_by(which: str, split: str, summary: dict, epoch: int) -> str:
