@@ -287,3 +287,12 @@ def test_a_read_only_run_folder_is_one_line_and_left_as_it_was(capsys, monkeypat
     assert_one_line_error(code, err, "Permission denied")
     assert f"cannot write {run_copy / 'export'}" in err
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_plot_into_a_read_only_run_folder_is_one_line(capsys, monkeypatch, writable_again, run_copy):
+    pytest.importorskip("sklearn", reason="the plot extra (scikit-learn) is not installed")
+    writable_again.append(run_copy)
+    make_read_only(monkeypatch, run_copy)
+    code, _, err = run(capsys, "plot", run_copy, "--real", 0, "--synthetic", 16)
+    assert_one_line_error(code, err, "Permission denied")
+    assert f"cannot write {run_copy / 'plots'}" in err

@@ -9,7 +9,8 @@ from __future__ import annotations
 import difflib
 import errno
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -44,6 +45,16 @@ def write_error(path: str | os.PathLike[str], exc: OSError, kept: str = "") -> D
     else:
         hint = "check the disk and the folder"
     return DfkdError(f"cannot write {path}: {exc.strerror or exc}; {hint}" + (f"; {kept}" if kept else ""))
+
+
+@contextmanager
+def writing_to(path: str | os.PathLike[str], kept: str = "") -> Iterator[None]:
+    """Inside the block, a file system error (a full disk, a read-only folder) becomes :func:`write_error`, naming the
+    file that failed (or ``path``, where the error names none)."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(exc.filename or path, exc, kept) from None
 
 
 def closest(name: str, choices: Iterable[str]) -> str:

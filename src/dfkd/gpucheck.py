@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from dfkd.bench import SUITES, _finished, suite_recipes
+from dfkd.bench import SUITES, suite_recipes
 from dfkd.config import load_config
 from dfkd.engine.distill import distill
-from dfkd.engine.rundir import check_run_dirs_free
+from dfkd.engine.rundir import check_run_dirs_free, read_summary
 from dfkd.engine.supervised import train_teacher
 from dfkd.errors import ConfigError, DfkdError, DivergedError
 from dfkd.sysinfo import cpu_model
@@ -77,7 +77,7 @@ def run_gpu_check(
     )
     if teacher is None:
         teacher_dir = root / "teacher"
-        if _finished(teacher_dir) is None:
+        if read_summary(teacher_dir) is None:
             log.info("gpu-check: training a ResNet-34 teacher for %d epoch", TEACHER_EPOCHS)
             overrides = [f"out={teacher_dir}", f"train.epochs={TEACHER_EPOCHS}", *(TINY_TEACHER if tiny else [])]
             train_teacher(load_config("train-teacher", SUITES[SUITE].teacher, overrides), overwrite=True)
@@ -130,7 +130,7 @@ def _check_one(
         cfg = load_config("distill", recipe, _overrides(recipe, precision, channels_last, teacher, run, tiny))
         summary = distill(cfg, overwrite=overwrite)
     except DivergedError as exc:
-        summary = _finished(run) or {}
+        summary = read_summary(run) or {}
         row["error"] = str(exc).split(";")[0]
     except DfkdError as exc:
         return {**row, "finite": False, "error": str(exc)}

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dfkd.errors import writing_to
+
 
 def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> Tensor:
     """Tile a batch [B, C, H, W] of images in [0, 1] into one [C, H', W'] image (white 2px separators)."""
@@ -41,7 +43,8 @@ def write_png(path: str | Path, image: Tensor) -> None:
 
     header = struct.pack(">IIBBBBB", w, h, 8, 0 if c == 1 else 2, 0, 0, 0)
     data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-    Path(path).write_bytes(data)
+    with writing_to(path):
+        Path(path).write_bytes(data)
 
 
 def save_grid(path: str | Path, images: Tensor, nrow: int | None = None) -> None:
@@ -72,7 +75,8 @@ def _epoch_axes(path: str | Path, title: str, ylabel: str, legend: bool) -> Iter
         if legend:
             ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        fig.savefig(path)
+        with writing_to(path):
+            fig.savefig(path)
     finally:
         plt.close(fig)
 

@@ -36,7 +36,7 @@ from dfkd.engine.distill import CHECKPOINT_FORMAT, build_method, restore_method
 from dfkd.engine.env import setup_env
 from dfkd.engine.rundir import RunDir, load_state
 from dfkd.engine.seed import seed_everything
-from dfkd.errors import CheckpointError, ConfigError, DfkdError
+from dfkd.errors import CheckpointError, ConfigError, DfkdError, writing_to
 from dfkd.hooks import InputHook
 from dfkd.images import pyplot
 from dfkd.losses import histogram_entropy
@@ -124,7 +124,8 @@ def plot_run(
         real_features, real_classes = fake_features[:0], fake_classes[:0]
 
     out = path / "plots"
-    out.mkdir(exist_ok=True)
+    with writing_to(out):
+        out.mkdir(exist_ok=True)
     counts = torch.bincount(fake_classes, minlength=info.num_classes)
     names = list(info.classes) if len(info.classes) == info.num_classes else None
     features = torch.cat([real_features, fake_features]).numpy()
@@ -161,7 +162,8 @@ def plot_run(
         "tsne_perplexity": perplexity,
         "files": [str(out / name) for name in ("tsne.png", "class_hist.png", "plot.json")],
     }
-    (out / "plot.json").write_text(json.dumps(numbers, indent=2) + "\n")
+    with writing_to(out / "plot.json"):
+        (out / "plot.json").write_text(json.dumps(numbers, indent=2) + "\n")
     return numbers
 
 
@@ -292,7 +294,8 @@ def _draw_tsne(
         ax.set_yticks([])
         ax.set_title(f"t-SNE of the teacher's penultimate features\n{title}", fontsize=9)
         fig.tight_layout()
-        fig.savefig(path)
+        with writing_to(path):
+            fig.savefig(path)
     finally:
         plt.close(fig)
 
@@ -318,6 +321,7 @@ def _draw_histogram(path: Path, counts: list[int], names: list[str] | None, entr
         )
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path)
+        with writing_to(path):
+            fig.savefig(path)
     finally:
         plt.close(fig)
