@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfkd.errors import CheckpointError, ConfigError, DfkdError, write_error
+from dfkd.errors import CheckpointError, ConfigError, DfkdError, writing_to
 
 log = logging.getLogger("dfkd")
 
@@ -156,16 +156,15 @@ def export_student(
         card["warning"] = warning
     card_path = out_dir / CARD_NAME
     kept = f"the earlier export in {out_dir} is intact" if (out_dir / CARD_NAME).exists() else ""
-    try:
+    with writing_to(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise write_error(out_dir, exc) from None
     # the weights and the card replace the earlier ones together, once both are written whole
     write_atomically({weights_path: weights, card_path: (json.dumps(card, indent=2) + "\n").encode()}, kept)
     if overwrite:  # the earlier export's weights in another format go only now that the new export is in place
-        for name in WEIGHTS_NAMES.values():
-            if name != weights_path.name:
-                (out_dir / name).unlink(missing_ok=True)
+        with writing_to(out_dir):
+            for name in WEIGHTS_NAMES.values():
+                if name != weights_path.name:
+                    (out_dir / name).unlink(missing_ok=True)
     log.info("exported %s (%s, checkpoint %s, epoch %d) to %s", arch, format, which, epoch, weights_path)
     return {**card, "path": str(card_path)}
 
