@@ -20,13 +20,13 @@ import torch
 from helpers import TINY_DISTILL
 from torch import nn
 
+from dfkd.bench import TINY_METHOD
 from dfkd.cli import main
 from dfkd.data import DatasetInfo, dataset_info, load_split
 from dfkd.engine.common import build_model
 from dfkd.engine.env import Env
 from dfkd.engine.evaluate import predict
 from dfkd.errors import CheckpointError, ConfigError
-from dfkd.gpucheck import TINY_METHOD
 from dfkd.methods import METHODS, Ctx, Progress
 from dfkd.models import Normalized, build_network, create_model
 from dfkd.models.meta import TeacherMeta, teacher_meta

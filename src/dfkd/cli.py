@@ -26,6 +26,9 @@ EXAMPLES = """examples:
   dfkd list recipes
   dfkd bench fashion-mnist --methods cudfkd,dafl
   dfkd bench fashion-mnist --seeds 0,1,2 --budget 1800 --teacher RUN   (the accuracy-per-second race)
+  dfkd bench cifar10 --plan                       (the paper's tables: the cells and their hours on this machine)
+  dfkd bench cifar10 --devices 0,1,2,3 --seeds 0,1,2    (one cell per GPU at a time)
+  dfkd bench cifar10 --launcher slurm --job slurm_partition=gpu --job timeout_min=1440; dfkd bench cifar10 --collect OUT
 """
 
 
@@ -110,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run a suite of recipes against one teacher and print the result table")
     p.add_argument(
         "suite",
-        help="fashion-mnist | fashion-mnist-resnet | gpu-check (one short epoch of every method in fp32 and bf16: "
+        help="cifar10 | cifar100 (the CuDFKD paper's result and cost tables: every pair x method x seed) | "
+        "fashion-mnist | fashion-mnist-resnet | gpu-check (one short epoch of every method in fp32 and bf16: "
         "the first thing to run on a GPU machine) | throughput (the speed of one recipe in fp32 and each fast "
         "setting on this machine)",
     )
@@ -127,9 +131,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="a race: every run stops at this wall time; writes race.md (time to 70/75/80/85 %%, top-1 at 10 and "
         "30 min) and race.png (accuracy against wall time) beside the table",
     )
-    p.add_argument("--tiny", action="store_true", help="gpu-check only: tiny sizes, so that it runs on a CPU")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="gpu-check, cifar10, cifar100: tiny networks and sizes, so that the whole path runs on a CPU in minutes",
+    )
     p.add_argument("--recipe", metavar="NAME|PATH", help="throughput only: the recipe (default: the demo's)")
-    p.add_argument("--rounds", type=int, help="throughput only: rounds per setting (default: 8)")
+    p.add_argument(
+        "--rounds", type=int, help="throughput: rounds per setting (default: 8); --plan: rounds timed per recipe (1)"
+    )
+    tables = p.add_argument_group("cifar10 / cifar100 (the paper's tables)")
+    tables.add_argument("--pairs", metavar="A,B", help="only these columns, e.g. resnet34-resnet18,wrn40_2-wrn16_1")
+    tables.add_argument(
+        "--teachers",
+        metavar="DIR",
+        help="the teachers as the CMI model zoo names them (DIR/cifar10_resnet34.pth, ...) instead of training them",
+    )
+    tables.add_argument(
+        "--plan",
+        action="store_true",
+        help="run nothing: list the cells, their student steps and images, and estimate each one's hours on this "
+        "machine from a few timed rounds (plan.md)",
+    )
+    tables.add_argument("--devices", metavar="0,1,...", help="one cell per GPU at a time, from a queue")
+    tables.add_argument(
+        "--launcher",
+        choices=["slurm", "submitit-local"],
+        help="submit every cell as a job through submitit (pip install 'dfkd[slurm]'); submitit-local: the same "
+        "path on this machine",
+    )
+    tables.add_argument(
+        "--job",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a submitit parameter for every job, repeatable: timeout_min=1440, gpus_per_node=1, cpus_per_task=8, "
+        "slurm_partition=gpu, ...",
+    )
+    tables.add_argument("--wait", action="store_true", help="with --launcher: wait for the jobs and write the tables")
+    tables.add_argument(
+        "--collect", metavar="OUT", help="run nothing: assemble the tables from the cells finished in OUT"
+    )
     p.add_argument(
         "--settings",
         metavar="A,B",
@@ -410,10 +452,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+TABLE_FLAGS = ("pairs", "teachers", "plan", "devices", "launcher", "job", "wait", "collect")
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [m.strip() for m in text.split(",") if m.strip()] if text else None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from dfkd.bench import run_suite
+    from dfkd.tables import TABLE_SUITES
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    methods = _names(args.methods)
+    if args.suite in TABLE_SUITES:
+        return _bench_tables(args, methods)
+    given = [f"--{flag}" for flag in TABLE_FLAGS if getattr(args, flag)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} belong to the table suites (cifar10, cifar100); drop them")
     out = args.out or f"runs/bench-{args.suite}"
     if args.suite == "gpu-check":
         from dfkd.gpucheck import run_gpu_check
@@ -438,9 +493,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.recipe or args.rounds is not None or args.settings:
         raise ConfigError("--recipe, --rounds and --settings belong to `dfkd bench throughput`; drop them for a suite")
     if args.tiny:
-        raise ConfigError("--tiny belongs to `dfkd bench gpu-check`; drop it for a suite")
+        raise ConfigError("--tiny belongs to `dfkd bench gpu-check` and the table suites; drop it for this suite")
     seeds = parse_seeds(args.seeds) if args.seeds else None
     _write(run_suite(args.suite, out, methods, args.teacher, list(args.overrides), seeds, args.budget))
+    return 0
+
+
+def _bench_tables(args: argparse.Namespace, methods: list[str] | None) -> int:
+    from dfkd.launch import parse_devices, parse_job_options, run_table_suite
+    from dfkd.tables import make_plan, select, write_tables
+
+    if args.teacher or args.budget is not None or args.recipe or args.settings:
+        raise ConfigError(
+            "the table suites take --teachers DIR (the zoo's files), not --teacher; --budget, --recipe and "
+            "--settings belong to the other suites"
+        )
+    if args.collect and args.out and Path(args.out) != Path(args.collect):
+        raise ConfigError("--collect OUT reads the cells in OUT: drop --out")
+    out = args.collect or args.out or f"runs/bench-{args.suite}"
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    sel = select(args.suite, _names(args.pairs), methods, seeds, args.teachers, args.tiny, list(args.overrides))
+    if args.collect:
+        if not Path(out).is_dir():
+            raise ConfigError(f"--collect {out}: no such folder; give the OUT of an earlier `dfkd bench {args.suite}`")
+        _write(write_tables(sel, out))
+        return 0
+    if args.plan:
+        from dfkd.tables import format_plan
+
+        _write(format_plan(make_plan(sel, out, args.rounds if args.rounds is not None else 1)))
+        return 0
+    if args.rounds is not None:
+        raise ConfigError("--rounds belongs to --plan (and to `dfkd bench throughput`); drop it")
+    if args.wait and not args.launcher:
+        raise ConfigError("--wait belongs to --launcher: without one the cells run here and the command waits")
+    devices = parse_devices(args.devices) if args.devices else None
+    text = run_table_suite(sel, out, devices, args.launcher, parse_job_options(args.job), args.wait)
+    _write(text)
     return 0
 
 

@@ -227,9 +227,14 @@ def recipe_root() -> Path:
     return Path(str(resources.files("dfkd") / "recipes"))
 
 
+# recipes/tables/ holds the layouts of the benchmark tables (dfkd.tables), not recipes
+NOT_RECIPES = ("tables",)
+
+
 def recipe_names() -> list[str]:
     root = recipe_root()
-    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+    names = (p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+    return sorted(n for n in names if n.split("/")[0] not in NOT_RECIPES)
 
 
 def find_recipe(name_or_path: str) -> Path:
