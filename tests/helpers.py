@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import io
+import pickle
 import struct
+import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +42,44 @@ def make_fashion_like(root: Path, n_train: int = 512, n_test: int = 256, seed: i
         write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
     return root
+
+
+CIFAR_ARCHIVES = {
+    "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz", "labels", 10),
+    "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz", "fine_labels", 100),
+}
+
+
+def make_cifar_like(root: Path, name: str = "cifar10", n_train: int = 200, n_test: int = 100, seed: int = 0) -> Path:
+    """The official python archive of CIFAR-10 or -100 (pickled batches in a .tar.gz), holding a small learnable
+    problem: each class brightens its own column band of the red plane. Returns the archive's path."""
+    from dfkd.data.datasets import _CIFAR10_CLASSES, _CIFAR100_CLASSES
+
+    folder, archive, label_key, classes = CIFAR_ARCHIVES[name]
+    rng = np.random.default_rng(seed)
+
+    def batch(n: int) -> dict:
+        labels = rng.integers(0, classes, n)
+        data = rng.integers(0, 60, (n, 3, 32, 32), dtype=np.uint8)
+        for i, y in enumerate(labels):
+            data[i, 0, :, int(y) * 32 // classes : int(y) * 32 // classes + 3] = 230
+        return {b"data": data.reshape(n, 3072), label_key.encode(): [int(v) for v in labels]}
+
+    if name == "cifar10":
+        members = {f"data_batch_{i}": batch(n_train // 5) for i in range(1, 6)}
+        names = [c.encode() for c in _CIFAR10_CLASSES]
+        members |= {"test_batch": batch(n_test), "batches.meta": {b"label_names": names}}
+    else:
+        names = [c.encode() for c in _CIFAR100_CLASSES]
+        members = {"train": batch(n_train), "test": batch(n_test), "meta": {b"fine_label_names": names}}
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(root / archive, "w:gz") as tar:
+        for member, obj in members.items():
+            blob = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"{folder}/{member}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return root / archive
 
 
 TINY_DISTILL = [

@@ -196,7 +196,10 @@ def _join_distributed() -> None:
     engine joins one process group, exactly as under torchrun."""
     import submitit
 
-    env = submitit.JobEnvironment()
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job (a job's function called directly)
+        return
     if env.num_tasks > 1 and "WORLD_SIZE" not in os.environ:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 

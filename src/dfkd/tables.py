@@ -204,7 +204,8 @@ def select(
     return Selection(
         layout,
         tuple(by_name[n] for n in pairs) if pairs else layout.pairs,
-        tuple(keys[k] for k in methods) if methods else layout.rows,
+        # the layout's order; the teacher's row whenever the teachers are used at all
+        tuple(r for r in layout.rows if r.key in methods or r.key == TEACHER_ROW) if methods else layout.rows,
         tuple(seeds) if seeds else DEFAULT_SEEDS,
         teachers,
         tiny,
@@ -511,8 +512,11 @@ def _cost_rows(sel: Selection, by_place: dict) -> dict:
     }
 
 
-def _pm(mean: float | None, std: float | None, fmt: str = ".2f") -> str:
-    return "-" if mean is None else f"{mean:{fmt}} ± {std:{fmt}}"
+def _pm(mean: float | None, std: float | None, fmt: str = ".2f", n: int = 2) -> str:
+    """``mean ± std``; one number alone where there is one run (its std says nothing)."""
+    if mean is None:
+        return "-"
+    return f"{mean:{fmt}}" if n == 1 else f"{mean:{fmt}} ± {std:{fmt}}"
 
 
 def _failed_note(cell: dict) -> str:
@@ -531,8 +535,8 @@ def _headline_cell(cell: dict) -> str:
     if cell["seeds_ok"] == 0:
         done = [r for r in cell["runs"] if r["status"] != "not run"]
         return ("**FAILED**" + _failed_note(cell)) if done else "not run"
-    n = f" ({cell['seeds_ok']})" if cell["seeds_ok"] != len(cell["runs"]) or len(cell["runs"]) > 1 else ""
-    return _pm(agg["mean"], agg["std"]) + n + _failed_note(cell)
+    n = f" ({cell['seeds_ok']})" if cell["seeds_ok"] != len(cell["runs"]) else ""
+    return _pm(agg["mean"], agg["std"], n=cell["seeds_ok"]) + n + _failed_note(cell)
 
 
 def _paper_cell(cell: dict) -> str:
@@ -544,7 +548,7 @@ def _paper_cell(cell: dict) -> str:
     if agg["mean"] is None:
         return f"- / {paper_text}"
     delta = "" if paper is None else f" ({agg['mean'] - paper:+.2f})"
-    return f"{_pm(agg['mean'], agg['std'])} / {paper_text}{delta}"
+    return f"{_pm(agg['mean'], agg['std'], n=cell['seeds_ok'])} / {paper_text}{delta}"
 
 
 def _grid(result: dict, render) -> list[str]:
@@ -640,10 +644,10 @@ def format_cost(result: dict) -> str:
                 (
                     row["method"],
                     f"{cell['seeds_ok']}/{len(cell['runs'])}" + _failed_note(cell),
-                    _pm(agg["mu"]["mean"], agg["mu"]["std"]),
-                    _pm(agg["var"]["mean"], agg["var"]["std"]),
-                    _pm(agg["best"]["mean"], agg["best"]["std"]),
-                    _pm(agg["last"]["mean"], agg["last"]["std"]),
+                    _pm(agg["mu"]["mean"], agg["mu"]["std"], n=cell["seeds_ok"]),
+                    _pm(agg["var"]["mean"], agg["var"]["std"], n=cell["seeds_ok"]),
+                    _pm(agg["best"]["mean"], agg["best"]["std"], n=cell["seeds_ok"]),
+                    _pm(agg["last"]["mean"], agg["last"]["std"], n=cell["seeds_ok"]),
                     _gib(agg["peak_memory_bytes"]["mean"]),
                     _hours(agg["total_seconds"]["mean"]),
                     "-" if images is None else f"{images:,.0f}",
