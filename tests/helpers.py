@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import pickle
 import struct
+import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from torch import nn
+
+from dfkd.data import dataset_info
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -39,6 +43,47 @@ def make_fashion_like(root: Path, n_train: int = 512, n_test: int = 256, seed: i
         write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
     return root
+
+
+def cifar_batch(rng, n, label_key, num_classes):
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    labels = [int(v) for v in rng.integers(0, num_classes, n)]
+    batch = {b"batch_label": b"batch", label_key: labels, b"data": data, b"filenames": [b"x.png"] * n}
+    if label_key == b"fine_labels":
+        batch[b"coarse_labels"] = [v // 5 for v in labels]
+    return batch
+
+
+def write_cifar10(folder: Path, n=3) -> dict:
+    """The CIFAR-10 python batches (n images each, n + 1 in the test batch) and batches.meta, as pickles."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    batches = {f"data_batch_{i}": cifar_batch(rng, n, b"labels", 10) for i in range(1, 6)}
+    batches["test_batch"] = cifar_batch(rng, n + 1, b"labels", 10)
+    batches["batches.meta"] = {b"label_names": [name.encode() for name in dataset_info("cifar10").classes],
+                               b"num_cases_per_batch": n, b"num_vis": 3072}
+    for name, obj in batches.items():
+        (folder / name).write_bytes(pickle.dumps(obj, protocol=2))
+    return batches
+
+
+def write_cifar100(folder: Path, n=5) -> dict:
+    """The CIFAR-100 python files train (n images), test (n - 1) and meta, as pickles."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    files = {"train": cifar_batch(rng, n, b"fine_labels", 100), "test": cifar_batch(rng, n - 1, b"fine_labels", 100),
+             "meta": {b"fine_label_names": [c.encode() for c in dataset_info("cifar100").classes],
+                      b"coarse_label_names": [b"c"] * 20}}
+    for name, obj in files.items():
+        (folder / name).write_bytes(pickle.dumps(obj, protocol=2))
+    return files
+
+
+def make_archive(folder: Path, archive: Path) -> None:
+    """``folder`` as a .tar.gz whose top-level folder is its name (the layout of the official CIFAR archives)."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
 
 
 TINY_DISTILL = [
