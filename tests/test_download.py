@@ -264,6 +264,17 @@ def test_mirror_replaces_the_publisher(server, published, monkeypatch, tmp_path)
     assert {path.split("/")[1] for path, _ in server.requests} == {"env-mirror"}
 
 
+def test_file_url_mirror(server, published, tmp_path):
+    folder = tmp_path / "shared"
+    for relpath, data in published["mnist"].items():
+        (folder / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relpath).write_bytes(data)
+    assert get_dataset("mnist", tmp_path / "data", mirror=folder.as_uri(), progress=False) == tmp_path / "data"
+    assert server.requests == []
+    for relpath, data in published["mnist"].items():
+        assert (tmp_path / "data" / relpath).read_bytes() == data
+
+
 def test_file_that_verifies_but_does_not_load(server, monkeypatch, tmp_path):
     junk = b"a tar.gz in name only"
     server.files["cifar-10-python.tar.gz"] = junk

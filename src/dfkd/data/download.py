@@ -312,8 +312,8 @@ def _transfer(url: str, part: Path, dest: Path, remote: RemoteFile, name: str, p
                 received, failure = _copy(response, out, bar)
         except OSError as e:
             raise DownloadError(f"cannot write {part} ({e.strerror}): free some space or choose another --root") from e
-    if failure is not None or (length and length.isdigit() and received < int(length)):
-        total = f"{expected:,}" if expected else "?"
+    if failure is not None or (expected is not None and have + received < expected):
+        total = f"{expected:,}" if expected is not None else "?"
         raise DownloadError(
             f"the download of {url} stopped after {have + received:,} of {total} bytes "
             f"({failure or 'connection closed'}); {part} is kept: run `dfkd data get {name}` again to resume it"
