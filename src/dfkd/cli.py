@@ -1,7 +1,7 @@
-"""The ``dfkd`` command line: train-teacher, distill, eval, export, plot, list, bench, demo.
+"""The ``dfkd`` command line: train-teacher, distill, eval, export, plot, list, bench, demo, data.
 
 Settings come from a recipe (``--config NAME|PATH``) plus ``key=value`` overrides. Bad input ends with a one-line
-``dfkd: error: ...`` on stderr and exit status 2, never a traceback.
+``dfkd: error: ...`` on stderr and exit status 2, never a traceback; a failed download, with exit status 1.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dfkd.errors import ConfigError, DfkdError
+from dfkd.errors import ConfigError, DfkdError, DownloadError
 
 log = logging.getLogger("dfkd")
 
@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   dfkd export runs/cudfkd --format safetensors          (writes runs/cudfkd/export: the student + card.json)
   dfkd plot runs/cudfkd   (t-SNE and class histogram of the synthetic images, in runs/cudfkd/plots)
   dfkd list recipes
+  dfkd data get cifar10          (downloads and verifies the official archive; `dfkd data list` shows what is here)
   dfkd bench fashion-mnist --methods cudfkd,dafl
   dfkd bench fashion-mnist --seeds 0,1,2 --budget 1800 --teacher RUN   (the accuracy-per-second race)
   dfkd bench cifar10 --plan                       (the paper's tables: the cells and their hours on this machine)
@@ -181,6 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="applied to every distillation, e.g. train.epochs=2"
     )
 
+    p = sub.add_parser(
+        "data",
+        help="download and verify the files of cifar10, cifar100, svhn, mnist, fashion-mnist",
+        description="Download the official files of a dataset, check them against their published checksums and "
+        "put them where dfkd finds them (files already there are only verified).",
+    )
+    data = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser, required=True)
+    root_help = "the data root (default: the first $DFKD_DATA entry, else ~/.local/share/dfkd/datasets)"
+    p = data.add_parser("get", help="download NAME's files unless they are already here and verified")
+    p.add_argument("name", metavar="NAME", help="cifar10 | cifar100 | svhn | mnist | fashion-mnist")
+    p.add_argument("--root", metavar="DIR", help=root_help)
+    p.add_argument(
+        "--mirror",
+        metavar="URL",
+        help="an http(s):// or file:// location laid out like a data root (e.g. URL/mnist/...) to download from "
+        "instead of the publishers (also $DFKD_DATA_MIRROR); the published checksums still apply",
+    )
+    p = data.add_parser("list", help="each dataset's files: verified (and where), not matching, or missing")
+    p.add_argument("--root", metavar="DIR", help="also search DIR first (as data.root=DIR would)")
+
     p = sub.add_parser("demo", help="train a Fashion-MNIST teacher, distill it data-free with CuDFKD, compare")
     p.add_argument("--out", metavar="DIR", help="where the three runs go (default: runs/demo-TIMESTAMP)")
     p.add_argument("--smoke", action="store_true", help="a one-minute version with tiny budgets (for checks)")
@@ -210,11 +231,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command](args)
+    except DownloadError as exc:  # the command failed (a server, a transfer), not its input
+        sys.stderr.write(f"dfkd: error: {exc}\n")
+        return 1
     except DfkdError as exc:
         sys.stderr.write(f"dfkd: error: {exc}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("dfkd: interrupted; a run's last completed epoch is in RUN_DIR/ckpt/last.pt (--resume)\n")
+        if args.command == "data":
+            sys.stderr.write("dfkd: interrupted; the partial file (.part) is kept and the same command resumes it\n")
+        else:
+            sys.stderr.write("dfkd: interrupted; a run's last completed epoch is in RUN_DIR/ckpt/last.pt (--resume)\n")
         return 130
 
 
@@ -533,6 +560,32 @@ def _bench_tables(args: argparse.Namespace, methods: list[str] | None) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from dfkd.data import candidate_roots, get_dataset
+    from dfkd.data.download import REMOTE, dataset_status
+
+    if args.action == "list":
+        width = max(len(name) for name in REMOTE)
+        for name in REMOTE:
+            statuses = dataset_status(name, args.root)
+            if all(s.verified for s in statuses):
+                text = "verified in " + ", ".join(sorted({str(s.root) for s in statuses}))
+            else:
+                missing = sum(s.root is None for s in statuses)
+                parts = [f"{missing} of {len(statuses)} files missing"] if missing else []
+                parts += [f"{s.path} does not match its checksum" for s in statuses if s.root and not s.verified]
+                text = f"{'; '.join(parts)} (`dfkd data get {name}`)"
+            _write(f"{name.ljust(width)}  {text}")
+        return 0
+    where = get_dataset(args.name, args.root, mirror=args.mirror)
+    if where in candidate_roots(None):
+        found = "dfkd finds them there without flags"
+    else:
+        found = f"pass data.root={where} or set DFKD_DATA={where} for dfkd to find them"
+    _write(f"{args.name}: the files are in {where}, verified; {found}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dfkd.demo import run_demo
 
@@ -549,5 +602,6 @@ COMMANDS = {
     "plot": cmd_plot,
     "list": cmd_list,
     "bench": cmd_bench,
+    "data": cmd_data,
     "demo": cmd_demo,
 }

@@ -36,7 +36,7 @@ def choice(default: Any, *choices: Any) -> Any:
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist-32"  # a registered dataset (`dfkd list datasets`)
-    root: str | None = None  # where the files are; also searched: $DFKD_DATA, /usr/share/datasets
+    root: str | None = None  # where the files are; also searched: candidate_roots() in data/datasets.py
     # Images held out of the training split as a validation slice (a fixed permutation, the same in every run):
     # training then uses the rest, and eval.split=val evaluates on the slice. 0 = no slice.
     val_size: int = 0
