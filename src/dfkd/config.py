@@ -227,9 +227,14 @@ def recipe_root() -> Path:
     return Path(str(resources.files("dfkd") / "recipes"))
 
 
+# recipes/tables/ holds the layouts of the published tables (`dfkd bench`), not run configurations
+TABLES_DIR = "tables"
+
+
 def recipe_names() -> list[str]:
     root = recipe_root()
-    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+    names = (p.relative_to(root) for p in root.rglob("*.yaml"))
+    return sorted(name.with_suffix("").as_posix() for name in names if name.parts[0] != TABLES_DIR)
 
 
 def find_recipe(name_or_path: str) -> Path:
