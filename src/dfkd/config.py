@@ -36,7 +36,7 @@ def choice(default: Any, *choices: Any) -> Any:
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist-32"  # a registered dataset (`dfkd list datasets`)
-    root: str | None = None  # where the files are; also searched: candidate_roots() in data/datasets.py
+    root: str | None = None  # where the files are; also searched: $DFKD_DATA, /usr/share/datasets
     # Images held out of the training split as a validation slice (a fixed permutation, the same in every run):
     # training then uses the rest, and eval.split=val evaluates on the slice. 0 = no slice.
     val_size: int = 0
@@ -227,14 +227,14 @@ def recipe_root() -> Path:
     return Path(str(resources.files("dfkd") / "recipes"))
 
 
-# recipes/tables/ holds the layouts of the benchmark tables (dfkd.tables), not recipes
-NOT_RECIPES = ("tables",)
+# recipes/tables/ holds the layouts of the published tables (`dfkd bench`), not run configurations
+TABLES_DIR = "tables"
 
 
 def recipe_names() -> list[str]:
     root = recipe_root()
-    names = (p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
-    return sorted(n for n in names if n.split("/")[0] not in NOT_RECIPES)
+    names = (p.relative_to(root) for p in root.rglob("*.yaml"))
+    return sorted(name.with_suffix("").as_posix() for name in names if name.parts[0] != TABLES_DIR)
 
 
 def find_recipe(name_or_path: str) -> Path:
