@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from dfkd.bench import mean_std, run_once, settings_changed, tiny_distill_overrides
-from dfkd.config import find_recipe, load_config, read_yaml, recipe_names, recipe_root
+from dfkd.config import TABLES_DIR, find_recipe, load_config, read_yaml, recipe_names, recipe_root
 from dfkd.data import DATASETS, candidate_roots, dataset_info
 from dfkd.engine.distill import distill
 from dfkd.engine.env import setup_env
@@ -95,7 +95,7 @@ def load_layout(suite: str) -> Layout:
     """The table layout ``recipes/tables/<suite>.yaml``."""
     if suite not in TABLE_SUITES:
         raise ConfigError(f"unknown table suite '{suite}'{closest(suite, TABLE_SUITES)}")
-    data = read_yaml(recipe_root() / "tables" / f"{suite}.yaml")
+    data = read_yaml(recipe_root() / TABLES_DIR / f"{suite}.yaml")
     rows = []
     for extra, items in ((False, data["rows"]), (True, data.get("extra_rows") or [])):
         for item in items:
