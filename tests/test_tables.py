@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import json
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -11,6 +18,7 @@ from helpers import assert_one_line_error, interrupted_after, make_cifar_like
 from helpers import run_cli as run
 
 from dfkd.config import recipe_names
+from dfkd.data import download as dl
 from dfkd.launch import CellJob, parse_devices, parse_job_options
 from dfkd.tables import (
     TABLE_SUITES,
@@ -156,7 +164,8 @@ def test_other_suites_refuse_the_table_flags(capsys, tmp_path):
 
 
 def test_failed_seeds_are_marked_and_never_averaged_in(tmp_path):
-    sel = select("cifar10", pairs=["resnet34-resnet18", "vgg11-resnet18"], methods=["cudfkd", "dafl"], seeds=[0, 1, 2])
+    pairs, methods = ["resnet34-resnet18", "vgg11-resnet18"], ["cudfkd", "dafl", "nayer"]
+    sel = select("cifar10", pairs=pairs, methods=methods, seeds=[0, 1, 2])
     fake_run(tmp_path, "resnet34-resnet18/cudfkd/seed0", last=90.0, best=94.0)
     fake_run(tmp_path, "resnet34-resnet18/cudfkd/seed1", last=92.0, best=96.0)
     fake_run(tmp_path, "resnet34-resnet18/cudfkd/seed2", status="collapsed", last=10.0, best=11.0)
@@ -173,7 +182,8 @@ def test_failed_seeds_are_marked_and_never_averaged_in(tmp_path):
     assert paper["CuDFKD"][0] == "95.00 ± 1.41 / 95.28 (-0.28)"
     assert headline["DAFL"][1] == "**FAILED** **3/3 diverged**"
     assert headline["DAFL"][0] == "**FAILED** **1/3 error**"  # seed 0 crashed, seeds 1 and 2 never ran
-    assert headline["CuDFKD"][1] == "no recipe" and paper["CuDFKD"][1].startswith("no recipe / ")
+    assert headline["CuDFKD"][1] == "not run" and paper["CuDFKD"][1] == "- / 91.61"
+    assert headline["NAYER *"][1] == "no recipe" and paper["NAYER *"][1] == "no recipe / -"  # dfkd has none
     assert headline["T. Scratch"] == ["not run", "not run"]
     cell = next(c for c in result["cells"] if (c["row"], c["pair"]) == ("cudfkd", "resnet34-resnet18"))
     assert cell["seeds_ok"] == 2 and cell["seeds_failed"] == 1
@@ -189,9 +199,33 @@ def test_one_seed_is_one_number_not_a_zero_std(tmp_path):
     assert table_rows(format_tables(collect(sel, tmp_path)), "**last epoch**")["CuDFKD"] == ["93.50"]
 
 
-def test_tiny_cifar10_suite_writes_both_tables_in_the_papers_layout(capsys, tmp_path, cifar_root):
+@contextmanager
+def loopback_mirror(folder: Path) -> Iterator[str]:
+    """``folder`` served over HTTP on 127.0.0.1 (a mirror laid out like a data root); yields its URL."""
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_tiny_cifar10_suite_writes_both_tables_in_the_papers_layout(capsys, monkeypatch, tmp_path, cifar_root):
+    # the data: fetched and verified by `dfkd data get` from a loopback mirror of the official archive
+    archive = cifar_root / "cifar-10-python.tar.gz"
+    (remote,) = dl.REMOTE["cifar10"]
+    digest = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(dl.REMOTE, "cifar10", (dataclasses.replace(remote, digest=digest, size=None),))
+    data = tmp_path / "data"
+    with loopback_mirror(cifar_root) as url:
+        code, _, _ = run(capsys, "data", "get", "cifar10", "--root", data, "--mirror", url)
+    assert code == 0 and (data / "cifar-10-python.tar.gz").read_bytes() == archive.read_bytes()
     out = tmp_path / "bench"
-    argv = ["bench", "cifar10", "--tiny", "--seeds", "0", "--out", out, f"data.root={cifar_root}", *TINY_RUN]
+    argv = ["bench", "cifar10", "--tiny", "--seeds", "0", "--out", out, f"data.root={data}", *TINY_RUN]
     code, stdout, _ = run(capsys, *argv)
     assert code == 0
     layout = load_layout("cifar10")
@@ -222,7 +256,7 @@ def test_tiny_cifar10_suite_writes_both_tables_in_the_papers_layout(capsys, tmp_
     code, _, _ = run(capsys, *argv)
     assert code == 0 and (out / "resnet34-resnet18" / "cudfkd" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
     # --collect assembles the same tables from the folder alone
-    code, _, _ = run(capsys, "bench", "cifar10", "--tiny", "--seeds", "0", "--collect", out, f"data.root={cifar_root}")
+    code, _, _ = run(capsys, "bench", "cifar10", "--tiny", "--seeds", "0", "--collect", out, f"data.root={data}")
     assert code == 0 and (out / "table.md").read_text() == table
 
 
@@ -262,7 +296,7 @@ def test_the_submitit_local_executor_runs_the_cluster_path(capsys, tmp_path, cif
     assert (out / "wrn40_2-wrn16_1" / "cudfkd" / "seed0" / "summary.json").is_file()
     # without --wait the command returns at once and says how to collect
     code, stdout, _ = run(capsys, *tiny_cells(tmp_path, cifar_root, "cudfkd"), "--launcher", "submitit-local")
-    assert code == 0 and f"--collect {out}" in stdout
+    assert code == 0 and f"dfkd bench cifar10 --collect {out}" in stdout
 
 
 def test_a_requeued_job_resumes_its_cell_from_the_last_checkpoint(tmp_path, cifar_root):
@@ -314,3 +348,69 @@ def test_write_tables_on_an_empty_folder_says_nothing_ran(tmp_path):
     text = write_tables(sel, tmp_path)
     assert table_rows(text, "**last epoch**")["CuDFKD"] == ["not run"]
     assert (tmp_path / "cost.md").is_file() and json.loads((tmp_path / "table.json").read_text())["suite"] == "cifar100"
+
+
+class FakeJob:
+    def __init__(self, job_id: str, fails: bool = False):
+        self.job_id, self.fails = job_id, fails
+
+    def result(self):
+        if self.fails:
+            raise RuntimeError("the job failed")
+        return "ok"
+
+
+class FakeSlurm:
+    """Records what the launcher asks a submitit executor for: the parameters in force at each submission."""
+
+    def __init__(self):
+        self.parameters: dict = {}
+        self.submitted: list[tuple[str, dict]] = []
+
+    def update_parameters(self, **kwargs):
+        self.parameters.update(kwargs)
+
+    @contextmanager
+    def batch(self):
+        yield
+
+    def submit(self, job):
+        self.submitted.append((job.cell.run, dict(self.parameters)))
+        return FakeJob(str(len(self.submitted)))
+
+
+def test_slurm_runs_each_teachers_cells_after_that_teacher_alone(monkeypatch, tmp_path):
+    from dfkd import launch
+
+    fake = FakeSlurm()
+    monkeypatch.setattr(launch, "_executor", lambda launcher, root, options: fake)
+    sel = select("cifar10", ["resnet34-resnet18", "wrn40_2-wrn16_1"], ["cudfkd"], [0, 1])
+    assert launch.submit(plan_cells(sel), tmp_path, "slurm", {}, wait=False) == 6
+    ids = {cell_run: str(i) for i, (cell_run, _) in enumerate(fake.submitted, 1)}
+    for cell_run, parameters in fake.submitted:
+        dependency = parameters.get("slurm_additional_parameters", {}).get("dependency")
+        if cell_run.startswith("teachers/"):
+            assert dependency is None  # the teachers' array starts at once
+        else:
+            teacher = "teachers/resnet34" if cell_run.startswith("resnet34") else "teachers/wrn40_2"
+            assert dependency == f"afterok:{ids[teacher]}"
+    assert len(fake.submitted) == 2 + 4
+    assert json.loads((tmp_path / "jobs.json").read_text())["jobs"][0] == {"run": "teachers/resnet34", "job_id": "1"}
+
+
+def test_the_local_executor_skips_the_cells_of_a_failed_teacher(monkeypatch, tmp_path):
+    from dfkd import launch
+
+    class FailingTeacher(FakeSlurm):
+        def submit(self, job):
+            super().submit(job)
+            return FakeJob(str(len(self.submitted)), fails=job.cell.run == "teachers/resnet34")
+
+    fake = FailingTeacher()
+    monkeypatch.setattr(launch, "_executor", lambda launcher, root, options: fake)
+    sel = select("cifar10", ["resnet34-resnet18", "wrn40_2-wrn16_1"], ["cudfkd"], [0])
+    launch.submit(plan_cells(sel), tmp_path, "submitit-local", {}, wait=True)
+    submitted = [cell_run for cell_run, _ in fake.submitted]
+    assert submitted == ["teachers/resnet34", "teachers/wrn40_2", "wrn40_2-wrn16_1/cudfkd/seed0"]
+    skipped = (tmp_path / "errors" / "resnet34-resnet18__cudfkd__seed0.txt").read_text()
+    assert "its teacher (teachers/resnet34) failed" in skipped

@@ -20,7 +20,6 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 from dfkd.engine.common import progress_bar
@@ -217,11 +216,9 @@ def _executor(launcher: str, root: Path, options: dict):
     return executor
 
 
-def submit(
-    cells: list[Cell], root: str | Path, launcher: str, options: dict, wait: bool, on_done: Callable[[], str]
-) -> str:
-    """Submit the cells as jobs; with ``wait``, wait for them and return ``on_done()`` (the tables), else return how
-    to collect them. ``OUT/jobs.json`` lists every job."""
+def submit(cells: list[Cell], root: str | Path, launcher: str, options: dict, wait: bool) -> int:
+    """Submit the cells as jobs (``OUT/jobs.json`` lists them); with ``wait``, wait until they have ended. Returns
+    the number of jobs."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     executor = _executor(launcher, root, options)
@@ -245,14 +242,10 @@ def submit(
     record = [{"run": run, "job_id": job.job_id} for run, job in by_run.items()]
     (root / "jobs.json").write_text(json.dumps({"launcher": launcher, "jobs": record}, indent=2) + "\n")
     log.info("submitted %d jobs (%s); their logs: %s", len(record), launcher, root / "submitit")
-    if not wait:
-        return (
-            f"submitted {len(record)} jobs with {launcher} (ids in {root / 'jobs.json'}); when they have finished, "
-            f"assemble the tables with: dfkd bench SUITE --collect {root}"
-        )
-    outcomes = [_outcome(job) for job in by_run.values()]
-    log.info("jobs: %d succeeded, %d failed", outcomes.count(OK), len(outcomes) - outcomes.count(OK))
-    return on_done()
+    if wait:
+        outcomes = [_outcome(job) for job in by_run.values()]
+        log.info("jobs: %d succeeded, %d failed", outcomes.count(OK), len(outcomes) - outcomes.count(OK))
+    return len(record)
 
 
 def _submit_array(executor, cells: list[Cell], root: Path) -> list:
@@ -294,7 +287,13 @@ def run_table_suite(
     root = Path(out)
     log.info("bench %s: %d cells into %s", sel.layout.suite, len(cells), root)
     if launcher is not None:
-        return submit(cells, root, launcher, job_options or {}, wait, lambda: write_tables(sel, root))
+        jobs = submit(cells, root, launcher, job_options or {}, wait)
+        if not wait:
+            return (
+                f"submitted {jobs} jobs with {launcher} (ids in {root / 'jobs.json'}); when they have ended, assemble "
+                f"the tables with: dfkd bench {sel.layout.suite} --collect {root} (and the same --pairs, --methods, "
+                "--seeds)"
+            )
     if devices:
         run_queue(cells, root, devices)
     else:
