@@ -333,6 +333,13 @@ def test_the_plan_counts_each_cell_and_times_it_without_running_it(capsys, tmp_p
     assert teacher["student_steps"] == 782 and teacher["synthesis_steps"] == 0
     assert "wrn40_2-wrn16_1/cudfkd/seed0" in stdout and (out / "plan.md").is_file()
     assert not (out / "wrn40_2-wrn16_1").exists() and not (out / "teachers").exists()  # nothing ran
+    # at a smaller timed batch (the tiny recipes' is 8) the counts stay, the timing is redone and scaled
+    code, _, _ = run(capsys, *tiny_cells(tmp_path, cifar_root, "cudfkd"), "--plan", "--plan-batch", "4")
+    again = json.loads((out / "plan.json").read_text())
+    assert code == 0 and again["timings"]["cifar10/cudfkd-wrn40_2-wrn16_1"]["timed_batch"] == 4
+    assert plan["timings"]["cifar10/cudfkd-wrn40_2-wrn16_1"]["timed_batch"] == 8
+    assert {c["run"]: c["student_steps"] for c in again["cells"]}["wrn40_2-wrn16_1/cudfkd/seed0"] == 2
+    assert "scaled linearly" in (out / "plan.md").read_text()
 
 
 def test_job_options_and_devices_parse():

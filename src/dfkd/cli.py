@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run nothing: list the cells, their student steps and images, and estimate each one's hours on this "
         "machine from a few timed rounds (plan.md)",
     )
+    tables.add_argument(
+        "--plan-batch",
+        type=int,
+        metavar="N",
+        help="--plan: time at batches of at most N and scale linearly to each recipe's (for a slow machine)",
+    )
     tables.add_argument("--devices", metavar="0,1,...", help="one cell per GPU at a time, from a queue")
     tables.add_argument(
         "--launcher",
@@ -479,7 +485,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-TABLE_FLAGS = ("pairs", "teachers", "plan", "devices", "launcher", "job", "wait", "collect")
+TABLE_FLAGS = ("pairs", "teachers", "plan", "plan_batch", "devices", "launcher", "job", "wait", "collect")
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -493,7 +499,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     methods = _names(args.methods)
     if args.suite in TABLE_SUITES:
         return _bench_tables(args, methods)
-    given = [f"--{flag}" for flag in TABLE_FLAGS if getattr(args, flag)]
+    given = [f"--{flag.replace('_', '-')}" for flag in TABLE_FLAGS if getattr(args, flag)]
     if given:
         raise ConfigError(f"{', '.join(given)} belong to the table suites (cifar10, cifar100); drop them")
     out = args.out or f"runs/bench-{args.suite}"
@@ -548,10 +554,10 @@ def _bench_tables(args: argparse.Namespace, methods: list[str] | None) -> int:
     if args.plan:
         from dfkd.tables import format_plan
 
-        _write(format_plan(make_plan(sel, out, args.rounds if args.rounds is not None else 1)))
+        _write(format_plan(make_plan(sel, out, args.rounds if args.rounds is not None else 1, args.plan_batch)))
         return 0
-    if args.rounds is not None:
-        raise ConfigError("--rounds belongs to --plan (and to `dfkd bench throughput`); drop it")
+    if args.rounds is not None or args.plan_batch is not None:
+        raise ConfigError("--rounds and --plan-batch belong to --plan (--rounds also to `dfkd bench throughput`)")
     if args.wait and not args.launcher:
         raise ConfigError("--wait belongs to --launcher: without one the cells run here and the command waits")
     devices = parse_devices(args.devices) if args.devices else None

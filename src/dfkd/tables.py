@@ -592,7 +592,10 @@ def _gib(value: float | None) -> str:
 
 
 def _hours(value: float | None) -> str:
-    return "-" if value is None else f"{value / 3600:.2f} h"
+    """Seconds as hours, or as minutes and seconds below an hour."""
+    if value is None:
+        return "-"
+    return f"{value / 3600:.2f} h" if value >= 3600 else format_seconds(value)
 
 
 def format_cost(result: dict) -> str:
@@ -685,12 +688,14 @@ PLAN_HELDOUT = 500  # images the timed evaluation scores (scaled to the test set
 PLAN_SUPERVISED_STEPS = 3
 
 
-def _plan_overrides(recipe: str, info, rounds: int, extra: list[str]) -> tuple[list[str], dict]:
+def _plan_overrides(recipe: str, info, rounds: int, extra: list[str], batch: int | None) -> tuple[list[str], dict]:
     """Settings of a timed run of ``recipe``: one synthesis-only epoch (the images a synthesis step makes), then one
-    epoch of ``rounds`` rounds of a few synthesis and student steps, on the dataset's shape without its files."""
+    epoch of ``rounds`` rounds of a few synthesis and student steps, on the dataset's shape without its files, at
+    the recipe's batch sizes or at most ``batch``."""
     cfg = load_config("distill", recipe, extra)
     t, method = cfg.train, cfg.method
     g_full = int(getattr(method, "g_steps", 1) or 1)
+    synthesis_batch = getattr(method, "synthesis_batch_size", None) or t.batch_size
     counts = {
         "epochs": t.epochs,
         "warmup_epochs": t.synthesis_warmup_epochs,
@@ -699,7 +704,10 @@ def _plan_overrides(recipe: str, info, rounds: int, extra: list[str]) -> tuple[l
         "kd_steps": t.kd_steps,
         "g_timed": min(g_full, PLAN_SYNTHESIS_STEPS),
         "kd_timed": min(t.kd_steps, PLAN_STUDENT_STEPS),
-        "timed_rounds": rounds,
+        "batch": t.batch_size,
+        "batch_timed": min(t.batch_size, batch or t.batch_size),
+        "synthesis_batch": synthesis_batch,
+        "synthesis_batch_timed": min(synthesis_batch, batch or synthesis_batch),
     }
     overrides = [
         *extra,
@@ -714,66 +722,79 @@ def _plan_overrides(recipe: str, info, rounds: int, extra: list[str]) -> tuple[l
         "train.synthesis_warmup_epochs=1",
         f"train.rounds_per_epoch={rounds}",
         f"train.kd_steps={counts['kd_timed']}",
+        f"train.batch_size={counts['batch_timed']}",
         "engine.sample_every=0",
         "engine.stop_on_collapse=false",
         "eval.window_start=0",
     ]
     if hasattr(method, "g_steps"):
         overrides.append(f"method.g_steps={counts['g_timed']}")
+    if hasattr(method, "synthesis_batch_size"):
+        overrides.append(f"method.synthesis_batch_size={counts['synthesis_batch_timed']}")
     return overrides, counts
 
 
-def time_distill(recipe: str, info, run: Path, rounds: int, extra: list[str], test_images: int) -> dict:
+def time_distill(
+    recipe: str, info, run: Path, rounds: int, extra: list[str], test_images: int, batch: int | None = None
+) -> dict:
     """Per-unit costs of ``recipe`` from a short timed run (teacher at its random initialisation, which costs what a
-    trained one does), and the whole recipe's totals extrapolated from them."""
-    overrides, n = _plan_overrides(recipe, info, rounds, extra)
-    rows_file = run / "metrics.jsonl"
-    if _finished(run) is None:
-        cfg = load_config("distill", recipe, [*overrides, f"out={run}", "teacher.weights=null"])
+    trained one does), and the whole recipe's totals extrapolated from them. A timed run at a smaller batch than the
+    recipe's is scaled linearly to it. ``run`` is the plan's own folder: a timing made with other settings is
+    replaced, one made with these is reused."""
+    overrides, n = _plan_overrides(recipe, info, rounds, extra, batch)
+    cfg = load_config("distill", recipe, [*overrides, f"out={run}", "teacher.weights=null"])
+    if _finished(run) is None or settings_changed(run, cfg):
         torch.manual_seed(0)
         teacher = create_model(cfg.teacher.arch, info.num_classes, info.image_shape[0])
         distill(cfg, teacher=teacher, overwrite=run.exists())
-    warm, timed = (json.loads(line) for line in rows_file.read_text().splitlines()[:2])
+    warm, timed = (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[:2])
     g_steps, kd_steps = rounds * n["g_timed"], rounds * n["kd_timed"]
+    synthesis_scale = n["synthesis_batch"] / n["synthesis_batch_timed"]
+    student_scale = n["batch"] / n["batch_timed"]
 
     def spent(key: str) -> float:
         return timed[f"time/{key}"] - warm[f"time/{key}"]
 
-    per_image_step = warm["images_synthesized"] / g_steps  # the synthesis-only epoch
-    per_student_batch = (timed["images_synthesized"] - 2 * warm["images_synthesized"]) / kd_steps
-    generator = (spent("synth_seconds") - spent("batch_seconds")) / g_steps
-    batch = spent("batch_seconds") / kd_steps
-    student = spent("student_seconds") / kd_steps
+    per_synthesis_step = warm["images_synthesized"] / g_steps * synthesis_scale  # the synthesis-only epoch
+    per_student_step = (timed["images_synthesized"] - 2 * warm["images_synthesized"]) / kd_steps * student_scale
+    generator = (spent("synth_seconds") - spent("batch_seconds")) / g_steps * synthesis_scale
+    student_batch = spent("batch_seconds") / kd_steps * student_scale
+    student = spent("student_seconds") / kd_steps * student_scale
     evaluation = spent("eval_seconds") * test_images / PLAN_HELDOUT
     epochs = n["epochs"] + n["warmup_epochs"]
     synthesis_steps = epochs * n["rounds"] * n["g_steps"]
     student_steps = n["epochs"] * n["rounds"] * n["kd_steps"]
-    seconds = synthesis_steps * generator + student_steps * (batch + student) + epochs * evaluation
+    seconds = synthesis_steps * generator + student_steps * (student_batch + student) + epochs * evaluation
     return {
         "student_steps": student_steps,
         "synthesis_steps": synthesis_steps,
-        "images": round(synthesis_steps * per_image_step + student_steps * max(per_student_batch, 0.0)),
+        "images": round(synthesis_steps * per_synthesis_step + student_steps * max(per_student_step, 0.0)),
         "seconds": seconds,
         "per_unit": {
             "synthesis_step": generator,
-            "student_batch": batch,
+            "student_batch": student_batch,
             "student_step": student,
             "evaluation": evaluation,
         },
+        "timed_batch": n["batch_timed"],
         "device": _finished(run)["device"],
     }
 
 
-def time_supervised(recipe: str, info, train_images: int, test_images: int, extra: list[str]) -> dict:
+def time_supervised(
+    recipe: str, info, train_images: int, test_images: int, extra: list[str], batch: int | None = None
+) -> dict:
     """Per-step cost of training ``recipe``'s network on real data: forward, backward and an SGD step on a random
-    batch of the recipe's size (the data is on the device and augmented there: not counted), and an evaluation."""
+    batch of the recipe's size or at most ``batch``, scaled linearly to the recipe's (the data is on the device and
+    augmented there: not counted), and an evaluation."""
     cfg = load_config("train-teacher", recipe, extra)
+    timed_batch = min(cfg.train.batch_size, batch or cfg.train.batch_size)
     env = setup_env(cfg.engine.device, "fp32", cfg.engine.channels_last, cfg.engine.threads)
     torch.manual_seed(0)
     net = env.prepare(create_model(cfg.model.arch, info.num_classes, info.image_shape[0]))
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    x = env.images(torch.rand(cfg.train.batch_size, *info.image_shape, device=env.device))
-    y = torch.randint(0, info.num_classes, (cfg.train.batch_size,), device=env.device)
+    x = env.images(torch.rand(timed_batch, *info.image_shape, device=env.device))
+    y = torch.randint(0, info.num_classes, (timed_batch,), device=env.device)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -786,7 +807,7 @@ def time_supervised(recipe: str, info, train_images: int, test_images: int, extr
     for _ in range(PLAN_SUPERVISED_STEPS):
         step()
     _sync(env.device)
-    per_step = (time.perf_counter() - tick) / PLAN_SUPERVISED_STEPS
+    per_step = (time.perf_counter() - tick) / PLAN_SUPERVISED_STEPS * cfg.train.batch_size / timed_batch
     net.eval()
     with torch.no_grad():
         batch = env.images(torch.rand(min(cfg.eval.batch_size, test_images), *info.image_shape, device=env.device))
@@ -802,6 +823,7 @@ def time_supervised(recipe: str, info, train_images: int, test_images: int, extr
         "images": 0,
         "seconds": steps * per_step + cfg.train.epochs * evaluation,
         "per_unit": {"step": per_step, "evaluation": evaluation},
+        "timed_batch": timed_batch,
         "device": str(env.device),
     }
 
@@ -811,10 +833,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_plan(sel: Selection, root: str | Path, rounds: int = PLAN_ROUNDS) -> dict:
-    """Time each distinct recipe of the selection once on this machine and estimate every cell's hours."""
+def make_plan(sel: Selection, root: str | Path, rounds: int = PLAN_ROUNDS, batch: int | None = None) -> dict:
+    """Time each distinct recipe of the selection once on this machine (at most at ``batch``, scaled linearly to
+    the recipe's batch) and estimate every cell's hours."""
     if rounds < 1:
         raise ConfigError(f"--rounds {rounds}: give at least one round")
+    if batch is not None and batch < 1:
+        raise ConfigError(f"--plan-batch {batch}: give a batch size of 1 or more")
     root = Path(root)
     info = dataset_info(sel.layout.dataset)
     train_images, test_images = SPLIT_SIZES[sel.layout.dataset]
@@ -826,10 +851,10 @@ def make_plan(sel: Selection, root: str | Path, rounds: int = PLAN_ROUNDS) -> di
         log.info("plan: timing %s", cell.recipe)
         base = [o for o in cell.overrides if not o.startswith(("engine.seed=", "teacher.weights="))]
         if cell.supervised:
-            timings[cell.recipe] = time_supervised(cell.recipe, info, train_images, test_images, base)
+            timings[cell.recipe] = time_supervised(cell.recipe, info, train_images, test_images, base, batch)
         else:
             run = root / "plan" / cell.recipe.split("/")[-1]
-            timings[cell.recipe] = time_distill(cell.recipe, info, run, rounds, base, test_images)
+            timings[cell.recipe] = time_distill(cell.recipe, info, run, rounds, base, test_images, batch)
     published = {r["method"]: r.get("hours") for r in sel.layout.cost.get("rows") or []}
     rows = []
     for cell in cells:
@@ -847,6 +872,7 @@ def make_plan(sel: Selection, root: str | Path, rounds: int = PLAN_ROUNDS) -> di
         "suite": sel.layout.suite,
         "machine": cpu_model(),
         "rounds_timed": rounds,
+        "batch_timed": batch,
         "cells": rows,
         "timings": timings,
         "total_seconds": sum(r["seconds"] for r in rows),
@@ -880,7 +906,13 @@ def format_plan(plan: dict) -> str:
         f"Estimated from {plan['rounds_timed']} timed round(s) per recipe ({PLAN_SYNTHESIS_STEPS} synthesis and "
         f"{PLAN_STUDENT_STEPS} student steps each, after one synthesis-only epoch), the teacher at its random "
         "initialisation, and one evaluation scaled to the test set; checkpoints and sample grids are not counted. "
-        "Teachers and scratch students: from timed training steps on random batches. Paper: the published wall "
-        "time of the cost table's cells.",
+        "Teachers and scratch students: from timed training steps on random batches. "
+        + (
+            f"Timed at batches of at most {plan['batch_timed']} and scaled linearly to each recipe's (close on a "
+            "CPU; on a GPU a small batch underuses it, so the estimate errs high). "
+            if plan.get("batch_timed")
+            else ""
+        )
+        + "Paper: the published wall time of the cost table's cells.",
     ]
     return "\n".join(lines)
