@@ -72,10 +72,12 @@ def refused(spec: str, **kwargs) -> str:
 
 def test_a_github_hub_spec_needs_the_github_prefix_and_trust(hub_calls, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no folder someone/models here
-    message = refused("hub:someone/models:resnet8", trust_code=True)
+    message = refused("hub:someone/models:resnet8")  # the old GitHub form: never a silent download
     assert "there is no folder someone/models" in message
     assert message.endswith("write teacher.arch=hub:github:someone/models:resnet8")
-    assert "hub:github:someone/models:v1.0:resnet8" in refused("hub:someone/models:v1.0:resnet8", trust_code=True)
+    assert "hub:github:someone/models:v1.0:resnet8" in refused("hub:someone/models:v1.0:resnet8")
+    assert hub_calls == []
+    assert "hub:github:" in refused("hub:someone/models:e", trust_code=True)  # trust does not make it a repository
     message = refused("hub:github:someone/models:v1.0:resnet8")
     assert "downloads someone/models:v1.0 from GitHub and runs its hubconf.py" in message
     assert message.endswith(ASKS_FOR_TRUST)
@@ -91,7 +93,7 @@ def test_a_relative_hub_folder_is_local_only_where_it_exists(hub_calls, monkeypa
     (folder / "hubconf.py").write_text(HUBCONF)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    message = refused("hub:models/lenet:tiny", trust_code=True)
+    message = refused("hub:models/lenet:tiny")
     assert "there is no folder models/lenet (hub:DIR:ENTRY loads a local folder)" in message
     assert message.endswith("hub:github:models/lenet:tiny")
     assert hub_calls == []  # never taken for a GitHub repository
