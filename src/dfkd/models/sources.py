@@ -15,7 +15,7 @@ zoo name:
 
 ``hub:``, ``torchscript:`` and ``py:`` run code that dfkd cannot check (a ``hubconf.py``, a TorchScript program, a
 Python module), so they are refused unless the caller trusts it for this build (``trust_code=True``; the command line's
-``--trust-code``). timm and torchvision build their own architectures and read weights as tensors.
+``--trust-code``). timm and torchvision build those libraries' own architectures; a weights file is read as tensors.
 
 A weights file (a state dict, see :func:`~dfkd.models.read_weights`) may fill the network of every source but
 TorchScript. What the source states about the network's input (mean/std, image shape, classes) is attached as a
