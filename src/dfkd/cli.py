@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
         p.add_argument("--overwrite", action="store_true", help="replace a run already in the output directory")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. train.epochs=5 out=runs/x")
+        _trust_code_flag(p)
         return p
 
     run_command("train-teacher", "train a network on real data (a teacher, or the real-data student reference)")
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. data.name=fashion-mnist-32 engine.device=cpu"
     )
+    _trust_code_flag(p)
 
     p = sub.add_parser("export", help="write a run's student to ship (safetensors, TorchScript or ONNX) + card.json")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory of `dfkd distill`")
@@ -107,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", type=int, default=500, metavar="N", help="real test images in the t-SNE (default 500)")
     p.add_argument("--synthetic", type=int, default=500, metavar="N", help="synthetic images to draw (default 500)")
     p.add_argument("--which", choices=["last", "best"], default="last", help="the checkpoint (default: last)")
+    _trust_code_flag(p)
 
     p = sub.add_parser("list", help="list methods, models, datasets or recipes")
     p.add_argument("what", choices=["methods", "models", "datasets", "recipes"])
@@ -217,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _trust_code_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="run the code that a network names (hub:, py:, TorchScript files and exports) in this run; it is not "
+        "saved, so --resume and plot ask for it again",
+    )
+
+
 def _version() -> str:
     from dfkd import __version__
 
@@ -231,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "trust_code", False) and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, "trust_code=true"]  # the one key the engine reads it from
     _setup_logging(args.quiet)
     if args.command is None:
         parser.print_help()
@@ -441,7 +455,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from dfkd.plot import plot_run
 
-    r = plot_run(args.run_dir, real=args.real, synthetic=args.synthetic, which=args.which)
+    r = plot_run(args.run_dir, real=args.real, synthetic=args.synthetic, which=args.which, trust_code=args.trust_code)
     hit = sum(1 for count in r["class_counts"] if count)
     real = f"against {r['real_images']} real test images" if r["real_images"] else f"alone ({r['real_missing_reason']})"
     _write(

@@ -37,17 +37,22 @@ def resolve_weights(path: str) -> Path:
 
 
 def build_model(
-    arch: str | nn.Module, info: DatasetInfo, env: Env, weights: str | None = None, role: str = "model"
+    arch: str | nn.Module,
+    info: DatasetInfo,
+    env: Env,
+    weights: str | None = None,
+    role: str = "model",
+    trust_code: bool = False,
 ) -> Normalized:
     """Create (or take) a network for ``info``, load ``weights``, wrap it so it takes [0, 1] images.
 
     A network whose source states its own mean/std (:func:`~dfkd.models.meta.teacher_meta`, e.g. a timm model) is
-    normalised with those, any other with the dataset's.
+    normalised with those, any other with the dataset's. ``trust_code``: see :func:`~dfkd.models.build_network`.
     """
     if isinstance(arch, str) and not arch:
         raise ConfigError(f"{role}.arch is not set: name an architecture (`dfkd list models`)")
     path = str(resolve_weights(weights)) if weights else None
-    net = build_network(arch, info.num_classes, info.image_shape[0], path, role=role)
+    net = build_network(arch, info.num_classes, info.image_shape[0], path, role=role, trust_code=trust_code)
     mean, std = _normalisation(net, info, role)
     model = Normalized(net, mean, std).to(env.device)
     _check_output(model, info, env, role)  # before prepare: a compiled network would compile for this check

@@ -74,7 +74,7 @@ def evaluate_weights(cfg) -> dict:
     else:
         info = dataset_info(data)
         test_x, test_y = load_split_on_device(info, "test", cfg.data.root, env)
-    model = build_model(arch, info, env, str(path), "model")
+    model = build_model(arch, info, env, str(path), "model", cfg.trust_code)
     logits = predict(model, test_x, cfg.eval.batch_size, env.channels_last)
     result = {"weights": str(path), "arch": arch, "dataset": data, "images": int(test_y.numel())}
     return _with_teacher(cfg, result, logits, test_x, test_y, info, env)
@@ -88,7 +88,7 @@ def _evaluate_export(cfg, card_path) -> dict:
     from dfkd.errors import ConfigError
     from dfkd.export import load_student
 
-    model = load_student(card_path)
+    model = load_student(card_path, trust_code=cfg.trust_code)
     card = model.card
     if cfg.model.arch and cfg.model.arch != card["architecture"]:
         raise ConfigError(f"the export {card_path} holds a {card['architecture']}, not {cfg.model.arch}: drop --arch")
@@ -138,7 +138,7 @@ def _with_teacher(cfg, result: dict, logits: Tensor, test_x: Tensor, test_y: Ten
         t_arch = cfg.teacher.arch or read_weights(str(t_path))[1].get("arch")
         if not t_arch:
             raise ConfigError(f"{t_path} does not record its architecture: pass teacher.arch=NAME")
-        teacher = build_model(t_arch, info, env, str(t_path) if t_path else None, "teacher")
+        teacher = build_model(t_arch, info, env, str(t_path) if t_path else None, "teacher", cfg.trust_code)
         teacher_logits = predict(teacher, test_x, cfg.eval.batch_size, env.channels_last)
     result.update(student_metrics(logits, test_y, teacher_logits))
     if teacher_logits is not None:
