@@ -170,6 +170,14 @@ def interrupted_after(epoch: int) -> Iterator[None]:
         rundir.RunDir.append_metrics = original
 
 
+def save_png(path: Path, array) -> None:
+    """Write ``array`` (H x W grey or H x W x 3 RGB, 0..255) as a PNG, making its folder."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+
+
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     """``dfkd ARGV`` in this process: its exit status, stdout and stderr."""
     from dfkd.cli import main

@@ -1,8 +1,8 @@
 """Teachers from outside the zoo: py: factories, torch.hub directories, TorchScript files, timm and torchvision.
 
 Everything here builds its models locally: no test downloads anything. timm and torchvision are tested for real
-only where they import (on CPU-torch machines the index's torchvision is a CUDA build that does not); their
-download-failure paths run everywhere against stand-in modules.
+only where they import: timm imports torchvision, and PyPI's torchvision wheels for x86-64 Linux are CUDA builds whose
+operators do not load beside a CPU-only torch. Their download-failure paths run everywhere against stand-in modules.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import urllib.error
 
 import pytest
 import torch
-from helpers import TINY_DISTILL
+from helpers import TINY_DISTILL, assert_one_line_error, run_cli, save_png
 from torch import nn
 
 from dfkd.bench import TINY_METHOD
@@ -388,6 +388,14 @@ def test_timm_for_real_without_download(tmp_path):
     assert meta.mean == pytest.approx(timm.data.IMAGENET_DEFAULT_MEAN)
     assert meta.std == pytest.approx(timm.data.IMAGENET_DEFAULT_STD)
     assert net(torch.rand(1, 3, 224, 224)).shape == (1, 5)
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "in1k.pt")
+    meta = teacher_meta(build_network("timm:resnet18", weights=tmp_path / "in1k.pt", role="teacher"))
+    assert meta.num_classes == 1000 and meta.classes == imagenet_classes(timm)
+    assert meta.classes[0].startswith("tench")
+
+
+def imagenet_classes(timm) -> tuple[str, ...]:
+    return tuple(timm.data.ImageNetInfo().label_descriptions())
 
 
 def fake_module(monkeypatch, name: str, **attrs) -> None:
@@ -505,6 +513,77 @@ def distill_summary(capsys, out, *argv) -> dict:
     _, err = capsys.readouterr()
     assert code == 0, err
     return json.loads((out / "summary.json").read_text())
+
+
+FOLDER_RUN = ["method.name=dfad", "student.arch=tiny_cnn", "train.batch_size=8"]
+
+
+def argmax_normalised(net: nn.Module, pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """The classes ``net`` gives uint8 images ``pixels`` [N, C, H, W] scaled to [0, 1] and normalised."""
+    shape = (1, -1, 1, 1)
+    with torch.no_grad():
+        return net.eval()((pixels / 255 - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)).argmax(1)
+
+
+def labelled_folder(root, net: nn.Module, mean, std, shape) -> torch.Tensor:
+    """A folder of 8 random images, each in the folder named by the index of the class ``net`` gives it when fed
+    with ``mean``/``std``: a teacher fed so scores 100 % on it, one fed otherwise (almost surely) not. Returns the
+    images."""
+    pixels = torch.randint(0, 256, (8, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for i, (image, label) in enumerate(zip(pixels, argmax_normalised(net, pixels, mean, std))):
+        save_png(root / str(int(label)) / f"{i}.png", image.permute(1, 2, 0).numpy())
+    return pixels
+
+
+def test_a_data_free_run_takes_size_and_normalisation_from_the_config_over_the_teachers(factories, capsys, tmp_path):
+    """with_meta states 3x16x16 images and its own mean/std; the config's 8x8 and mean/std win in distill and eval."""
+    build_network(f"py:{MODULE}:with_meta")  # imports the factories
+    pixels = labelled_folder(tmp_path / "test", eager("with_bn"), (0.5,) * 3, (0.25,) * 3, (3, 8, 8))
+    own = argmax_normalised(eager("with_bn"), pixels, (0.1, 0.2, 0.3), (0.5, 0.6, 0.7))
+    assert not torch.equal(own, argmax_normalised(eager("with_bn"), pixels, (0.5,) * 3, (0.25,) * 3))
+    folder = [f"teacher.arch=py:{MODULE}:with_meta", "data.name=folder", f"data.root={tmp_path / 'test'}"]
+    folder.append("data.class_names=[a,b,c,d]")  # the teacher states 4 classes, not their names
+    config = ["data.image_shape=[3,8,8]", "data.mean=[0.5]", "data.std=[0.25]"]
+    summary = distill_summary(capsys, tmp_path / "d", *folder, *config, *FOLDER_RUN)
+    assert summary["teacher_top1"] == 100.0 and summary["student_steps"] == 1
+    last = torch.load(tmp_path / "d" / "ckpt" / "last.pt", weights_only=True)
+    assert (last["image_shape"], last["mean"], last["std"]) == ([3, 8, 8], [0.5] * 3, [0.25] * 3)
+    code, out, err = run_cli(capsys, "eval", "--weights", tmp_path / "d", *folder)
+    assert code == 0, err
+    assert "teacher top-1 100.00%" in out and "agreement" in out
+    pytest.importorskip("sklearn")  # the t-SNE
+    code, _, err = run_cli(capsys, "plot", tmp_path / "d", "--synthetic", "12")
+    assert code == 0, err
+    assert (tmp_path / "d" / "plots" / "plot.json").is_file()
+
+
+def test_distill_and_eval_with_a_timm_teacher_from_a_weights_file(capsys, tmp_path):
+    timm = import_or_skip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False)  # 1000 ImageNet classes, 3x224x224, random weights
+    weights = tmp_path / "resnet18.pt"
+    torch.save(net.state_dict(), weights)
+    mean, std = timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
+    pixels = labelled_folder(tmp_path / "test", net, mean, std, (3, 32, 32))
+    labels = argmax_normalised(net, pixels, mean, std)
+    assert not torch.equal(argmax_normalised(net, pixels, (0.5,) * 3, (0.25,) * 3), labels)
+    folder = ["teacher.arch=timm:resnet18", "data.name=folder", f"data.root={tmp_path / 'test'}"]
+    run = [*folder, "data.image_shape=[3,32,32]", *FOLDER_RUN]  # timm's mean/std, classes and channels; a smaller size
+
+    torch.save({k: v for k, v in net.state_dict().items() if k != "fc.bias"}, tmp_path / "short.pt")
+    code, _, err = run_cli(capsys, "distill", *run, f"teacher.weights={tmp_path / 'short.pt'}", f"out={tmp_path / 'o'}")
+    assert_one_line_error(code, err, "short.pt does not fit ResNet: 1 keys of the model are missing from it ('fc.b")
+    assert not (tmp_path / "o").exists()
+
+    summary = distill_summary(capsys, tmp_path / "d", *run, f"teacher.weights={weights}")
+    assert summary["teacher"] == "timm:resnet18" and summary["student_steps"] == 1
+    assert summary["teacher_top1"] == 100.0  # the file's weights, fed as timm's config says
+    last = torch.load(tmp_path / "d" / "ckpt" / "last.pt", weights_only=True)
+    assert last["mean"] == pytest.approx(mean) and last["std"] == pytest.approx(std)
+    assert last["image_shape"] == [3, 32, 32] and tuple(last["classes"]) == imagenet_classes(timm)
+    code, out, err = run_cli(capsys, "eval", "--weights", tmp_path / "d", *folder, f"teacher.weights={weights}")
+    assert code == 0, err
+    assert "teacher top-1 100.00%" in out and "agreement" in out
 
 
 def test_distill_with_a_py_teacher(capsys, data_root, teacher_run, tmp_path):

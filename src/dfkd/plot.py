@@ -104,10 +104,12 @@ def plot_run(
     # a run without a registered dataset recorded the classes, shape and mean/std it resolved in its checkpoint
     info = resolve_dataset_info(cfg.data, checkpoint_meta(ckpt_path)) if is_data_free(cfg.data.name) else None
     info = info or dataset_info(cfg.data.name)
+    data_wins = is_data_free(cfg.data.name)  # the teacher at the size and normalisation of its run
     if teacher is None:
-        net = freeze(build_model(cfg.teacher.arch, info, env, cfg.teacher.weights, "teacher", trust_code))
+        net = build_model(cfg.teacher.arch, info, env, cfg.teacher.weights, "teacher", trust_code, data_wins=data_wins)
+        net = freeze(net)
     else:
-        net = freeze(build_model(teacher, info, env, None, "teacher"))
+        net = freeze(build_model(teacher, info, env, None, "teacher", data_wins=data_wins))
     student = build_model(cfg.student.arch, info, env, None, "student", trust_code)
     # the live student is the one the method synthesised against (with train.ema_decay the average is beside it)
     student.net.load_state_dict(ckpt.get("live_state_dict", ckpt["state_dict"]))

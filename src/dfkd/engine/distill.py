@@ -129,7 +129,9 @@ def _distill(
     else:
         info = dataset_info(cfg.data.name)
         test_x, test_y = load_split_on_device(info, cfg.eval.split, cfg.data.root, env, cfg.data.val_size)
-    teacher = freeze(build_model(teacher_source, info, env, teacher_weights, "teacher", cfg.trust_code))
+    data_wins = is_data_free(cfg.data.name)  # info holds the teacher's facts, data.image_shape/mean/std over them
+    teacher = build_model(teacher_source, info, env, teacher_weights, "teacher", cfg.trust_code, data_wins=data_wins)
+    teacher = freeze(teacher)
     if test_x is None:
         d = cfg.data
         test_x = synthesize_heldout(teacher, info, d.heldout_size, d.heldout_seed, d.heldout_steps, env.device)

@@ -127,6 +127,7 @@ def _no_test_set(what: str):
 
 def _with_teacher(cfg, result: dict, logits: Tensor, test_x: Tensor, test_y: Tensor, info, env) -> dict:
     """``result`` plus the metrics of ``logits``, and with ``teacher.weights`` the agreement with that teacher."""
+    from dfkd.data.datafree import FOLDER
     from dfkd.engine.common import build_model, resolve_weights
     from dfkd.errors import ConfigError
     from dfkd.models import read_weights
@@ -138,7 +139,10 @@ def _with_teacher(cfg, result: dict, logits: Tensor, test_x: Tensor, test_y: Ten
         t_arch = cfg.teacher.arch or read_weights(str(t_path))[1].get("arch")
         if not t_arch:
             raise ConfigError(f"{t_path} does not record its architecture: pass teacher.arch=NAME")
-        teacher = build_model(t_arch, info, env, str(t_path) if t_path else None, "teacher", cfg.trust_code)
+        # a folder's facts are those the student's run recorded, the teacher's size and normalisation in that run
+        data_wins = info.name == FOLDER
+        t_weights = str(t_path) if t_path else None
+        teacher = build_model(t_arch, info, env, t_weights, "teacher", cfg.trust_code, data_wins=data_wins)
         teacher_logits = predict(teacher, test_x, cfg.eval.batch_size, env.channels_last)
     result.update(student_metrics(logits, test_y, teacher_logits))
     if teacher_logits is not None:
