@@ -26,6 +26,11 @@ class DataError(DfkdError):
     """Dataset files that are missing or malformed."""
 
 
+class DownloadError(DataError):
+    """A dataset download that failed (unreachable server, corrupt or cut-short transfer): the command failed, which
+    the command line reports with exit status 1 rather than the 2 of bad input."""
+
+
 class CheckpointError(DfkdError):
     """A weights file that cannot be read or does not fit the model."""
 
