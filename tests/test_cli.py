@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -253,3 +254,17 @@ def test_bench_with_a_budget_is_a_race_with_a_table_and_a_plot(capsys, data_root
     assert race["budget"] == 0.01 and [len(c) for c in race["curves"]["cudfkd"]] == [1, 1]
     code, _, err = run(capsys, *args, "--budget", "0")
     assert_one_line_error(code, err, "give the race's wall-clock budget in seconds")
+
+
+def test_a_suite_without_data_tabulates_and_races_agreement(capsys, data_root, teacher_run, tmp_path):
+    # data.name=none: no test set; the table and the race say they measure agreement, and nothing formats a None
+    args = tiny_bench_args(teacher_run, tmp_path, data_root, "train.epochs=2", "data.name=none", "data.heldout_size=64")
+    code, out, err = run(capsys, *args, "--seeds", "0,1", "--budget", "1000")
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if line.startswith("| method | seeds |")).split(" | ")
+    row = next(line for line in out.splitlines() if line.startswith("| cudfkd | 0,1 |")).split(" | ")
+    assert header[3:5] == ["last agreement %", "best agreement % (held-out-selected)"]
+    assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", row[3]) and "Scored by agreement with the teacher" in out
+    race = json.loads((tmp_path / "race.json").read_text())
+    assert [len(c) for c in race["curves"]["cudfkd"]] == [2, 2]  # the agreement curve, an epoch each
+    assert "agreement at 10 min" in (tmp_path / "race.md").read_text()
