@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from torch import nn
 
 
@@ -39,6 +40,12 @@ def make_fashion_like(root: Path, n_train: int = 512, n_test: int = 256, seed: i
         write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
     return root
+
+
+def save_png(path: Path, array) -> None:
+    """An 8-bit PNG of ``array`` (H x W grey or H x W x 3) at ``path``, its folders made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
 
 
 TINY_DISTILL = [

@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import interrupted_after
+from helpers import interrupted_after, save_png
 from helpers import run_cli as run
-from PIL import Image
 from torch import nn
 
 import dfkd
@@ -63,11 +62,6 @@ def teacher_file(tmp_path_factory):
 
 def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def save_png(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

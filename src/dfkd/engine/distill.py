@@ -266,7 +266,7 @@ def _distill(
             []
             if prog.in_warmup
             else collapse_reasons(
-                metrics["agreement"], student_logits, teacher_logits, teacher_top1, losses.get("train/loss"), prog.step
+                metrics["agreement"], student_logits, teacher_logits, test_y, losses.get("train/loss"), prog.step
             )
         )
         guard.update(epoch + 1, reasons)
