@@ -424,6 +424,13 @@ def brightness_teacher_file(tmp_path, num_classes: int):
     return path
 
 
+def folder_args(tmp_path, num_classes: int, out, *extra: str) -> list[str]:
+    """`dfkd distill` of a starved student of the brightness teacher, scored on the folder tmp_path/images."""
+    teacher = brightness_teacher_file(tmp_path, num_classes)
+    return ["distill", "teacher.arch=tiny_cnn", f"teacher.weights={teacher}", "data.name=folder",
+            f"data.root={tmp_path / 'images'}", *FACTS, f"out={out}", *STARVED, *extra]  # fmt: skip
+
+
 def assert_collapsed_run(code: int, out: str, err: str, run_dir, *signals: str) -> dict:
     """A run the guard failed: exit status 1, the FAILED line, the warning, and the signals in its summary."""
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -460,11 +467,8 @@ def test_starved_students_on_skewed_image_folders_are_collapsed(capsys, tmp_path
         level = 255 * (label + 0.5) / len(counts)
         for i in range(count):
             save_png(tmp_path / "images" / str(label) / f"{i}.png", level + rng.integers(-10, 10, (16, 16, 3)))
-    teacher = brightness_teacher_file(tmp_path, len(counts))
     out_dir = tmp_path / "skewed"
-    args = ["distill", "teacher.arch=tiny_cnn", f"teacher.weights={teacher}", "data.name=folder",
-            f"data.root={tmp_path / 'images'}", *FACTS, f"out={out_dir}", *STARVED]  # fmt: skip
-    code, out, err = run(capsys, *args)
+    code, out, err = run(capsys, *folder_args(tmp_path, len(counts), out_dir))
     summary = assert_collapsed_run(code, out, err, out_dir, *signals)
     assert summary["teacher_top1"] == 100.0
 
@@ -473,9 +477,6 @@ def test_a_student_that_learns_a_skewed_two_class_folder_is_not_flagged(capsys, 
     for label, count in enumerate((9, 3)):
         for i in range(count):
             save_png(tmp_path / "images" / str(label) / f"{i}.png", np.full((16, 16, 3), 64 + 128 * label))
-    teacher = brightness_teacher_file(tmp_path, 2)
-    args = ["distill", "teacher.arch=tiny_cnn", f"teacher.weights={teacher}", "data.name=folder",
-            f"data.root={tmp_path / 'images'}", *FACTS, f"out={tmp_path / 'run'}", *STARVED, "train.lr=0.1"]  # fmt: skip
-    code, _, err = run(capsys, *args)
+    code, _, err = run(capsys, *folder_args(tmp_path, 2, tmp_path / "run", "train.lr=0.1"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert code == 0 and summary["status"] == "ok" and summary["agreement_last"] == 100.0, err
