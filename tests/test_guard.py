@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_DISTILL, save_png, tiny_bench_args
+from helpers import TINY_DISTILL, NaNAfter, save_png, tiny_bench_args
 from helpers import run_cli as run
 from torch import nn
 
@@ -21,6 +21,7 @@ from dfkd.engine.guard import (
     class_shares,
     collapse_reasons,
 )
+from dfkd.errors import DivergedError
 from dfkd.methods.cudfkd import spl_weight
 from dfkd.metrics import agreement_percent
 from dfkd.models import create_model
@@ -201,6 +202,18 @@ def test_stop_on_collapse_ends_the_run_early(data_root, teacher_run, tmp_path):
     assert summary["collapsed_epochs"] == [2, 3] and summary["epochs"] == 3 and (out / "ckpt" / "last.pt").is_file()
 
 
+def test_a_run_that_collapses_then_diverges_keeps_its_collapsed_epochs(data_root, teacher_run, tmp_path):
+    net = dfkd.create_model("lenet5_bn", 10, 1)
+    net.load_state_dict(torch.load(teacher_run / "ckpt" / "last.pt", weights_only=True)["state_dict"])
+    # the teacher answers the test set once, then 2 rounds x (1 + 2) forwards per epoch: it goes bad in epoch 4
+    teacher = NaNAfter(net, calls=1 + 3 * 2 * 3 + 2)
+    cfg = tiny(data_root, "null", tmp_path / "both", *ABSURD)
+    with pytest.raises(DivergedError, match="in epoch 4"):
+        dfkd.distill(cfg, teacher=teacher)
+    summary = json.loads((tmp_path / "both" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["collapsed_epochs"] == [2, 3]
+
+
 def test_the_spl_floor_keeps_the_same_student_training(data_root, teacher_run, tmp_path):
     out = tmp_path / "floored"
     summary = dfkd.distill(tiny(data_root, teacher_run, out, *ABSURD, "train.lr=300", "method.spl_floor=0.05"))
@@ -322,10 +335,12 @@ def test_bench_with_seeds_marks_a_collapsed_cell(capsys, data_root, teacher_run,
     from dfkd.cli import main
 
     args = tiny_bench_args(teacher_run, tmp_path, data_root, "--seeds", "0,1", *ABSURD)
-    assert main(args) == 0
+    assert main(args) == 1  # the table, and the exit status of a suite with failed runs
     out = capsys.readouterr().out
     assert "**2/2** (seeds 0, 1)" in out and out.count("**COLLAPSED**") == 2
-    assert (tmp_path / "cudfkd-lenet5_bn-lenet5_half" / "seed0" / "summary.json").is_file()
+    cell = tmp_path / "cudfkd-lenet5_bn-lenet5_half"
+    assert "FAILED: 2 run(s) collapsed or diverged" in out and f"{cell / 'seed0'}, {cell / 'seed1'}" in out
+    assert (cell / "seed0" / "summary.json").is_file()
 
 
 def test_demo_failure_is_plain_and_exits_non_zero(capsys, data_root, monkeypatch, tmp_path):

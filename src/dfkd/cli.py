@@ -1,7 +1,14 @@
 """The ``dfkd`` command line: train-teacher, distill, eval, export, plot, list, bench, demo.
 
-Settings come from a recipe (``--config NAME|PATH``) plus ``key=value`` overrides. Bad input ends with a one-line
-``dfkd: error: ...`` on stderr and exit status 2, never a traceback.
+Settings come from a recipe (``--config NAME|PATH``) plus ``key=value`` overrides.
+
+Exit status, the same for every subcommand:
+
+- 0: done (a run whose status is ``ok``);
+- 1: the run failed: it diverged (one ``dfkd: failed: ...`` line on stderr) or collapsed (``FAILED ...`` on stdout);
+  ``bench`` and ``distill --seeds`` when any of their runs failed, ``demo`` when its student failed;
+- 2: the input was wrong: one ``dfkd: error: ...`` line on stderr, never a traceback (a flag argparse refuses too);
+- 130: interrupted (Ctrl-C); a run's last completed epoch stays in RUN_DIR/ckpt/last.pt for ``--resume``.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dfkd.errors import ConfigError, DfkdError
+from dfkd.errors import ConfigError, DfkdError, RunFailedError
 
 log = logging.getLogger("dfkd")
 
@@ -168,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command](args)
+    except RunFailedError as exc:
+        sys.stderr.write(f"dfkd: failed: {exc}\n")
+        return 1
     except DfkdError as exc:
         sys.stderr.write(f"dfkd: error: {exc}\n")
         return 2
@@ -441,7 +451,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--tiny belongs to `dfkd bench gpu-check`; drop it for a suite")
     seeds = parse_seeds(args.seeds) if args.seeds else None
     _write(run_suite(args.suite, out, methods, args.teacher, list(args.overrides), seeds, args.budget))
-    return 0
+    failed = _failed_suite_runs(args.suite, Path(out), methods, seeds)
+    if failed:
+        _write(f"FAILED: {len(failed)} run(s) collapsed or diverged (marked in the table): {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def _failed_suite_runs(suite: str, out: Path, methods: list[str] | None, seeds: list[int] | None) -> list[str]:
+    """The run folders of the suite (``OUT/<recipe>``, with seeds ``OUT/<recipe>/seed<N>``) whose status is not ok."""
+    import json
+
+    from dfkd.bench import SUITES, suite_recipes
+
+    cells = [out / recipe.split("/")[-1] for recipe in suite_recipes(SUITES[suite], methods)]
+    runs = [cell / f"seed{seed}" for cell in cells for seed in seeds] if seeds else cells
+    return [str(run) for run in runs if json.loads((run / "summary.json").read_text()).get("status", "ok") != "ok"]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -241,7 +241,10 @@ def _distill(
             where = f"{bad} became {losses[bad]}" if bad is not None else "the loss became non-finite on another rank"
             reason = f"{where} in epoch {epoch + 1}"
             summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path, select)
-            run.write_summary({**summary, "status": STATUS_DIVERGED, "status_reason": reason})
+            flagged = [f["epoch"] for f in guard.flagged]  # a run can collapse first and diverge later
+            run.write_summary(
+                {**summary, "status": STATUS_DIVERGED, "status_reason": reason, "collapsed_epochs": flagged}
+            )
             raise DivergedError(
                 f"training diverged: {reason}; stopped without saving this epoch (last good checkpoint: {last}, "
                 f"in {run.last}); lower train.lr or the method's lr_g, then `dfkd distill --resume {run.path}`"
