@@ -233,6 +233,8 @@ def seed_summary(seed: int, best: float, last: float, status: str = "ok") -> dic
         "student_top1_best": best,
         "student_top1_last": last,
         "agreement_best": last + 1.0,
+        "agreement_last": last + 2.0,
+        "eval_split": "test",
         "mu": last - 2.0,
         "var": 4.0 * seed,
         "images_synthesized": 1000,
@@ -329,6 +331,36 @@ def test_distill_seeds_runs_every_seed_and_reuses_them(capsys, data_root, teache
     stamp = (tmp_path / "seeds" / "seed1" / "summary.json").stat().st_mtime
     assert main(args) == 0  # finished seeds are reused, not re-run
     assert (tmp_path / "seeds" / "seed1" / "summary.json").stat().st_mtime == stamp
+
+
+def test_distill_seeds_that_diverge_are_reported_as_failed(capsys, data_root, teacher_run, tmp_path):
+    from dfkd.cli import main
+
+    args = ["distill", "--config", DEMO, "--seeds", "0,1", f"data.root={data_root}", f"teacher.weights={teacher_run}",
+            f"out={tmp_path / 's'}", *TINY_DISTILL, "train.epochs=2", "train.lr=1e30"]  # fmt: skip
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert "seed 0: FAILED (diverged): train/loss became nan in epoch 1" in out and "seed 1: FAILED (diverged)" in out
+    assert "failed seeds: 2/2 (0, 1); no seed finished without failing: no mean" in out
+
+
+def test_seed_report_means_the_seeds_that_did_not_fail():
+    from dfkd.cli import seed_report
+
+    # what a seed that diverged in its first epoch leaves: no evaluated epoch, so no score at all
+    nothing = dict.fromkeys(("student_top1_best", "student_top1_last", "agreement_best", "agreement_last", "mu", "var"))
+    diverged = {**seed_summary(1, 0.0, 0.0, "diverged"), **nothing, "status_reason": "train/loss became nan in epoch 1"}
+    runs = [seed_summary(0, 80.0, 78.0), diverged, seed_summary(2, 84.0, 82.0)]
+    lines, failed = seed_report(runs, "seeds.json")
+    assert failed == 1
+    assert lines[0] == "seed 0: ok, last 78.00%, best 80.00% (test-selected)"
+    assert lines[1] == "seed 1: FAILED (diverged): train/loss became nan in epoch 1"
+    # the two that did not fail: last 80 ± 2.83 (sample std of 78 and 82), best 82 ± 2.83
+    assert lines[-1] == (
+        "cudfkd over 3 seeds: failed seeds: 1/3 (1); over the 2 that did not fail: last 80.00 ± 2.83%, "
+        "best 82.00 ± 2.83% (test-selected), agreement 82.00 ± 2.83% (last epoch); details in seeds.json"
+    )
 
 
 def test_bench_with_seeds_marks_a_collapsed_cell(capsys, data_root, teacher_run, tmp_path):

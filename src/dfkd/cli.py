@@ -298,7 +298,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _distill_seeds(args: argparse.Namespace) -> int:
-    from dfkd.bench import aggregate_seeds, run_seeds
+    from dfkd.bench import run_seeds
 
     if args.resume or args.overwrite:
         raise ConfigError(
@@ -310,22 +310,42 @@ def _distill_seeds(args: argparse.Namespace) -> int:
         raise ConfigError("--seeds needs out=DIR: each seed runs into DIR/seed<N>")
     overrides = [o for o in args.overrides if o.partition("=")[0].strip() != "out"]
     summaries = run_seeds(args.config, Path(cfg.out), seeds, overrides)
-    agg = aggregate_seeds(summaries)
-    # a data.name=none run has no top-1: its seeds are compared by agreement with the teacher
-    scored = "student_top1" if agg["student_top1_best"]["mean"] is not None else "agreement"
-    for s in summaries:
-        _write(
-            f"seed {s['seed']}: {s.get('status', 'ok')}, best {s[scored + '_best']:.2f}%, "
-            f"last {s[scored + '_last']:.2f}%"
-        )
-    best, last, agree = agg[scored + "_best"], agg[scored + "_last"], agg["agreement_best"]
-    failed = agg["collapsed"] + agg["diverged"]
-    _write(
-        f"{summaries[0]['method']} over {agg['n']} seeds: best {best['mean']:.2f} ± {best['std']:.2f}%, "
-        f"last {last['mean']:.2f} ± {last['std']:.2f}%, agreement {agree['mean']:.2f} ± {agree['std']:.2f}%; "
-        f"failed seeds: {failed}/{agg['n']}; details in {Path(cfg.out) / 'seeds.json'}"
-    )
+    lines, failed = seed_report(summaries, Path(cfg.out) / "seeds.json")
+    _write("\n".join(lines))
     return 1 if failed else 0
+
+
+def seed_report(summaries: list[dict], details: str | Path) -> tuple[list[str], int]:
+    """``distill --seeds``' report: a line per seed (a failed one says so and shows no score), then mean ± std over
+    the seeds that did not fail, the last epoch first; and the number of failed seeds."""
+    from dfkd.bench import aggregate_seeds
+    from dfkd.engine.distill import best_label
+
+    # a data.name=none run has no top-1: its seeds are compared by agreement with the teacher
+    scored = "agreement" if summaries[0].get("curve_metric") == "eval/agreement" else "student_top1"
+    label = best_label(summaries[0].get("eval_split"))
+    ok = [s for s in summaries if s.get("status", "ok") == "ok"]
+    failed = [s["seed"] for s in summaries if s.get("status", "ok") != "ok"]
+    lines = [
+        f"seed {s['seed']}: ok, last {s[scored + '_last']:.2f}%, best {s[scored + '_best']:.2f}% ({label})"
+        if s in ok
+        else f"seed {s['seed']}: FAILED ({s['status']}): {s.get('status_reason')}"
+        for s in summaries
+    ]
+    n = len(summaries)
+    head = f"{summaries[0]['method']} over {n} seeds: failed seeds: {len(failed)}/{n}"
+    head += f" ({', '.join(map(str, failed))}); " if failed else "; "
+    if not ok:
+        lines.append(f"{head}no seed finished without failing: no mean; details in {details}")
+        return lines, len(failed)
+    agg = aggregate_seeds(ok)
+    last, best, agree = agg[scored + "_last"], agg[scored + "_best"], agg["agreement_last"]
+    over = f"over the {len(ok)} that did not fail: " if failed else ""
+    lines.append(
+        f"{head}{over}last {last['mean']:.2f} ± {last['std']:.2f}%, best {best['mean']:.2f} ± {best['std']:.2f}% "
+        f"({label}), agreement {agree['mean']:.2f} ± {agree['std']:.2f}% (last epoch); details in {details}"
+    )
+    return lines, len(failed)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

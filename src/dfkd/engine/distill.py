@@ -454,6 +454,17 @@ def _selected_by(cfg, select: str) -> str:
     return f"best eval/top1 on the {where}"
 
 
+def best_label(eval_split: str | None) -> str:
+    """What chose a run's best epoch, to print beside its number: the test set unless the run held out a validation
+    slice (``eval.split=val``) or had no data (agreement on held-out synthetic images). The headline is the last
+    epoch's: the best one picked on the set it is scored on flatters it."""
+    if eval_split == "val":
+        return "chosen on the validation slice"
+    if eval_split == HELDOUT_SPLIT:
+        return "chosen on held-out synthetic images"
+    return "test-selected"
+
+
 def _fresh_state() -> dict:
     timers = {
         "synth_seconds": 0.0,
