@@ -95,11 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--which",
         choices=["best", "last"],
-        default="best",
-        help="best: the checkpoint the run chose on its evaluation split (default); last: the final epoch",
+        help="last: the final epoch; best: the checkpoint the run chose on its evaluation split (default: last, or "
+        "best when the run chose it on the validation slice or on held-out synthetic images; the card says which)",
     )
     p.add_argument("--out", metavar="DIR", help="the export folder (default: RUN_DIR/export)")
     p.add_argument("--overwrite", action="store_true", help="replace an export already in the folder")
+    p.add_argument(
+        "--force", action="store_true", help="export the student of a run that collapsed or diverged (the card says so)"
+    )
     p = sub.add_parser(
         "plot",
         help="t-SNE of teacher features (real test vs synthetic images) and the teacher's classes on synthetic images",
@@ -368,6 +371,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f", teacher top-1 {r['teacher_top1']:.2f}%, agreement {r['agreement']:.2f}%, "
             f"prob. loyalty {r['prob_loyalty']:.4f} (reference form {r['prob_loyalty_reference']:.4f})"
         )
+    if r.get("run_status") in ("collapsed", "diverged"):
+        line += f" (exported from a {r['run_status']} run: not a result)"
     _write(f"{line}\nweights: {r['weights']}")
     return 0
 
@@ -375,7 +380,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from dfkd.export import export_student
 
-    card = export_student(args.run_dir, args.format, args.which, args.out, args.overwrite)
+    card = export_student(args.run_dir, args.format, args.which, args.out, args.overwrite, args.force)
     acc = card["accuracy"]
     score = ", ".join(
         f"{name} {acc[key]:.2f}%"
