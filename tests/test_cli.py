@@ -51,6 +51,10 @@ def test_end_to_end_train_distill_eval(capsys, data_root, teacher_run, tmp_path)
     code, out, err = run(capsys, *distill_args(data_root, teacher_run, tmp_path / "d"))
     assert code == 0, err
     assert "student top-1" in out and "epoch 1/1" in err
+    s = json.loads((tmp_path / "d" / "summary.json").read_text())
+    # the headline is the last epoch's; the best one, picked on the test set, is labelled beside it
+    headline = f"student top-1 {s['student_top1_last']:.2f}% at the last epoch (best {s['student_top1_best']:.2f}%, "
+    assert headline + "test-selected; teacher" in out
     code, out, err = run(
         capsys, "eval", "--weights", str(tmp_path / "d"), "--teacher", str(teacher_run), f"data.root={data_root}"
     )

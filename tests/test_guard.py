@@ -405,7 +405,9 @@ def test_demo_success_prints_the_three_rows(capsys, data_root, monkeypatch, tmp_
     assert code == 0 and "seed 2" in out
     # the teacher row shows the weights the student learned from: the teacher run's final epoch
     assert f"{teacher['top1_last']:.2f}" in out and student["teacher_top1"] == pytest.approx(teacher["top1_last"])
-    assert f"{student['student_top1_best']:.2f} (last {student['student_top1_last']:.2f})" in out
+    # the headline is the last epoch's; the epoch the test set picked is labelled beside it
+    assert f"{student['student_top1_last']:.2f} (best {student['student_top1_best']:.2f}, test-selected)" in out
+    assert "top-1 % (last epoch)" in out and f"on {student['agreement_last']:.2f}% of test images" in out
 
 
 # -- the accuracy signals end to end: runs past MIN_STEPS on two classes and on skewed sets -------------------------

@@ -235,13 +235,15 @@ def _load(kind: str, args: argparse.Namespace):
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> int:
+    from dfkd.engine.distill import best_label
     from dfkd.engine.supervised import train_teacher
 
     cfg = _load("train-teacher", args)
     summary = train_teacher(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     _write(
         f"{summary['model']} on {summary['dataset']}: top-1 {summary['top1_last']:.2f}% at the final epoch "
-        f"(best {summary['top1_best']:.2f}% at epoch {summary['best_epoch']}); weights: {summary['weights']}"
+        f"(best {summary['top1_best']:.2f}% at epoch {summary['best_epoch']}, {best_label(summary['eval_split'])}); "
+        f"weights: {summary['weights']}"
     )
     return 0
 
@@ -273,7 +275,7 @@ def _status_line(s: dict) -> str | None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from dfkd.engine.distill import distill
+    from dfkd.engine.distill import best_label, distill
 
     if args.seeds:
         return _distill_seeds(args)
@@ -283,15 +285,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if failure:
         _write(failure)
         return 1
+    label = best_label(s.get("eval_split"))
     if s["student_top1_best"] is None:  # data.name=none: no labels, the student is scored by agreement alone
         score = (
-            f"agreement with the teacher on held-out synthetic images {s['agreement_best']:.2f}% best / "
-            f"{s['agreement_last']:.2f}% last (no test set)"
+            f"agreement with the teacher on held-out synthetic images {s['agreement_last']:.2f}% at the last epoch "
+            f"(best {s['agreement_best']:.2f}%, {label}; no test set)"
         )
     else:
         score = (
-            f"student top-1 {s['student_top1_best']:.2f}% best / {s['student_top1_last']:.2f}% last "
-            f"(teacher {s['teacher_top1']:.2f}%), agreement {s['agreement_best']:.2f}% (best epoch)"
+            f"student top-1 {s['student_top1_last']:.2f}% at the last epoch (best {s['student_top1_best']:.2f}%, "
+            f"{label}; teacher {s['teacher_top1']:.2f}%), agreement {s['agreement_last']:.2f}% (last epoch)"
         )
     _write(
         f"{s['method']}: {s['teacher']} -> {s['student']} on {s['dataset']}: {score}, "

@@ -350,18 +350,19 @@ def _distill(
         log.warning("FAILED: the run %s: %s; its accuracy is not a result (summary in %s)", status, reason, run.path)
     elif select == "agreement":
         log.info(
-            "done: student agreement with the teacher on held-out synthetic images %.2f%% best / %.2f%% last (no "
-            "test set, no top-1) in %s; summary in %s",
-            summary["agreement_best"],
+            "done: student agreement with the teacher on held-out synthetic images %.2f%% at the last epoch (best "
+            "%.2f%%; no test set, no top-1) in %s; summary in %s",
             summary["agreement_last"],
+            summary["agreement_best"],
             format_seconds(summary["total_seconds"]),
             run.path / "summary.json",
         )
     else:
         log.info(
-            "done: student top-1 %.2f%% best / %.2f%% last (teacher %.2f%%) in %s; summary in %s",
-            summary["student_top1_best"],
+            "done: student top-1 %.2f%% at the last epoch (best %.2f%%, %s; teacher %.2f%%) in %s; summary in %s",
             summary["student_top1_last"],
+            summary["student_top1_best"],
+            best_label(summary["eval_split"]),
             teacher_top1,
             format_seconds(summary["total_seconds"]),
             run.path / "summary.json",
