@@ -326,15 +326,16 @@ def seed_report(summaries: list[dict], details: str | Path) -> tuple[list[str], 
     the seeds that did not fail, the last epoch first; and the number of failed seeds."""
     from dfkd.bench import aggregate_seeds
     from dfkd.engine.distill import best_label
+    from dfkd.engine.guard import STATUS_OK
 
     # a data.name=none run has no top-1: its seeds are compared by agreement with the teacher
     scored = "agreement" if summaries[0].get("curve_metric") == "eval/agreement" else "student_top1"
     label = best_label(summaries[0].get("eval_split"))
-    ok = [s for s in summaries if s.get("status", "ok") == "ok"]
-    failed = [s["seed"] for s in summaries if s.get("status", "ok") != "ok"]
+    ok = [s for s in summaries if s.get("status", STATUS_OK) == STATUS_OK]
+    failed = [s["seed"] for s in summaries if s.get("status", STATUS_OK) != STATUS_OK]
     lines = [
         f"seed {s['seed']}: ok, last {s[scored + '_last']:.2f}%, best {s[scored + '_best']:.2f}% ({label})"
-        if s in ok
+        if s.get("status", STATUS_OK) == STATUS_OK
         else f"seed {s['seed']}: FAILED ({s['status']}): {s.get('status_reason')}"
         for s in summaries
     ]
@@ -357,6 +358,7 @@ def seed_report(summaries: list[dict], details: str | Path) -> tuple[list[str], 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dfkd.config import load_config
     from dfkd.engine.evaluate import evaluate_weights
+    from dfkd.engine.guard import FAILED_STATUSES
 
     extra = [f"model.weights={args.weights}"]
     if args.arch:
@@ -374,7 +376,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f", teacher top-1 {r['teacher_top1']:.2f}%, agreement {r['agreement']:.2f}%, "
             f"prob. loyalty {r['prob_loyalty']:.4f} (reference form {r['prob_loyalty_reference']:.4f})"
         )
-    if r.get("run_status") in ("collapsed", "diverged"):
+    if r.get("run_status") in FAILED_STATUSES:
         line += f" (exported from a {r['run_status']} run: not a result)"
     _write(f"{line}\nweights: {r['weights']}")
     return 0

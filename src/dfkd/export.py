@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dfkd.data.datafree import NO_DATA
-from dfkd.engine.guard import STATUS_COLLAPSED, STATUS_DIVERGED, STATUS_OK
+from dfkd.engine.guard import FAILED_STATUSES, STATUS_OK
 from dfkd.engine.heldout import HELDOUT_SPLIT
 from dfkd.errors import CheckpointError, ConfigError, DfkdError
 
@@ -48,7 +48,6 @@ INPUT_NOTE = {
     "is inside the model",
 }
 DATA_KEYS = ("num_classes", "image_shape", "mean", "std")
-FAILED = (STATUS_COLLAPSED, STATUS_DIVERGED)
 UNFINISHED = "unfinished (no summary.json)"
 # where a best epoch can be chosen without the test set having picked it
 SPLITS_NOT_TEST = ("val", HELDOUT_SPLIT)
@@ -107,7 +106,7 @@ def export_student(
     summary_path = run.path / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     status = summary.get("status", STATUS_OK) if summary else UNFINISHED
-    if status in FAILED and not force:
+    if status in FAILED_STATUSES and not force:
         raise DfkdError(
             f"{run.path} is a {status} run ({summary.get('status_reason')}): its student is not a result; pass "
             "--force to export it anyway (the card records the status)"
@@ -218,7 +217,7 @@ def load_student(path: str | os.PathLike[str]) -> nn.Module:
     if card_path is None:
         raise CheckpointError(f"{path} is not a dfkd export: give the folder `dfkd export` wrote or its card.json")
     card = read_card(card_path)
-    if card.get("run_status") in FAILED:
+    if card.get("run_status") in FAILED_STATUSES:
         log.warning(
             "%s holds the student of a %s run (%s): its accuracy is not a result",
             card_path,
@@ -458,7 +457,7 @@ def _selected_by(which: str, split: str, selected: str | None, epoch: int, epoch
 
 
 def _failure_warning(status: str, reason: str | None) -> str | None:
-    if status in FAILED:
+    if status in FAILED_STATUSES:
         return f"the run {status} ({reason}): this student is not a result; exported with --force"
     return None
 

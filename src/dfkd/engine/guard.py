@@ -40,6 +40,7 @@ TEACHER_KAPPA_MIN = 0.05
 MIN_STEPS = 100
 
 STATUS_OK, STATUS_COLLAPSED, STATUS_DIVERGED = "ok", "collapsed", "diverged"
+FAILED_STATUSES = (STATUS_COLLAPSED, STATUS_DIVERGED)  # a run with one of these is not a result
 
 
 def class_shares(logits: Tensor, num_classes: int) -> Tensor:
