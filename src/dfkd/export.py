@@ -179,10 +179,12 @@ def export_student(
         "torch_version": torch.__version__,
         "export": {**options, "command": _command(options, overwrite)},
     }
-    warning = _failure_warning(status, summary.get("status_reason")) or _optimism_warning(chosen, split)
+    failure = _failure_warning(status, summary.get("status_reason"))
+    if failure:
+        log.warning("%s: %s", run.path, failure)
+    warning = failure or _optimism_warning(chosen, split)
     if warning:
         card["warning"] = warning
-        log.warning("%s: %s", run.path, warning)
     card_path = out_dir / CARD_NAME
     card_tmp = card_path.with_name(CARD_NAME + ".tmp")
     card_tmp.write_text(json.dumps(card, indent=2) + "\n")
