@@ -6,13 +6,25 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # The CPU wheel; on a machine with an NVIDIA driver pip's default (CUDA) build is taken instead.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: demo test test-slow gpu-check lint data venv clean
+.PHONY: demo test test-timm test-slow gpu-check lint data venv clean
 
 demo: venv data
 	$(VENV)/bin/dfkd demo
 
 test: venv data
 	$(PY) -m pytest -q -m "not slow"
+
+# timm and torchvision for real: timm imports torchvision, whose PyPI wheels are CUDA builds that do not import beside
+# the CPU-only torch of `make test`. So these tests get their own venv with torch and torchvision together (a CUDA
+# build of several GB that also runs on a CPU; CI runs it after `make test`).
+TIMM_VENV ?= .venv-timm
+TIMM_TORCH ?= torch==2.14.1 torchvision==0.29.1
+test-timm: data
+	test -x $(TIMM_VENV)/bin/python || python3 -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TIMM_VENV)/bin/python -c "import torchvision" 2>/dev/null || $(TIMM_VENV)/bin/python -m pip install -q $(TIMM_TORCH)
+	$(TIMM_VENV)/bin/python -m pip install -q -e '.[dev,timm]'
+	DFKD_REQUIRE_TIMM=1 $(TIMM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_sources.py -k "timm or torchvision"
 
 test-slow: venv data
 	$(PY) -m pytest -q -m slow

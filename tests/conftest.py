@@ -16,10 +16,17 @@ def pytest_configure(config):
     torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session")
+def _empty_user_data(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("xdg-data")
+
+
 @pytest.fixture(autouse=True)
-def _no_dfkd_data_env(monkeypatch):
-    """Tests never see a user's DFKD_DATA."""
+def _no_dfkd_data_env(monkeypatch, _empty_user_data):
+    """Tests never see a user's DFKD_DATA, download mirror or the datasets `dfkd data get` put in their home."""
     monkeypatch.delenv("DFKD_DATA", raising=False)
+    monkeypatch.delenv("DFKD_DATA_MIRROR", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(_empty_user_data))
 
 
 def fixture_path(name: str) -> Path:

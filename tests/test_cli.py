@@ -106,7 +106,7 @@ def test_missing_dataset_says_where_it_looked(capsys, tmp_path, teacher_run):
         f"out={tmp_path / 'o'}",
     )
     assert_one_line_error(code, err, str(tmp_path))
-    assert "DFKD_DATA" in err
+    assert "DFKD_DATA" in err and "Run `dfkd data get cifar10`" in err
 
 
 def test_teacher_that_is_not_a_checkpoint(capsys, data_root, tmp_path):
@@ -216,6 +216,7 @@ COMMANDS = {
     "list": (["everything"], ["methods"], "dfkd.methods.method_names"),
     "bench": (["no-such-suite"], ["fashion-mnist"], "dfkd.bench.run_suite"),
     "demo": (["--seed", "three"], ["--smoke"], "dfkd.demo.run_demo"),
+    "data": (["get", "no-such-dataset"], ["get", "mnist"], "dfkd.data.get_dataset"),
 }
 
 

@@ -7,7 +7,6 @@ import gzip
 import pickle
 import struct
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import scipy.io
 import torch
 import torch.nn.functional as F
+from helpers import make_archive, write_cifar10, write_cifar100
 
 from dfkd.data import (
     DATASETS,
@@ -177,17 +177,22 @@ def test_idx_dotted_file_names(tmp_path):
 
 def test_lookup_order(tmp_path, monkeypatch):
     explicit, env, debian = tmp_path / "explicit", tmp_path / "env", tmp_path / "debian"
-    for fill, root in ((1, explicit), (2, env), (3, debian)):
+    user = tmp_path / "xdg" / "dfkd" / "datasets"  # where `dfkd data get` puts files by default
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    for fill, root in ((1, explicit), (2, env), (3, debian), (4, user)):
         fake_idx_set(root / "fashion-mnist", fill=fill)
     monkeypatch.setenv("DFKD_DATA", str(env))
+    assert ds.default_root() == env
     assert int(load_dataset("fashion-mnist", "train", root=explicit)[0][0, 0, 0, 0]) == 1
     assert int(load_dataset("fashion-mnist", "train")[0][0, 0, 0, 0]) == 2
     # A root without the files falls through to the next candidate.
     assert int(load_dataset("fashion-mnist", "train", root=tmp_path / "empty")[0][0, 0, 0, 0]) == 2
     monkeypatch.delenv("DFKD_DATA")
+    assert ds.default_root() == user
+    assert int(load_dataset("fashion-mnist", "train")[0][0, 0, 0, 0]) == 4
+    assert ds.candidate_roots(explicit) == [explicit, user, debian]
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "nothing-here"))
     assert int(load_dataset("fashion-mnist", "train")[0][0, 0, 0, 0]) == 3
-    roots = ds.candidate_roots(explicit)
-    assert roots == [explicit, debian]
 
 
 def test_env_var_holds_several_roots(tmp_path, monkeypatch):
@@ -299,44 +304,6 @@ def test_digits_without_sklearn(monkeypatch):
 # CIFAR
 
 
-def cifar_batch(rng, n, label_key, num_classes):
-    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-    labels = [int(v) for v in rng.integers(0, num_classes, n)]
-    batch = {b"batch_label": b"batch", label_key: labels, b"data": data, b"filenames": [b"x.png"] * n}
-    if label_key == b"fine_labels":
-        batch[b"coarse_labels"] = [v // 5 for v in labels]
-    return batch
-
-
-def write_cifar10(folder: Path, n=3) -> dict:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    batches = {f"data_batch_{i}": cifar_batch(rng, n, b"labels", 10) for i in range(1, 6)}
-    batches["test_batch"] = cifar_batch(rng, n + 1, b"labels", 10)
-    batches["batches.meta"] = {b"label_names": [name.encode() for name in ds._CIFAR10_CLASSES],
-                               b"num_cases_per_batch": n, b"num_vis": 3072}
-    for name, obj in batches.items():
-        (folder / name).write_bytes(pickle.dumps(obj, protocol=2))
-    return batches
-
-
-def write_cifar100(folder: Path, n=5) -> dict:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    files = {"train": cifar_batch(rng, n, b"fine_labels", 100), "test": cifar_batch(rng, n - 1, b"fine_labels", 100),
-             "meta": {b"fine_label_names": [c.encode() for c in ds._CIFAR100_CLASSES],
-                      b"coarse_label_names": [b"c"] * 20}}
-    for name, obj in files.items():
-        (folder / name).write_bytes(pickle.dumps(obj, protocol=2))
-    return files
-
-
-def make_archive(folder: Path, archive: Path) -> None:
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(folder, arcname=folder.name)
-
-
 def expected_cifar(batches, names, label_key):
     x = np.concatenate([batches[n][b"data"] for n in names]).reshape(-1, 3, 32, 32)
     y = np.concatenate([batches[n][label_key] for n in names])
@@ -442,28 +409,31 @@ def test_svhn_malformed(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("name", "hint", "places"),
+    ("name", "base", "hint", "places"),
     [
-        ("fashion-mnist", "apt-get install dataset-fashion-mnist", ["fashion-mnist", "FashionMNIST/raw"]),
-        ("fashion-mnist-32x3", "apt-get install dataset-fashion-mnist", ["fashion-mnist"]),
-        ("mnist", "DIR/mnist", ["mnist", "MNIST/raw"]),
-        ("mnist-32", "MNIST site", ["mnist"]),
-        ("cifar10", "https://www.cs.toronto.edu/~kriz/cifar.html", ["cifar-10-batches-py", "cifar-10-python.tar.gz"]),
-        ("cifar100", "cifar-100-python.tar.gz from https://www.cs.toronto.edu", ["cifar100/cifar-100-python"]),
-        ("svhn", "http://ufldl.stanford.edu/housenumbers/ into DIR/svhn", ["svhn"]),
+        ("fashion-mnist", "fashion-mnist", "apt-get install dataset-fashion", ["fashion-mnist", "FashionMNIST/raw"]),
+        ("fashion-mnist-32x3", "fashion-mnist", "apt-get install dataset-fashion-mnist", ["fashion-mnist"]),
+        ("mnist", "mnist", "DIR/mnist", ["mnist", "MNIST/raw"]),
+        ("mnist-32", "mnist", "https://ossci-datasets.s3.amazonaws.com/mnist/", ["mnist"]),
+        ("cifar10", "cifar10", "https://www.cs.toronto.edu/~kriz/cifar.html",
+         ["cifar-10-batches-py", "cifar-10-python.tar.gz"]),
+        ("cifar100", "cifar100", "cifar-100-python.tar.gz from https://www.cs", ["cifar100/cifar-100-python"]),
+        ("svhn", "svhn", "http://ufldl.stanford.edu/housenumbers/ into DIR/svhn", ["svhn"]),
     ],
 )
-def test_missing_files_message(tmp_path, monkeypatch, name, hint, places):
+def test_missing_files_message(tmp_path, monkeypatch, name, base, hint, places):
     monkeypatch.setenv("DFKD_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "user"))
     with pytest.raises(DataError) as err:
         load_dataset(name, "train", root=tmp_path / "explicit")
     msg = str(err.value)
     assert "\n" not in msg
+    assert f"Run `dfkd data get {base}`" in msg
     assert hint in msg and "data.root=DIR" in msg and "DFKD_DATA" in msg
-    for root in ("explicit", "env", "debian"):
+    for root in ("explicit", "env", "user/dfkd/datasets", "debian"):
         for place in places:
             assert str(tmp_path / root / place) in msg
-    assert msg.index("explicit") < msg.index("env") < msg.index("debian")
+    assert msg.index("explicit") < msg.index("env") < msg.index("user") < msg.index("debian")
 
 
 def test_bad_names():

@@ -82,12 +82,19 @@ def test_safetensors_export_and_its_card(capsys, run_dir, images):
     assert student.dfkd_meta.num_classes == 10 and student.dfkd_meta.classes == info.classes
 
 
-def test_torchscript_export_of_the_last_epoch(capsys, run_dir, images, tmp_path):
+def test_torchscript_export_of_the_last_epoch(capsys, run_dir, images, tmp_path, monkeypatch):
     out = tmp_path / "ts"
     code, _, err = run(capsys, "export", run_dir, "--format", "torchscript", "--which", "last", "--out", out)
     assert code == 0, err
-    student = dfkd.load_student(out)
-    assert isinstance(student, torch.jit.ScriptModule)
+    # a TorchScript export is a program: its sha256 matching the card proves nothing about who made it
+    loads = []
+    real = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda *args, **kwargs: loads.append(args) or real(*args, **kwargs))
+    with pytest.raises(ConfigError, match=r"TorchScript export, a program .* pass trust_code=True \(dfkd eval"):
+        dfkd.load_student(out)
+    assert loads == []
+    student = dfkd.load_student(out, trust_code=True)
+    assert isinstance(student, torch.jit.ScriptModule) and len(loads) == 1
     card = student.card
     assert card["selected_by"].startswith("last: the weights of the final epoch (2)") and "warning" not in card
     assert card["accuracy"]["epoch"] == 2 and "normalisation is inside" in card["input"]
@@ -160,6 +167,17 @@ def test_eval_reads_an_export(capsys, run_dir, data_root, tmp_path):
     assert "not a fresh score" not in stdout
     code, _, err = run(capsys, "eval", "--weights", out / "card.json", "--arch", "wrn16_1", f"data.root={data_root}")
     assert_one_line_error(code, err, "holds a lenet5_half, not wrn16_1")
+
+
+def test_eval_of_a_torchscript_export_needs_trust(capsys, run_dir, data_root, tmp_path):
+    out = tmp_path / "ts"
+    card = dfkd.export_student(run_dir, format="torchscript", which="last", out=out)
+    code, _, err = run(capsys, "eval", "--weights", out, f"data.root={data_root}")
+    assert_one_line_error(code, err, "is a TorchScript export, a program that runs when loaded")
+    assert "(dfkd eval --trust-code)" in err
+    code, stdout, err = run(capsys, "eval", "--weights", out, f"data.root={data_root}", "--trust-code")
+    assert code == 0, err
+    assert f"top-1 {card['accuracy']['top1']:.2f}%" in stdout
 
 
 def _copy_run(run_dir, tmp_path):

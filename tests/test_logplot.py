@@ -15,9 +15,9 @@ from helpers import TINY_DISTILL, assert_one_line_error, run_cli
 
 import dfkd
 from dfkd import load_config
+from dfkd.bench import TINY_METHOD
 from dfkd.engine import rundir as rundir_module
 from dfkd.errors import DataError, DfkdError
-from dfkd.gpucheck import TINY_METHOD
 
 DEMO = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"
 POOL = "fashion-mnist/deepinv-lenet5_bn-lenet5_half"

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from dfkd.bench import TINY_METHOD
 from dfkd.data import DatasetInfo
 from dfkd.engine.env import Env
-from dfkd.gpucheck import TINY_METHOD
 from dfkd.methods import METHODS, Batch, Ctx, Progress
 from dfkd.models import Normalized
 

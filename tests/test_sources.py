@@ -1,8 +1,8 @@
 """Teachers from outside the zoo: py: factories, torch.hub directories, TorchScript files, timm and torchvision.
 
 Everything here builds its models locally: no test downloads anything. timm and torchvision are tested for real
-only where they import (on CPU-torch machines the index's torchvision is a CUDA build that does not); their
-download-failure paths run everywhere against stand-in modules.
+only where they import: timm imports torchvision, and PyPI's torchvision wheels for x86-64 Linux are CUDA builds whose
+operators do not load beside a CPU-only torch. Their download-failure paths run everywhere against stand-in modules.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
 import re
 import sys
 import types
@@ -17,16 +18,16 @@ import urllib.error
 
 import pytest
 import torch
-from helpers import TINY_DISTILL
+from helpers import TINY_DISTILL, assert_one_line_error, run_cli, save_png
 from torch import nn
 
+from dfkd.bench import TINY_METHOD
 from dfkd.cli import main
 from dfkd.data import DatasetInfo, dataset_info, load_split
 from dfkd.engine.common import build_model
 from dfkd.engine.env import Env
 from dfkd.engine.evaluate import predict
 from dfkd.errors import CheckpointError, ConfigError
-from dfkd.gpucheck import TINY_METHOD
 from dfkd.methods import METHODS, Ctx, Progress
 from dfkd.models import Normalized, build_network, create_model
 from dfkd.models.meta import TeacherMeta, teacher_meta
@@ -111,6 +112,11 @@ def factories(tmp_path, monkeypatch):
     return folder
 
 
+def trusted(spec: str, *args, **kwargs) -> nn.Module:
+    """``build_network`` for a spec whose code the test trusts (its own factories, hub folders, TorchScript files)."""
+    return build_network(spec, *args, trust_code=True, **kwargs)
+
+
 def eager(factory: str) -> nn.Module:
     return getattr(sys.modules[MODULE], factory)()
 
@@ -126,29 +132,29 @@ def test_which_arch_strings_name_sources(tmp_path):
 
 
 def test_py_factory_builds_the_network_and_names_its_source(factories):
-    net = build_network(f"py:{MODULE}:with_bn", role="teacher")
+    net = trusted(f"py:{MODULE}:with_bn", role="teacher")
     x = torch.rand(2, 3, 16, 16)
     assert torch.equal(net(x), eager("with_bn")(x))
     assert teacher_meta(net) == TeacherMeta(source=f"py:{MODULE}:with_bn")
 
 
 def test_teacher_weights_fill_a_py_model(factories, tmp_path):
-    build_network(f"py:{MODULE}:with_bn")  # imports the module
+    trusted(f"py:{MODULE}:with_bn")  # imports the module
     torch.manual_seed(7)
     trained = sys.modules[MODULE].Net(batch_norm=True)
     path = tmp_path / "w.pt"
     torch.save({"state_dict": trained.state_dict()}, path)
-    net = build_network(f"py:{MODULE}:with_bn", weights=path, role="teacher")
+    net = trusted(f"py:{MODULE}:with_bn", weights=path, role="teacher")
     for key, value in trained.state_dict().items():
         assert torch.equal(net.state_dict()[key], value), key
     torch.save(create_model("tiny_cnn", 4, 3).state_dict(), tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="teacher weights .*other.pt does not fit"):
-        build_network(f"py:{MODULE}:with_bn", weights=tmp_path / "other.pt", role="teacher")
+        trusted(f"py:{MODULE}:with_bn", weights=tmp_path / "other.pt", role="teacher")
 
 
 def test_the_sources_mean_std_reach_the_normalising_wrapper(factories, caplog):
     caplog.set_level("INFO", logger="dfkd")
-    own = build_model(f"py:{MODULE}:with_meta", INFO, CPU, None, "teacher")
+    own = build_model(f"py:{MODULE}:with_meta", INFO, CPU, None, "teacher", trust_code=True)
     assert isinstance(own, Normalized)
     assert torch.allclose(own.mean.flatten(), torch.tensor([0.1, 0.2, 0.3]))
     assert torch.allclose(own.std.flatten(), torch.tensor([0.5, 0.6, 0.7]))
@@ -158,14 +164,14 @@ def test_the_sources_mean_std_reach_the_normalising_wrapper(factories, caplog):
         (x - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.6, 0.7]).view(1, 3, 1, 1)
     )
     assert torch.allclose(own.eval()(x), expected, atol=1e-6)
-    plain = build_model(f"py:{MODULE}:with_bn", INFO, CPU, None, "teacher")
+    plain = build_model(f"py:{MODULE}:with_bn", INFO, CPU, None, "teacher", trust_code=True)
     assert torch.allclose(plain.mean.flatten(), torch.tensor(INFO.mean))
     assert "normalising with dataset tiny's mean/std" in caplog.text
 
 
 def test_a_teacher_for_another_image_size_is_refused(factories):
     with pytest.raises(ConfigError, match=r"expects 3x8x8 images but dataset tiny has 3x16x16: .*data\.name=none"):
-        build_model(f"py:{MODULE}:for_8px", INFO, CPU, None, "teacher")
+        build_model(f"py:{MODULE}:for_8px", INFO, CPU, None, "teacher", trust_code=True)
 
 
 @pytest.mark.parametrize(
@@ -184,7 +190,7 @@ def test_a_teacher_for_another_image_size_is_refused(factories):
 )
 def test_bad_specs_give_one_line_errors(factories, spec, fragment):
     with pytest.raises(ConfigError) as info:
-        build_network(spec, role="teacher")
+        trusted(spec, role="teacher")
     message = str(info.value)
     assert fragment in message and "\n" not in message
     assert message.startswith(f"teacher.arch={spec}")
@@ -208,17 +214,17 @@ def test_local_hub_directory(tmp_path):
     hub = tmp_path / "my_hub"
     hub.mkdir()
     (hub / "hubconf.py").write_text(HUBCONF)
-    net = build_network(f"hub:{hub}:tiny", role="teacher")
+    net = trusted(f"hub:{hub}:tiny", role="teacher")
     assert net(torch.rand(2, 3, 16, 16)).shape == (2, 4)
     assert teacher_meta(net).source == f"hub:{hub}:tiny"
     state = {k: torch.full_like(v, 0.5) for k, v in net.state_dict().items()}
     torch.save(state, tmp_path / "w.pt")
-    filled = build_network(f"hub:{hub}:tiny", weights=tmp_path / "w.pt", role="teacher")
+    filled = trusted(f"hub:{hub}:tiny", weights=tmp_path / "w.pt", role="teacher")
     assert all(torch.all(v == 0.5) for v in filled.state_dict().values())
     with pytest.raises(ConfigError, match="hubconf.py has no entry 'huge'"):
-        build_network(f"hub:{hub}:huge", role="teacher")
+        trusted(f"hub:{hub}:huge", role="teacher")
     with pytest.raises(ConfigError, match="is not a directory with a hubconf.py"):
-        build_network(f"hub:{tmp_path}:tiny", role="teacher")
+        trusted(f"hub:{tmp_path}:tiny", role="teacher")
 
 
 def test_hub_fetch_failure_says_to_clone(monkeypatch):
@@ -228,7 +234,7 @@ def test_hub_fetch_failure_says_to_clone(monkeypatch):
 
     monkeypatch.setattr(torch.hub, "load", offline)
     with pytest.raises(ConfigError) as info:
-        build_network("hub:someone/models:v1.0:resnet8", role="teacher")
+        trusted("hub:github:someone/models:v1.0:resnet8", role="teacher")
     message = str(info.value)
     assert "could not fetch someone/models:v1.0 from GitHub (URLError" in message
     assert "teacher.arch=hub:/path/to/clone:resnet8" in message and "\n" not in message
@@ -239,26 +245,26 @@ def test_hub_fetch_failure_says_to_clone(monkeypatch):
 
 @pytest.mark.parametrize("how", ["script", "trace"])
 def test_torchscript_file_as_teacher(factories, tmp_path, how):
-    build_network(f"py:{MODULE}:with_bn")  # imports the factories
+    trusted(f"py:{MODULE}:with_bn")  # imports the factories
     net = eager("with_bn")
     x = torch.rand(2, 3, 16, 16)
     scripted = torch.jit.script(net) if how == "script" else torch.jit.trace(net, x)
     path = tmp_path / "teacher.ts"
     scripted.save(str(path))
     for spec in (f"torchscript:{path}", str(path)):
-        loaded = build_network(spec, role="teacher")
+        loaded = trusted(spec, role="teacher")
         assert is_torchscript(loaded) and teacher_meta(loaded).source == spec
         assert torch.allclose(loaded(x), net(x), atol=1e-6)
     with pytest.raises(ConfigError, match="a TorchScript file holds its own weights; drop teacher.weights"):
         torch.save(net.state_dict(), tmp_path / "w.pt")
-        build_network(str(path), weights=tmp_path / "w.pt", role="teacher")
+        trusted(str(path), weights=tmp_path / "w.pt", role="teacher")
     with pytest.raises(ConfigError, match=r"is not a TorchScript archive; .*pass a state dict as teacher.weights"):
-        build_network(str(tmp_path / "w.pt"), role="teacher")
+        trusted(str(tmp_path / "w.pt"), role="teacher")
 
 
 def test_forward_hooks_cannot_go_on_scripted_modules(factories, tmp_path):
     """The premise of the TorchScript refusals below: PyTorch refuses hooks on scripted submodules."""
-    build_network(f"py:{MODULE}:with_bn")
+    trusted(f"py:{MODULE}:with_bn")
     scripted = torch.jit.script(eager("with_bn"))
     bn = scripted.features._modules["1"]
     assert bn.original_name == "BatchNorm2d" and not isinstance(bn, nn.BatchNorm2d)
@@ -296,7 +302,7 @@ def frozen_teacher(net: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_bn_less_teacher_with_a_bn_method_names_the_option(factories, name):
-    teacher = frozen_teacher(build_network(f"py:{MODULE}:without_bn", role="teacher"))
+    teacher = frozen_teacher(trusted(f"py:{MODULE}:without_bn", role="teacher"))
     changes = {}
     if getattr(METHODS.get(name).Config, "bn", 0) > 0:
         with pytest.raises(ConfigError) as info:
@@ -312,7 +318,7 @@ def test_bn_less_teacher_with_a_bn_method_names_the_option(factories, name):
 
 
 def test_activation_loss_on_a_teacher_without_linear_layer_names_the_option(factories):
-    teacher = frozen_teacher(build_network(f"py:{MODULE}:conv_head", role="teacher"))
+    teacher = frozen_teacher(trusted(f"py:{MODULE}:conv_head", role="teacher"))
     with pytest.raises(
         ConfigError, match=r"^dafl: method.act != 0 hooks .*has no nn.Linear layer.*; set method.act=0$"
     ):
@@ -323,10 +329,10 @@ def test_activation_loss_on_a_teacher_without_linear_layer_names_the_option(fact
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_torchscript_teacher_runs_logit_methods_and_refuses_hooks(factories, tmp_path, name):
-    build_network(f"py:{MODULE}:with_bn")
+    trusted(f"py:{MODULE}:with_bn")
     path = tmp_path / "t.ts"
     torch.jit.script(eager("with_bn")).save(str(path))
-    teacher = frozen_teacher(build_network(f"torchscript:{path}", role="teacher"))
+    teacher = frozen_teacher(trusted(f"torchscript:{path}", role="teacher"))
     changes: dict = {}
     while True:
         try:
@@ -354,9 +360,12 @@ def test_torchscript_teacher_runs_logit_methods_and_refuses_hooks(factories, tmp
 
 
 def import_or_skip(name: str):
+    """The module, or a skip where it does not import; `make test-timm` sets DFKD_REQUIRE_TIMM=1: a failure there."""
     try:
         return __import__(name)
     except Exception as e:  # torchvision built for CUDA torch fails with more than ImportError
+        if os.environ.get("DFKD_REQUIRE_TIMM") == "1":
+            raise
         pytest.skip(f"{name} does not import here: {type(e).__name__}: {e}")
 
 
@@ -383,6 +392,14 @@ def test_timm_for_real_without_download(tmp_path):
     assert meta.mean == pytest.approx(timm.data.IMAGENET_DEFAULT_MEAN)
     assert meta.std == pytest.approx(timm.data.IMAGENET_DEFAULT_STD)
     assert net(torch.rand(1, 3, 224, 224)).shape == (1, 5)
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "in1k.pt")
+    meta = teacher_meta(build_network("timm:resnet18", weights=tmp_path / "in1k.pt", role="teacher"))
+    assert meta.num_classes == 1000 and meta.classes == imagenet_classes(timm)
+    assert meta.classes[0].startswith("tench")
+
+
+def imagenet_classes(timm) -> tuple[str, ...]:
+    return tuple(timm.data.ImageNetInfo().label_descriptions())
 
 
 def fake_module(monkeypatch, name: str, **attrs) -> None:
@@ -502,6 +519,77 @@ def distill_summary(capsys, out, *argv) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+FOLDER_RUN = ["method.name=dfad", "student.arch=tiny_cnn", "train.batch_size=8"]
+
+
+def argmax_normalised(net: nn.Module, pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """The classes ``net`` gives uint8 images ``pixels`` [N, C, H, W] scaled to [0, 1] and normalised."""
+    shape = (1, -1, 1, 1)
+    with torch.no_grad():
+        return net.eval()((pixels / 255 - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)).argmax(1)
+
+
+def labelled_folder(root, net: nn.Module, mean, std, shape) -> torch.Tensor:
+    """A folder of 8 random images, each in the folder named by the index of the class ``net`` gives it when fed
+    with ``mean``/``std``: a teacher fed so scores 100 % on it, one fed otherwise (almost surely) not. Returns the
+    images."""
+    pixels = torch.randint(0, 256, (8, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for i, (image, label) in enumerate(zip(pixels, argmax_normalised(net, pixels, mean, std))):
+        save_png(root / str(int(label)) / f"{i}.png", image.permute(1, 2, 0).numpy())
+    return pixels
+
+
+def test_a_data_free_run_takes_size_and_normalisation_from_the_config_over_the_teachers(factories, capsys, tmp_path):
+    """with_meta states 3x16x16 images and its own mean/std; the config's 8x8 and mean/std win in distill and eval."""
+    trusted(f"py:{MODULE}:with_meta")  # imports the factories
+    pixels = labelled_folder(tmp_path / "test", eager("with_bn"), (0.5,) * 3, (0.25,) * 3, (3, 8, 8))
+    own = argmax_normalised(eager("with_bn"), pixels, (0.1, 0.2, 0.3), (0.5, 0.6, 0.7))
+    assert not torch.equal(own, argmax_normalised(eager("with_bn"), pixels, (0.5,) * 3, (0.25,) * 3))
+    folder = [f"teacher.arch=py:{MODULE}:with_meta", "data.name=folder", f"data.root={tmp_path / 'test'}"]
+    folder += ["data.class_names=[a,b,c,d]", "--trust-code"]  # the teacher states 4 classes, not their names
+    config = ["data.image_shape=[3,8,8]", "data.mean=[0.5]", "data.std=[0.25]"]
+    summary = distill_summary(capsys, tmp_path / "d", *folder, *config, *FOLDER_RUN)
+    assert summary["teacher_top1"] == 100.0 and summary["student_steps"] == 1
+    last = torch.load(tmp_path / "d" / "ckpt" / "last.pt", weights_only=True)
+    assert (last["image_shape"], last["mean"], last["std"]) == ([3, 8, 8], [0.5] * 3, [0.25] * 3)
+    code, out, err = run_cli(capsys, "eval", "--weights", tmp_path / "d", *folder)
+    assert code == 0, err
+    assert "teacher top-1 100.00%" in out and "agreement" in out
+    pytest.importorskip("sklearn")  # the t-SNE
+    code, _, err = run_cli(capsys, "plot", tmp_path / "d", "--synthetic", "12", "--trust-code")
+    assert code == 0, err
+    assert (tmp_path / "d" / "plots" / "plot.json").is_file()
+
+
+def test_distill_and_eval_with_a_timm_teacher_from_a_weights_file(capsys, tmp_path):
+    timm = import_or_skip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False)  # 1000 ImageNet classes, 3x224x224, random weights
+    weights = tmp_path / "resnet18.pt"
+    torch.save(net.state_dict(), weights)
+    mean, std = timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
+    pixels = labelled_folder(tmp_path / "test", net, mean, std, (3, 32, 32))
+    labels = argmax_normalised(net, pixels, mean, std)
+    assert not torch.equal(argmax_normalised(net, pixels, (0.5,) * 3, (0.25,) * 3), labels)
+    folder = ["teacher.arch=timm:resnet18", "data.name=folder", f"data.root={tmp_path / 'test'}"]
+    run = [*folder, "data.image_shape=[3,32,32]", *FOLDER_RUN]  # timm's mean/std, classes and channels; a smaller size
+
+    torch.save({k: v for k, v in net.state_dict().items() if k != "fc.bias"}, tmp_path / "short.pt")
+    code, _, err = run_cli(capsys, "distill", *run, f"teacher.weights={tmp_path / 'short.pt'}", f"out={tmp_path / 'o'}")
+    assert_one_line_error(code, err, "short.pt does not fit ResNet: 1 keys of the model are missing from it ('fc.b")
+    assert not (tmp_path / "o").exists()
+
+    summary = distill_summary(capsys, tmp_path / "d", *run, f"teacher.weights={weights}")
+    assert summary["teacher"] == "timm:resnet18" and summary["student_steps"] == 1
+    assert summary["teacher_top1"] == 100.0  # the file's weights, fed as timm's config says
+    last = torch.load(tmp_path / "d" / "ckpt" / "last.pt", weights_only=True)
+    assert last["mean"] == pytest.approx(mean) and last["std"] == pytest.approx(std)
+    assert last["image_shape"] == [3, 32, 32] and tuple(last["classes"]) == imagenet_classes(timm)
+    code, out, err = run_cli(capsys, "eval", "--weights", tmp_path / "d", *folder, f"teacher.weights={weights}")
+    assert code == 0, err
+    assert "teacher top-1 100.00%" in out and "agreement" in out
+
+
 def test_distill_with_a_py_teacher(capsys, data_root, teacher_run, tmp_path):
     spec = "py:dfkd.examples.teachers:lenet5_bn_fashion"
     summary = distill_summary(
@@ -512,6 +600,7 @@ def test_distill_with_a_py_teacher(capsys, data_root, teacher_run, tmp_path):
         f"data.root={data_root}",
         f"teacher.arch={spec}",
         f"teacher.weights={teacher_run}",
+        "--trust-code",
     )
     assert summary["teacher"] == spec and summary["student_steps"] == 1
     assert summary["teacher_top1"] == pytest.approx(zoo_teacher_top1(data_root, teacher_run))
@@ -523,6 +612,7 @@ def test_distill_with_a_py_teacher(capsys, data_root, teacher_run, tmp_path):
             f"data.root={data_root}",
             f"teacher.arch={spec}",
             f"teacher.weights={teacher_run}",
+            "--trust-code",
         ]
     )
     out, err = capsys.readouterr()
@@ -541,10 +631,13 @@ def test_distill_and_eval_with_a_torchscript_teacher(capsys, data_root, teacher_
         "fashion-mnist/dfad-lenet5_bn-lenet5_half",
         f"data.root={data_root}",
         f"teacher.arch=torchscript:{path}",
+        "--trust-code",
     )
     assert summary["teacher"] == f"torchscript:{path}" and summary["student_steps"] == 1
     assert summary["teacher_top1"] == pytest.approx(zoo_teacher_top1(data_root, teacher_run))
-    code = main(["eval", "--weights", str(tmp_path / "d"), f"data.root={data_root}", f"teacher.arch={path}"])
+    code = main(
+        ["eval", "--weights", str(tmp_path / "d"), f"data.root={data_root}", f"teacher.arch={path}", "--trust-code"]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert f"teacher top-1 {summary['teacher_top1']:.2f}%" in out
@@ -563,6 +656,7 @@ def test_distill_refuses_a_torchscript_teacher_for_a_bn_method_in_one_line(capsy
             f"teacher.arch={path}",
             f"out={tmp_path / 'o'}",
             *ONE_STEP,
+            "--trust-code",
         ]
     )
     _, err = capsys.readouterr()

@@ -68,6 +68,40 @@ def suite_recipes(suite: Suite, methods: list[str] | None) -> list[str]:
 
 # what a run's result does not depend on: reusing it across edits of these is safe
 NOT_SETTINGS = ("description", "expected")
+# where a run ran and whether it drew a progress bar: a queue may resume a run on another GPU
+NOT_SETTINGS_KEYS = ("engine.device", "engine.progress")
+
+# Tiny sizes for every setting that drives a method's cost, where its configuration has it (unknown keys are
+# errors): the whole path of a suite in seconds on a CPU (`bench gpu-check --tiny`, `bench cifar10 --tiny`).
+TINY_METHOD = {
+    "nz": 16,
+    "ngf": 4,
+    "synthesis_batch_size": 8,
+    "bank_size": 64,
+    "n_neg": 16,
+    "memory_size": 64,
+    "pool_size": 64,
+    "head_dim": 8,
+    "latent_dim": 8,
+    "replay_batch_size": 4,
+    "projection": "fixed",  # AdaDFKD: the tiny nets' feature widths differ (16-d teacher, 8-d student)
+}
+TINY_TRAIN = ["train.batch_size=8", "train.kd_steps=2", "eval.batch_size=256"]
+TINY_SYNTHESIS_STEPS = 2
+
+
+def capped_synthesis(recipe: str, overrides: list[str], cap: int) -> list[str]:
+    """``overrides`` plus ``method.g_steps=cap`` where the recipe's synthesis round is longer (an inversion's
+    thousands of steps)."""
+    method = load_config("distill", recipe, overrides).method
+    return [*overrides, f"method.g_steps={cap}"] if getattr(method, "g_steps", 0) > cap else list(overrides)
+
+
+def tiny_distill_overrides(recipe: str, overrides: list[str]) -> list[str]:
+    """``overrides`` plus the tiny sizes of :data:`TINY_METHOD` and :data:`TINY_TRAIN` that ``recipe`` has."""
+    method = load_config("distill", recipe, overrides).method
+    tiny = [f"method.{k}={v}" for k, v in TINY_METHOD.items() if hasattr(method, k)]
+    return capped_synthesis(recipe, [*overrides, *TINY_TRAIN, *tiny], TINY_SYNTHESIS_STEPS)
 
 
 def _flatten(data: object, prefix: str = "") -> dict:
@@ -79,15 +113,17 @@ def _flatten(data: object, prefix: str = "") -> dict:
     return {prefix[:-1]: data}
 
 
-def settings_changed(run: Path, cfg: object) -> list[str]:
+def settings_changed(run: Path, cfg: object, kind: str = "distill") -> list[str]:
     """The settings on which the run in ``run`` (its config.yaml) and ``cfg`` differ, as ``key: old -> new``."""
     saved_file = run / "config.yaml"
     if not saved_file.is_file():
         return []
     saved, now = _flatten(read_yaml(saved_file)), _plain(cfg)
     # a setting added to dfkd after the run was made, at its default, is the behaviour the run had
-    defaults = _plain(build_config("distill", {"method": {"name": cfg.method.name}}))
-    keys = sorted(k for k in saved.keys() | now.keys() if k.split(".")[0] not in NOT_SETTINGS)
+    defaults = _plain(build_config(kind, {"method": {"name": cfg.method.name}} if kind == "distill" else {}))
+    keys = sorted(
+        k for k in saved.keys() | now.keys() if k.split(".")[0] not in NOT_SETTINGS and k not in NOT_SETTINGS_KEYS
+    )
     changed = [k for k in keys if saved.get(k) != now.get(k) and not (k not in saved and now[k] == defaults.get(k))]
     return [f"{k}: {saved.get(k, '(unset)')} -> {now.get(k, '(unset)')}" for k in changed]
 
@@ -173,8 +209,10 @@ def run_once(recipe: str, run: Path, overrides: list[str]) -> dict:
     summary = _finished(run)
     if summary is None:
         log.info("bench: %s -> %s", recipe, run)
+        last = (run / "ckpt" / "last.pt").is_file()
         try:
-            summary = distill(cfg, resume=(run / "ckpt" / "last.pt").is_file())
+            # a folder without a checkpoint holds no result (a run that failed before its first epoch ended)
+            summary = distill(cfg, resume=last, overwrite=not last and run.exists())
         except DivergedError as exc:
             log.warning("bench: %s", exc)
             summary = _finished(run)

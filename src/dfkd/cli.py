@@ -1,4 +1,4 @@
-"""The ``dfkd`` command line: train-teacher, distill, eval, export, plot, list, bench, demo.
+"""The ``dfkd`` command line: train-teacher, distill, eval, export, plot, list, bench, demo, data.
 
 Settings come from a recipe (``--config NAME|PATH``) plus ``key=value`` overrides.
 
@@ -6,9 +6,11 @@ Exit status, the same for every subcommand:
 
 - 0: done (a run whose status is ``ok``);
 - 1: the run failed: it diverged (one ``dfkd: failed: ...`` line on stderr) or collapsed (``FAILED ...`` on stdout);
-  ``bench`` and ``distill --seeds`` when any of their runs failed, ``demo`` when its student failed;
+  ``bench`` and ``distill --seeds`` when any of their runs failed, ``demo`` when its student failed, ``data get``
+  when a download failed (``dfkd: failed: ...``);
 - 2: the input was wrong: one ``dfkd: error: ...`` line on stderr, never a traceback (a flag argparse refuses too);
-- 130: interrupted (Ctrl-C); a run's last completed epoch stays in RUN_DIR/ckpt/last.pt for ``--resume``.
+- 130: interrupted (Ctrl-C); a run's last completed epoch stays in RUN_DIR/ckpt/last.pt for ``--resume`` (a
+  download's partial file for the same command).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dfkd.errors import ConfigError, DfkdError, RunFailedError
+from dfkd.errors import ConfigError, DfkdError, DownloadError, RunFailedError
 
 log = logging.getLogger("dfkd")
 
@@ -31,8 +33,12 @@ EXAMPLES = """examples:
   dfkd export runs/cudfkd --format safetensors          (writes runs/cudfkd/export: the student + card.json)
   dfkd plot runs/cudfkd   (t-SNE and class histogram of the synthetic images, in runs/cudfkd/plots)
   dfkd list recipes
+  dfkd data get cifar10          (downloads and verifies the official archive; `dfkd data list` shows what is here)
   dfkd bench fashion-mnist --methods cudfkd,dafl
   dfkd bench fashion-mnist --seeds 0,1,2 --budget 1800 --teacher RUN   (the accuracy-per-second race)
+  dfkd bench cifar10 --plan                       (the paper's tables: the cells and their hours on this machine)
+  dfkd bench cifar10 --devices 0,1,2,3 --seeds 0,1,2    (one cell per GPU at a time)
+  dfkd bench cifar10 --launcher slurm --job slurm_partition=gpu --job timeout_min=1440; dfkd bench cifar10 --collect OUT
 """
 
 
@@ -63,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
         p.add_argument("--overwrite", action="store_true", help="replace a run already in the output directory")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. train.epochs=5 out=runs/x")
+        _trust_code_flag(p)
         return p
 
     run_command("train-teacher", "train a network on real data (a teacher, or the real-data student reference)")
@@ -82,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. data.name=fashion-mnist-32 engine.device=cpu"
     )
+    _trust_code_flag(p)
 
     p = sub.add_parser("export", help="write a run's student to ship (safetensors, TorchScript or ONNX) + card.json")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory of `dfkd distill`")
@@ -113,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", type=int, default=500, metavar="N", help="real test images in the t-SNE (default 500)")
     p.add_argument("--synthetic", type=int, default=500, metavar="N", help="synthetic images to draw (default 500)")
     p.add_argument("--which", choices=["last", "best"], default="last", help="the checkpoint (default: last)")
+    _trust_code_flag(p)
 
     p = sub.add_parser("list", help="list methods, models, datasets or recipes")
     p.add_argument("what", choices=["methods", "models", "datasets", "recipes"])
@@ -120,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run a suite of recipes against one teacher and print the result table")
     p.add_argument(
         "suite",
-        help="fashion-mnist | fashion-mnist-resnet | gpu-check (one short epoch of every method in fp32 and bf16: "
+        help="cifar10 | cifar100 (the CuDFKD paper's result and cost tables: every pair x method x seed) | "
+        "fashion-mnist | fashion-mnist-resnet | gpu-check (one short epoch of every method in fp32 and bf16: "
         "the first thing to run on a GPU machine) | throughput (the speed of one recipe in fp32 and each fast "
         "setting on this machine)",
     )
@@ -137,9 +147,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="a race: every run stops at this wall time; writes race.md (time to 70/75/80/85 %%, top-1 at 10 and "
         "30 min) and race.png (accuracy against wall time) beside the table",
     )
-    p.add_argument("--tiny", action="store_true", help="gpu-check only: tiny sizes, so that it runs on a CPU")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="gpu-check, cifar10, cifar100: tiny networks and sizes, so that the whole path runs on a CPU in minutes",
+    )
     p.add_argument("--recipe", metavar="NAME|PATH", help="throughput only: the recipe (default: the demo's)")
-    p.add_argument("--rounds", type=int, help="throughput only: rounds per setting (default: 8)")
+    p.add_argument(
+        "--rounds", type=int, help="throughput: rounds per setting (default: 8); --plan: rounds timed per recipe (1)"
+    )
+    tables = p.add_argument_group("cifar10 / cifar100 (the paper's tables)")
+    tables.add_argument("--pairs", metavar="A,B", help="only these columns, e.g. resnet34-resnet18,wrn40_2-wrn16_1")
+    tables.add_argument(
+        "--teachers",
+        metavar="DIR",
+        help="the teachers as the CMI model zoo names them (DIR/cifar10_resnet34.pth, ...) instead of training them",
+    )
+    tables.add_argument(
+        "--plan",
+        action="store_true",
+        help="run nothing: list the cells, their student steps and images, and estimate each one's hours on this "
+        "machine from a few timed rounds (plan.md)",
+    )
+    tables.add_argument(
+        "--plan-batch",
+        type=int,
+        metavar="N",
+        help="--plan: time at batches of at most N and scale linearly to each recipe's (for a slow machine)",
+    )
+    tables.add_argument("--devices", metavar="0,1,...", help="one cell per GPU at a time, from a queue")
+    tables.add_argument(
+        "--launcher",
+        choices=["slurm", "submitit-local"],
+        help="submit every cell as a job through submitit (pip install 'dfkd[slurm]'); submitit-local: the same "
+        "path on this machine",
+    )
+    tables.add_argument(
+        "--job",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a submitit parameter for every job, repeatable: timeout_min=1440, gpus_per_node=1, cpus_per_task=8, "
+        "slurm_partition=gpu, ...",
+    )
+    tables.add_argument("--wait", action="store_true", help="with --launcher: wait for the jobs and write the tables")
+    tables.add_argument(
+        "--collect", metavar="OUT", help="run nothing: assemble the tables from the cells finished in OUT"
+    )
     p.add_argument(
         "--settings",
         metavar="A,B",
@@ -149,6 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="applied to every distillation, e.g. train.epochs=2"
     )
 
+    p = sub.add_parser(
+        "data",
+        help="download and verify the files of cifar10, cifar100, svhn, mnist, fashion-mnist",
+        description="Download the official files of a dataset, check them against their published checksums and "
+        "put them where dfkd finds them (files already there are only verified).",
+    )
+    data = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser, required=True)
+    root_help = "the data root (default: the first $DFKD_DATA entry, else ~/.local/share/dfkd/datasets)"
+    p = data.add_parser("get", help="download NAME's files unless they are already here and verified")
+    p.add_argument("name", metavar="NAME", help="cifar10 | cifar100 | svhn | mnist | fashion-mnist")
+    p.add_argument("--root", metavar="DIR", help=root_help)
+    p.add_argument(
+        "--mirror",
+        metavar="URL",
+        help="an http(s):// or file:// location laid out like a data root (e.g. URL/mnist/...) to download from "
+        "instead of the publishers (also $DFKD_DATA_MIRROR); the published checksums still apply",
+    )
+    p = data.add_parser("list", help="each dataset's files: verified (and where), not matching, or missing")
+    p.add_argument("--root", metavar="DIR", help="also search DIR first (as data.root=DIR would)")
+
     p = sub.add_parser("demo", help="train a Fashion-MNIST teacher, distill it data-free with CuDFKD, compare")
     p.add_argument("--out", metavar="DIR", help="where the three runs go (default: runs/demo-TIMESTAMP)")
     p.add_argument("--smoke", action="store_true", help="a one-minute version with tiny budgets (for checks)")
@@ -156,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="the seed of all three runs (default 0); printed with the result"
     )
     return parser
+
+
+def _trust_code_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="run the code that a network names (hub:, py:, TorchScript files and exports) in this run; it is not "
+        "saved, so --resume and plot ask for it again",
+    )
 
 
 def _version() -> str:
@@ -172,20 +255,25 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "trust_code", False) and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, "trust_code=true"]  # the one key the engine reads it from
     _setup_logging(args.quiet)
     if args.command is None:
         parser.print_help()
         return 2
     try:
         return COMMANDS[args.command](args)
-    except RunFailedError as exc:
+    except (RunFailedError, DownloadError) as exc:  # the command failed (a run, a server, a transfer), not its input
         sys.stderr.write(f"dfkd: failed: {exc}\n")
         return 1
     except DfkdError as exc:
         sys.stderr.write(f"dfkd: error: {exc}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("dfkd: interrupted; a run's last completed epoch is in RUN_DIR/ckpt/last.pt (--resume)\n")
+        if args.command == "data":
+            sys.stderr.write("dfkd: interrupted; the partial file (.part) is kept and the same command resumes it\n")
+        else:
+            sys.stderr.write("dfkd: interrupted; a run's last completed epoch is in RUN_DIR/ckpt/last.pt (--resume)\n")
         return 130
 
 
@@ -406,7 +494,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from dfkd.plot import plot_run
 
-    r = plot_run(args.run_dir, real=args.real, synthetic=args.synthetic, which=args.which)
+    r = plot_run(args.run_dir, real=args.real, synthetic=args.synthetic, which=args.which, trust_code=args.trust_code)
     hit = sum(1 for count in r["class_counts"] if count)
     real = f"against {r['real_images']} real test images" if r["real_images"] else f"alone ({r['real_missing_reason']})"
     _write(
@@ -450,10 +538,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+TABLE_FLAGS = ("pairs", "teachers", "plan", "plan_batch", "devices", "launcher", "job", "wait", "collect")
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [m.strip() for m in text.split(",") if m.strip()] if text else None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from dfkd.bench import run_suite
+    from dfkd.tables import TABLE_SUITES
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    methods = _names(args.methods)
+    if args.suite in TABLE_SUITES:
+        return _bench_tables(args, methods)
+    given = [f"--{flag.replace('_', '-')}" for flag in TABLE_FLAGS if getattr(args, flag)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} belong to the table suites (cifar10, cifar100); drop them")
     out = args.out or f"runs/bench-{args.suite}"
     if args.suite == "gpu-check":
         from dfkd.gpucheck import run_gpu_check
@@ -478,7 +579,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.recipe or args.rounds is not None or args.settings:
         raise ConfigError("--recipe, --rounds and --settings belong to `dfkd bench throughput`; drop them for a suite")
     if args.tiny:
-        raise ConfigError("--tiny belongs to `dfkd bench gpu-check`; drop it for a suite")
+        raise ConfigError("--tiny belongs to `dfkd bench gpu-check` and the table suites; drop it for this suite")
     seeds = parse_seeds(args.seeds) if args.seeds else None
     _write(run_suite(args.suite, out, methods, args.teacher, list(args.overrides), seeds, args.budget))
     failed = _failed_suite_runs(args.suite, Path(out), methods, seeds)
@@ -498,6 +599,66 @@ def _failed_suite_runs(suite: str, out: Path, methods: list[str] | None, seeds: 
     return [str(run) for run in runs if json.loads((run / "summary.json").read_text()).get("status", "ok") != "ok"]
 
 
+def _bench_tables(args: argparse.Namespace, methods: list[str] | None) -> int:
+    from dfkd.launch import parse_devices, parse_job_options, run_table_suite
+    from dfkd.tables import make_plan, select, write_tables
+
+    if args.teacher or args.budget is not None or args.recipe or args.settings:
+        raise ConfigError(
+            "the table suites take --teachers DIR (the zoo's files), not --teacher; --budget, --recipe and "
+            "--settings belong to the other suites"
+        )
+    if args.collect and args.out and Path(args.out) != Path(args.collect):
+        raise ConfigError("--collect OUT reads the cells in OUT: drop --out")
+    out = args.collect or args.out or f"runs/bench-{args.suite}"
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    sel = select(args.suite, _names(args.pairs), methods, seeds, args.teachers, args.tiny, list(args.overrides))
+    if args.collect:
+        if not Path(out).is_dir():
+            raise ConfigError(f"--collect {out}: no such folder; give the OUT of an earlier `dfkd bench {args.suite}`")
+        _write(write_tables(sel, out))
+        return 0
+    if args.plan:
+        from dfkd.tables import format_plan
+
+        _write(format_plan(make_plan(sel, out, args.rounds if args.rounds is not None else 1, args.plan_batch)))
+        return 0
+    if args.rounds is not None or args.plan_batch is not None:
+        raise ConfigError("--rounds and --plan-batch belong to --plan (--rounds also to `dfkd bench throughput`)")
+    if args.wait and not args.launcher:
+        raise ConfigError("--wait belongs to --launcher: without one the cells run here and the command waits")
+    devices = parse_devices(args.devices) if args.devices else None
+    text = run_table_suite(sel, out, devices, args.launcher, parse_job_options(args.job), args.wait)
+    _write(text)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from dfkd.data import candidate_roots, get_dataset
+    from dfkd.data.download import REMOTE, dataset_status
+
+    if args.action == "list":
+        width = max(len(name) for name in REMOTE)
+        for name in REMOTE:
+            statuses = dataset_status(name, args.root)
+            if all(s.verified for s in statuses):
+                text = "verified in " + ", ".join(sorted({str(s.root) for s in statuses}))
+            else:
+                missing = sum(s.root is None for s in statuses)
+                parts = [f"{missing} of {len(statuses)} files missing"] if missing else []
+                parts += [f"{s.path} does not match its checksum" for s in statuses if s.root and not s.verified]
+                text = f"{'; '.join(parts)} (`dfkd data get {name}`)"
+            _write(f"{name.ljust(width)}  {text}")
+        return 0
+    where = get_dataset(args.name, args.root, mirror=args.mirror)
+    if where in candidate_roots(None):
+        found = "dfkd finds them there without flags"
+    else:
+        found = f"pass data.root={where} or set DFKD_DATA={where} for dfkd to find them"
+    _write(f"{args.name}: the files are in {where}, verified; {found}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dfkd.demo import run_demo
 
@@ -514,5 +675,6 @@ COMMANDS = {
     "plot": cmd_plot,
     "list": cmd_list,
     "bench": cmd_bench,
+    "data": cmd_data,
     "demo": cmd_demo,
 }

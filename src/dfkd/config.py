@@ -29,6 +29,16 @@ def choice(default: Any, *choices: Any) -> Any:
     return field(default=default, metadata={"choices": choices})
 
 
+def trust_code_field() -> Any:
+    """``trust_code``: run the code a network spec names (``hub:``, ``torchscript:``, ``py:``, a TorchScript export).
+
+    Given for one run, on the command line (``--trust-code``, ``trust_code=true``) or in Python; never saved
+    (:func:`to_dict` leaves it out of config.yaml and checkpoints) and never read from a file (:func:`read_yaml`
+    refuses it), so a recipe or a run folder from someone else cannot trust itself and a replay asks again.
+    """
+    return field(default=False, metadata={"per_run": True})
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Schemas
 
@@ -191,6 +201,7 @@ class DistillConfig:
     out: str | None = None  # the run directory
     expected: ExpectedConfig = field(default_factory=ExpectedConfig)
     description: str = ""
+    trust_code: bool = trust_code_field()
 
 
 @dataclass
@@ -204,6 +215,7 @@ class TeacherTrainConfig:
     out: str | None = None
     expected: ExpectedConfig = field(default_factory=ExpectedConfig)
     description: str = ""
+    trust_code: bool = trust_code_field()
 
 
 @dataclass
@@ -213,6 +225,7 @@ class EvalRunConfig:
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(arch=""))
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    trust_code: bool = trust_code_field()
 
 
 RunKind = Literal["distill", "train-teacher", "eval"]
@@ -227,9 +240,14 @@ def recipe_root() -> Path:
     return Path(str(resources.files("dfkd") / "recipes"))
 
 
+# recipes/tables/ holds the layouts of the published tables (`dfkd bench`), not run configurations
+TABLES_DIR = "tables"
+
+
 def recipe_names() -> list[str]:
     root = recipe_root()
-    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+    names = (p.relative_to(root) for p in root.rglob("*.yaml"))
+    return sorted(name.with_suffix("").as_posix() for name in names if name.parts[0] != TABLES_DIR)
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -259,6 +277,11 @@ def read_yaml(path: Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a YAML mapping of sections (data, teacher, method, ...)")
+    if "trust_code" in data:
+        raise ConfigError(
+            f"{path}: trust_code is never read from a file (a recipe or a run's config.yaml cannot trust its own "
+            "code); delete it and pass --trust-code on the command line for this run"
+        )
     return data
 
 
@@ -413,9 +436,10 @@ def build(schema: type, data: Any, prefix: str = "") -> Any:
 
 
 def to_dict(obj: Any) -> Any:
-    """A dataclass config as plain dicts/lists/scalars (YAML- and weights_only-safe)."""
+    """A dataclass config as plain dicts/lists/scalars (YAML- and weights_only-safe), without the per-run keys
+    (``trust_code``), which a saved config must not carry into a replay."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("per_run")}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     return obj

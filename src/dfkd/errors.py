@@ -1,8 +1,8 @@
 """User-facing errors.
 
 A :class:`DfkdError` carries a one-line message that says what is wrong and what to do. The command line prints
-it without a traceback and exits with status 2 (the input was wrong), or 1 for a :class:`RunFailedError` (the input
-was fine and the run failed, e.g. diverged); the Python API lets it propagate.
+it without a traceback and exits with status 2 (the input was wrong), or 1 for a :class:`RunFailedError` or a
+:class:`DownloadError` (the input was fine and the run or the transfer failed); the Python API lets it propagate.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ class ConfigError(DfkdError):
 
 class DataError(DfkdError):
     """Dataset files that are missing or malformed."""
+
+
+class DownloadError(DataError):
+    """A dataset download that failed (unreachable server, corrupt or cut-short transfer): the command failed, which
+    the command line reports with exit status 1 rather than the 2 of bad input."""
 
 
 class CheckpointError(DfkdError):

@@ -193,11 +193,16 @@ def export_student(
     return {**card, "path": str(card_path)}
 
 
-def load_student(path: str | os.PathLike[str]) -> nn.Module:
+def load_student(path: str | os.PathLike[str], trust_code: bool = False) -> nn.Module:
     """A student exported by :func:`export_student`, ready to use: eval mode, on the CPU, taking [0, 1] images.
+
+    The card's sha256 shows that the weights file is the one the card describes (not damaged, not changed on its
+    own), not who made the two: a TorchScript export is a program, loaded only with ``trust_code``; a safetensors
+    export holds tensors only and never needs it.
 
     Args:
         path: the export folder, its ``card.json``, or the weights file beside the card.
+        trust_code: load a TorchScript export (its code runs); refused without it.
 
     Returns:
         The model, with the card as ``model.card`` (a dict) and its :class:`~dfkd.models.meta.TeacherMeta` as
@@ -207,6 +212,7 @@ def load_student(path: str | os.PathLike[str]) -> nn.Module:
     Raises:
         CheckpointError: no card, a card of another format, a weights file missing or whose sha256 differs from
             the card's (changed or damaged after the export).
+        ConfigError: a TorchScript export without ``trust_code``.
         DfkdError: an ONNX export (those are for onnxruntime and other ONNX runtimes).
 
     Example:
@@ -246,6 +252,12 @@ def load_student(path: str | os.PathLike[str]) -> nn.Module:
 
         model = _student_module(card["architecture"], load_file(str(weights)), _card_facts(card))
     elif fmt == "torchscript":
+        if not trust_code:
+            raise ConfigError(
+                f"{weights} is a TorchScript export, a program that runs when loaded; its card's sha256 shows only "
+                "that the file matches the card, not who made them: if you trust its author, pass trust_code=True "
+                "(dfkd eval --trust-code), else ask for a safetensors export, which holds tensors only"
+            )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=DeprecationWarning)
             model = torch.jit.load(str(weights), map_location="cpu")

@@ -17,7 +17,7 @@ import logging
 import traceback
 from pathlib import Path
 
-from dfkd.bench import SUITES, _finished, suite_recipes
+from dfkd.bench import SUITES, _finished, capped_synthesis, suite_recipes, tiny_distill_overrides
 from dfkd.config import load_config
 from dfkd.engine.distill import distill
 from dfkd.engine.supervised import train_teacher
@@ -32,23 +32,7 @@ ROUNDS = 4
 MAX_SYNTHESIS_STEPS = 50
 TEACHER_EPOCHS = 1
 
-# --tiny: every size that drives the cost, where a method's configuration has it (unknown keys are errors).
-TINY_METHOD = {
-    "nz": 16,
-    "ngf": 4,
-    "synthesis_batch_size": 8,
-    "bank_size": 64,
-    "n_neg": 16,
-    "memory_size": 64,
-    "pool_size": 64,
-    "head_dim": 8,
-    "latent_dim": 8,
-    "replay_batch_size": 4,
-    "projection": "fixed",  # AdaDFKD: the tiny nets' feature widths differ (16-d teacher, 8-d student)
-}
-TINY_TRAIN = ["train.batch_size=8", "train.kd_steps=2", "eval.batch_size=256"]
 TINY_TEACHER = ["train.batch_size=64", "data.val_size=64"]
-TINY_SYNTHESIS_STEPS = 2
 
 
 def run_gpu_check(
@@ -84,13 +68,7 @@ def _overrides(recipe: str, precision: str, channels_last: bool, teacher: str, r
         "engine.sample_every=0",
         "eval.window_start=0",
     ]
-    method = load_config("distill", recipe, base).method
-    cap = TINY_SYNTHESIS_STEPS if tiny else MAX_SYNTHESIS_STEPS
-    if getattr(method, "g_steps", 0) > cap:
-        base.append(f"method.g_steps={cap}")
-    if tiny:
-        base += TINY_TRAIN + [f"method.{k}={v}" for k, v in TINY_METHOD.items() if hasattr(method, k)]
-    return base
+    return tiny_distill_overrides(recipe, base) if tiny else capped_synthesis(recipe, base, MAX_SYNTHESIS_STEPS)
 
 
 def _check_one(recipe: str, precision: str, channels_last: bool, teacher: str, root: Path, tiny: bool) -> dict:

@@ -58,6 +58,7 @@ def plot_run(
     synthetic: int = DEFAULT_SYNTHETIC,
     which: str = "last",
     teacher: nn.Module | None = None,
+    trust_code: bool = False,
 ) -> dict:
     """Draw the t-SNE and the class histogram of a distillation run into ``RUN/plots``; returns plot.json's content.
 
@@ -68,6 +69,8 @@ def plot_run(
         which: the checkpoint: ``last`` or ``best``.
         teacher: the teacher module, for a run whose teacher was passed as a module (default: ``teacher.arch`` with
             ``teacher.weights`` from the run's config).
+        trust_code: run the code that the run's ``teacher.arch``/``student.arch`` names (``py:``, ``hub:``,
+            TorchScript): the run's config.yaml never grants it, so a run folder from anywhere asks again.
 
     Example:
         >>> from dfkd.plot import plot_run
@@ -101,11 +104,13 @@ def plot_run(
     # a run without a registered dataset recorded the classes, shape and mean/std it resolved in its checkpoint
     info = resolve_dataset_info(cfg.data, checkpoint_meta(ckpt_path)) if is_data_free(cfg.data.name) else None
     info = info or dataset_info(cfg.data.name)
+    data_wins = is_data_free(cfg.data.name)  # the teacher at the size and normalisation of its run
     if teacher is None:
-        net = freeze(build_model(cfg.teacher.arch, info, env, cfg.teacher.weights, "teacher"))
+        net = build_model(cfg.teacher.arch, info, env, cfg.teacher.weights, "teacher", trust_code, data_wins=data_wins)
+        net = freeze(net)
     else:
-        net = freeze(build_model(teacher, info, env, None, "teacher"))
-    student = build_model(cfg.student.arch, info, env, None, "student")
+        net = freeze(build_model(teacher, info, env, None, "teacher", data_wins=data_wins))
+    student = build_model(cfg.student.arch, info, env, None, "student", trust_code)
     # the live student is the one the method synthesised against (with train.ema_decay the average is beside it)
     student.net.load_state_dict(ckpt.get("live_state_dict", ckpt["state_dict"]))
     method = build_method(cfg, net, student, info, env)

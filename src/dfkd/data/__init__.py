@@ -1,4 +1,5 @@
-"""Datasets as in-memory uint8 tensors, batched loading, per-sample device-side augmentation, the synthetic pool."""
+"""Datasets as in-memory uint8 tensors (downloaded by ``dfkd data get``), batched loading, per-sample device-side
+augmentation, the synthetic pool."""
 
 from dfkd.data.augment import (
     AUGMENTATIONS,
@@ -16,10 +17,12 @@ from dfkd.data.datasets import (
     clear_cache,
     dataset_info,
     dataset_names,
+    default_root,
     load_dataset,
     load_split,
     read_idx,
 )
+from dfkd.data.download import REMOTE, RemoteFile, get_dataset
 from dfkd.data.loader import TensorLoader, to_float, to_uint8
 from dfkd.data.pool import RingStore, SyntheticPool
 
@@ -28,6 +31,8 @@ __all__ = [
     "DATASETS",
     "Augment",
     "DatasetInfo",
+    "REMOTE",
+    "RemoteFile",
     "RingStore",
     "SyntheticPool",
     "TensorLoader",
@@ -37,6 +42,8 @@ __all__ = [
     "crop_flip",
     "dataset_info",
     "dataset_names",
+    "default_root",
+    "get_dataset",
     "load_dataset",
     "load_split",
     "random_crop",

@@ -1,8 +1,9 @@
 """Real datasets as in-memory uint8 tensors, read from their standard file formats without downloading.
 
 Every loader returns ``(images, labels)``: images uint8 ``[N, C, H, W]`` (CPU, contiguous) and labels int64 ``[N]``.
-Files are searched for in the explicit ``root`` (``data.root``), then ``$DFKD_DATA``, then the Debian location
-``/usr/share/datasets``; see :func:`load_dataset`.
+Files are searched for in the explicit ``root`` (``data.root``), then ``$DFKD_DATA``, then the per-user folder that
+``dfkd data get`` fills (:func:`default_root`), then the Debian location ``/usr/share/datasets``; see
+:func:`load_dataset`.
 """
 
 from __future__ import annotations
@@ -119,8 +120,20 @@ def dataset_names() -> list[str]:
     return DATASETS.names()
 
 
+def _user_root() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or "~/.local/share").expanduser() / "dfkd" / "datasets"
+
+
+def default_root() -> Path:
+    """Where ``dfkd data get`` puts files when given no root: the first entry of ``$DFKD_DATA``, else
+    ``$XDG_DATA_HOME/dfkd/datasets`` (``~/.local/share/dfkd/datasets``). Both are searched by every loader."""
+    first = next((p for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p), None)
+    return Path(first).expanduser() if first else _user_root()
+
+
 def candidate_roots(root: str | os.PathLike | None = None) -> list[Path]:
-    """Directories searched for dataset files, in order: ``root``, each entry of ``$DFKD_DATA``, the Debian location.
+    """Directories searched for dataset files, in order: ``root``, each entry of ``$DFKD_DATA``, the per-user folder
+    of ``dfkd data get``, the Debian location.
 
     Args:
         root: the explicit ``data.root``, or None.
@@ -132,7 +145,7 @@ def candidate_roots(root: str | os.PathLike | None = None) -> list[Path]:
     if root is not None and str(root) != "":
         raw.append(str(root))
     raw += [p for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
-    raw.append(DEBIAN_ROOT)
+    raw += [str(_user_root()), DEBIAN_ROOT]
     roots: list[Path] = []
     for r in raw:
         path = Path(r).expanduser()
@@ -302,9 +315,12 @@ def _check(info: DatasetInfo, images: Tensor, labels: Tensor, files: tuple[Path,
         raise DataError(f"{where}: labels outside 0..{info.num_classes - 1} for {info.name}")
 
 
-def _not_found(what: str, looked: list[Path], hint: str) -> DataError:
+def _not_found(what: str, looked: list[Path], fetch: str, hint: str) -> DataError:
     places = ", ".join(str(p) for p in looked)
-    return DataError(f"{what} not found; looked in: {places}. {hint}, then pass data.root=DIR or set {ENV_VAR}=DIR")
+    return DataError(
+        f"{what} not found; looked in: {places}. Run `dfkd data get {fetch}` (it downloads and verifies them), "
+        f"or {hint}, then pass data.root=DIR or set {ENV_VAR}=DIR"
+    )
 
 
 def _to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -339,7 +355,7 @@ def _idx_locator(subdirs: tuple[str, ...], title: str, hint: str) -> Locate:
                 if all(found):
                     return tuple(found)  # type: ignore[arg-type]
         images, labels = _IDX_STEMS[split]
-        raise _not_found(f"{title} {split} files ({images}[.gz], {labels}[.gz])", looked, hint)
+        raise _not_found(f"{title} {split} files ({images}[.gz], {labels}[.gz])", looked, title, hint)
 
     return locate
 
@@ -381,12 +397,13 @@ def _resize(size: int) -> Callable[[Tensor], Tensor]:
 
 
 _FASHION_HINT = (
-    "Install them with 'apt-get install dataset-fashion-mnist' (it puts them in /usr/share/datasets/fashion-mnist), "
+    "install them with 'apt-get install dataset-fashion-mnist' (it puts them in /usr/share/datasets/fashion-mnist), "
     "or copy the four IDX files into DIR/fashion-mnist"
 )
+# The MNIST site (yann.lecun.com/exdb/mnist) no longer serves the files; this is the mirror torchvision uses.
 _MNIST_HINT = (
-    "Get the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-    "t10k-labels-idx1-ubyte.gz) from the MNIST site or a mirror into DIR/mnist"
+    "get the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+    "t10k-labels-idx1-ubyte.gz) from https://ossci-datasets.s3.amazonaws.com/mnist/ into DIR/mnist"
 )
 _locate_fashion = _idx_locator(("fashion-mnist", "FashionMNIST/raw", ""), "fashion-mnist", _FASHION_HINT)
 _locate_mnist = _idx_locator(("mnist", "MNIST/raw", ""), "mnist", _MNIST_HINT)
@@ -503,11 +520,11 @@ class _CifarLayout:
 _CIFAR10 = _CifarLayout(
     "cifar-10-batches-py", "cifar-10-python.tar.gz", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
     "batches.meta", "labels", "label_names",
-    "Download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html into DIR (no need to extract)",
+    "download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html into DIR (no need to extract)",
 )
 _CIFAR100 = _CifarLayout(
     "cifar-100-python", "cifar-100-python.tar.gz", ("train",), ("test",), "meta", "fine_labels", "fine_label_names",
-    "Download cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html into DIR (no need to extract)",
+    "download cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html into DIR (no need to extract)",
 )
 
 
@@ -525,7 +542,7 @@ def _cifar_locator(layout: _CifarLayout, alias: str) -> Locate:
                 looked.append(archive)
                 if archive.is_file():
                     return (archive,)
-        raise _not_found(f"{alias} {split} batches", looked, layout.hint)
+        raise _not_found(f"{alias} {split} batches", looked, alias, layout.hint)
 
     return locate
 
@@ -589,7 +606,7 @@ _add(
 )
 
 
-_SVHN_HINT = "Download train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ into DIR/svhn"
+_SVHN_HINT = "download train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ into DIR/svhn"
 
 
 def _locate_svhn(split: str, roots: Sequence[Path]) -> tuple[Path, ...]:
@@ -599,7 +616,7 @@ def _locate_svhn(split: str, roots: Sequence[Path]) -> tuple[Path, ...]:
             looked.append(folder)
             if (folder / f"{split}_32x32.mat").is_file():
                 return (folder / f"{split}_32x32.mat",)
-    raise _not_found(f"svhn {split}_32x32.mat", looked, _SVHN_HINT)
+    raise _not_found(f"svhn {split}_32x32.mat", looked, "svhn", _SVHN_HINT)
 
 
 def _read_svhn(files: tuple[Path, ...], split: str) -> tuple[Tensor, Tensor]:

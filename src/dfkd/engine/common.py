@@ -37,28 +37,41 @@ def resolve_weights(path: str) -> Path:
 
 
 def build_model(
-    arch: str | nn.Module, info: DatasetInfo, env: Env, weights: str | None = None, role: str = "model"
+    arch: str | nn.Module,
+    info: DatasetInfo,
+    env: Env,
+    weights: str | None = None,
+    role: str = "model",
+    trust_code: bool = False,
+    *,
+    data_wins: bool = False,
 ) -> Normalized:
     """Create (or take) a network for ``info``, load ``weights``, wrap it so it takes [0, 1] images.
 
     A network whose source states its own mean/std (:func:`~dfkd.models.meta.teacher_meta`, e.g. a timm model) is
-    normalised with those, any other with the dataset's.
+    normalised with those, any other with the dataset's. ``trust_code``: see :func:`~dfkd.models.build_network`.
+    ``data_wins``: ``info`` is a data-free run's (see :func:`~dfkd.data.datafree.resolve_dataset_info`), whose image
+    size and mean/std the config may have set over the network's own (a teacher run at another resolution): use them;
+    only the channel count must agree.
     """
     if isinstance(arch, str) and not arch:
         raise ConfigError(f"{role}.arch is not set: name an architecture (`dfkd list models`)")
     path = str(resolve_weights(weights)) if weights else None
-    net = build_network(arch, info.num_classes, info.image_shape[0], path, role=role)
-    mean, std = _normalisation(net, info, role)
+    net = build_network(arch, info.num_classes, info.image_shape[0], path, role=role, trust_code=trust_code)
+    mean, std = _normalisation(net, info, role, data_wins)
     model = Normalized(net, mean, std).to(env.device)
     _check_output(model, info, env, role)  # before prepare: a compiled network would compile for this check
     return env.prepare(model)
 
 
-def _normalisation(net: nn.Module, info: DatasetInfo, role: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _normalisation(
+    net: nn.Module, info: DatasetInfo, role: str, data_wins: bool = False
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The mean/std to feed ``net`` with, after checking the input shape its source states against the data's."""
     meta = teacher_meta(net)
     name = meta.source or role
-    if meta.input_shape is not None and tuple(meta.input_shape) != tuple(info.image_shape):
+    checked = slice(0, 1) if data_wins else slice(None)  # the channels, or the whole shape
+    if meta.input_shape is not None and tuple(meta.input_shape)[checked] != tuple(info.image_shape)[checked]:
         want, have = "x".join(map(str, meta.input_shape)), "x".join(map(str, info.image_shape))
         raise ConfigError(
             f"the {role} {name} expects {want} images but dataset {info.name} has {have}: use a dataset of that size, "
@@ -73,6 +86,9 @@ def _normalisation(net: nn.Module, info: DatasetInfo, role: str) -> tuple[tuple[
             f"the {role} {name} normalises {len(meta.mean)} channels but dataset {info.name} has "
             f"{info.image_shape[0]}: use a dataset with {len(meta.mean)}-channel images"
         )
+    if data_wins and (meta.mean, meta.std) != (info.mean, info.std):
+        log.info("%s %s: normalising with the run's mean %s / std %s, not its own", role, name, info.mean, info.std)
+        return info.mean, info.std
     log.info("%s %s: normalising with its own mean %s / std %s", role, name, meta.mean, meta.std)
     return meta.mean, meta.std
 

@@ -129,14 +129,16 @@ def _distill(
     else:
         info = dataset_info(cfg.data.name)
         test_x, test_y = load_split_on_device(info, cfg.eval.split, cfg.data.root, env, cfg.data.val_size)
-    teacher = freeze(build_model(teacher_source, info, env, teacher_weights, "teacher"))
+    data_wins = is_data_free(cfg.data.name)  # info holds the teacher's facts, data.image_shape/mean/std over them
+    teacher = build_model(teacher_source, info, env, teacher_weights, "teacher", cfg.trust_code, data_wins=data_wins)
+    teacher = freeze(teacher)
     if test_x is None:
         d = cfg.data
         test_x = synthesize_heldout(teacher, info, d.heldout_size, d.heldout_seed, d.heldout_steps, env.device)
         heldout = digest(test_x)
     # the score that picks the best checkpoint: top-1 where there are labels, else agreement with the teacher
     select = "top1" if test_y is not None else "agreement"
-    student = build_model(student_module or cfg.student.arch, info, env, None, "student")
+    student = build_model(student_module or cfg.student.arch, info, env, None, "student", cfg.trust_code)
     method = build_method(cfg, teacher, student, info, env)
     cleanup.callback(method.close)
     env.broadcast_state(student)
@@ -407,7 +409,7 @@ def _raw_teacher(cfg, teacher_module: nn.Module | None, recorded: TeacherMeta, r
                 f"{cfg.data.name}: set them (e.g. data.num_classes=10 data.image_shape=[3,32,32])"
             )
         sizes = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if v}
-    return build_network(arch, weights=path, role="teacher", **sizes)
+    return build_network(arch, weights=path, role="teacher", trust_code=cfg.trust_code, **sizes)
 
 
 def _teacher_facts(net: nn.Module, recorded: TeacherMeta) -> TeacherMeta:

@@ -74,7 +74,7 @@ def evaluate_weights(cfg) -> dict:
     else:
         info = dataset_info(data)
         test_x, test_y = load_split_on_device(info, "test", cfg.data.root, env)
-    model = build_model(arch, info, env, str(path), "model")
+    model = build_model(arch, info, env, str(path), "model", cfg.trust_code)
     logits = predict(model, test_x, cfg.eval.batch_size, env.channels_last)
     result = {"weights": str(path), "arch": arch, "dataset": data, "images": int(test_y.numel())}
     return _with_teacher(cfg, result, logits, test_x, test_y, info, env)
@@ -88,7 +88,7 @@ def _evaluate_export(cfg, card_path) -> dict:
     from dfkd.errors import ConfigError
     from dfkd.export import load_student
 
-    model = load_student(card_path)
+    model = load_student(card_path, trust_code=cfg.trust_code)
     card = model.card
     if cfg.model.arch and cfg.model.arch != card["architecture"]:
         raise ConfigError(f"the export {card_path} holds a {card['architecture']}, not {cfg.model.arch}: drop --arch")
@@ -128,6 +128,7 @@ def _no_test_set(what: str):
 
 def _with_teacher(cfg, result: dict, logits: Tensor, test_x: Tensor, test_y: Tensor, info, env) -> dict:
     """``result`` plus the metrics of ``logits``, and with ``teacher.weights`` the agreement with that teacher."""
+    from dfkd.data.datafree import FOLDER
     from dfkd.engine.common import build_model, resolve_weights
     from dfkd.errors import ConfigError
     from dfkd.models import read_weights
@@ -139,7 +140,10 @@ def _with_teacher(cfg, result: dict, logits: Tensor, test_x: Tensor, test_y: Ten
         t_arch = cfg.teacher.arch or read_weights(str(t_path))[1].get("arch")
         if not t_arch:
             raise ConfigError(f"{t_path} does not record its architecture: pass teacher.arch=NAME")
-        teacher = build_model(t_arch, info, env, str(t_path) if t_path else None, "teacher")
+        # a folder's facts are those the student's run recorded, the teacher's size and normalisation in that run
+        data_wins = info.name == FOLDER
+        t_weights = str(t_path) if t_path else None
+        teacher = build_model(t_arch, info, env, t_weights, "teacher", cfg.trust_code, data_wins=data_wins)
         teacher_logits = predict(teacher, test_x, cfg.eval.batch_size, env.channels_last)
     result.update(student_metrics(logits, test_y, teacher_logits))
     if teacher_logits is not None:

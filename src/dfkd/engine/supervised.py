@@ -58,7 +58,7 @@ def _train(
     info = dataset_info(cfg.data.name)
     train_x, train_y = load_split_on_device(info, "train", cfg.data.root, env, cfg.data.val_size)
     test_x, test_y = load_split_on_device(info, cfg.eval.split, cfg.data.root, env, cfg.data.val_size)
-    model = build_model(module or cfg.model.arch, info, env, cfg.model.weights, "model")
+    model = build_model(module or cfg.model.arch, info, env, cfg.model.weights, "model", cfg.trust_code)
     model_ddp = DistributedDataParallel(model) if env.distributed else model
     t = cfg.train
     optimizer = build_optimizer(model.parameters(), t)

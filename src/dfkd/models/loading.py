@@ -207,6 +207,7 @@ def build_network(
     weights: str | os.PathLike[str] | None = None,
     *,
     role: str = "",
+    trust_code: bool = False,
 ) -> nn.Module:
     """Create a network (or take one as is) and fill it from a weights file.
 
@@ -218,12 +219,13 @@ def build_network(
         in_channels: Number of input image channels.
         weights: Path of a weights file (see :func:`read_weights`), or None to keep the fresh init.
         role: Word naming the network in error messages, e.g. ``"teacher"``.
+        trust_code: Run the code that a ``hub:``, ``torchscript:`` or ``py:`` spec names (refused without it).
 
     Returns:
         The network (not wrapped in :class:`~dfkd.models.Normalized`).
 
     Raises:
-        ConfigError: Unknown architecture name.
+        ConfigError: Unknown architecture name; a source that runs code without ``trust_code``.
         CheckpointError: The file cannot be read, records another architecture in its ``arch`` entry, or does not
             fit the network.
 
@@ -235,7 +237,7 @@ def build_network(
     from dfkd.models.sources import build_source, is_external_arch  # it imports this module
 
     if is_external_arch(arch):
-        return build_source(str(arch), weights, num_classes=num_classes, role=role)
+        return build_source(str(arch), weights, num_classes=num_classes, role=role, trust_code=trust_code)
     net = arch if isinstance(arch, nn.Module) else create_model(arch, num_classes, in_channels)
     if weights is None:
         return net

@@ -7,11 +7,15 @@ zoo name:
 ``timm:NAME``, ``timm:hf-hub:ORG/NAME``     ``timm.create_model``: its pretrained weights, or a weights file's
 ``torchvision:NAME[:WEIGHTS]``              ``torchvision.models.get_model``; WEIGHTS is a member of its weights
                                             enum (``DEFAULT``, ``IMAGENET1K_V1``)
-``hub:OWNER/REPO[:REF]:ENTRY``              ``torch.hub.load`` from GitHub
-``hub:DIR:ENTRY``                           ``torch.hub.load`` from a local directory holding a ``hubconf.py``
+``hub:github:OWNER/REPO[:REF]:ENTRY``       ``torch.hub.load`` from GitHub
+``hub:DIR:ENTRY``                           ``torch.hub.load`` from a folder that exists, holding a ``hubconf.py``
 ``torchscript:FILE`` (or just ``FILE``)     ``torch.jit.load``
 ``py:package.module:function``              ``function()``, any importable function returning an ``nn.Module``
 ==========================================  ===================================================================
+
+``hub:``, ``torchscript:`` and ``py:`` run code that dfkd cannot check (a ``hubconf.py``, a TorchScript program, a
+Python module), so they are refused unless the caller trusts it for this build (``trust_code=True``; the command line's
+``--trust-code``). timm and torchvision build those libraries' own architectures; a weights file is read as tensors.
 
 A weights file (a state dict, see :func:`~dfkd.models.read_weights`) may fill the network of every source but
 TorchScript. What the source states about the network's input (mean/std, image shape, classes) is attached as a
@@ -24,6 +28,7 @@ import dataclasses
 import importlib
 import inspect
 import os
+import re
 import zipfile
 from collections.abc import Callable
 from functools import partial
@@ -41,8 +46,12 @@ from dfkd.models.meta import TeacherMeta, attach_meta, teacher_meta
 SOURCES = ("timm", "torchvision", "hub", "torchscript", "py")
 _HTTP_LIBRARIES = {"requests", "urllib3", "httpx", "httpcore", "huggingface_hub"}
 _FORMS = (
-    "timm:NAME, torchvision:NAME[:WEIGHTS], hub:OWNER/REPO:ENTRY, hub:DIR:ENTRY, torchscript:FILE or py:MODULE:FUNCTION"
+    "timm:NAME, torchvision:NAME[:WEIGHTS], hub:github:OWNER/REPO:ENTRY, hub:DIR:ENTRY, torchscript:FILE or "
+    "py:MODULE:FUNCTION"
 )
+_GITHUB = "github:"
+# what torch.hub takes as a GitHub repository: OWNER/REPO with an optional :REF (branch, tag or commit)
+_GITHUB_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*/[A-Za-z0-9._-]+(:[A-Za-z0-9._/-]+)?")
 
 
 def is_external_arch(arch: object) -> bool:
@@ -58,7 +67,12 @@ def is_torchscript(net: nn.Module) -> bool:
 
 
 def build_source(
-    spec: str, weights: str | os.PathLike[str] | None = None, *, num_classes: int | None = None, role: str = ""
+    spec: str,
+    weights: str | os.PathLike[str] | None = None,
+    *,
+    num_classes: int | None = None,
+    role: str = "",
+    trust_code: bool = False,
 ) -> nn.Module:
     """Build the network a source spec names, fill it from ``weights`` and attach its :class:`TeacherMeta`.
 
@@ -68,19 +82,21 @@ def build_source(
         num_classes: Class count for a torchvision network built without a weights enum (its file decides
             otherwise); ignored by the other sources, whose class count is their own.
         role: Word naming the network in messages and the config keys they suggest, e.g. ``"teacher"``.
+        trust_code: Run the code a ``hub:``, ``torchscript:`` or ``py:`` spec names; without it they are refused.
 
     Returns:
         The network on the CPU, with ``teacher_meta(net).source == spec``.
 
     Raises:
-        ConfigError: Unknown source, a module, entry or file that is not there, a download that failed (the message
-            says how to pass a local file instead), a factory that returns no ``nn.Module``.
+        ConfigError: Unknown source, a module, entry, folder or file that is not there, a source that runs code
+            without ``trust_code``, a download that failed (the message says how to pass a local file instead), a
+            factory that returns no ``nn.Module``.
         CheckpointError: ``weights`` cannot be read or does not fit the network.
 
     Example:
         >>> from dfkd.models.sources import build_source
         >>> from dfkd.models.meta import teacher_meta
-        >>> net = build_source("py:dfkd.examples.teachers:lenet5_bn_fashion")
+        >>> net = build_source("py:dfkd.examples.teachers:lenet5_bn_fashion", trust_code=True)
         >>> teacher_meta(net).input_shape
         (1, 32, 32)
     """
@@ -98,15 +114,15 @@ def build_source(
     if prefix == "torchscript":
         if state is not None:
             raise ConfigError(f"{keys.arch}={spec}: a TorchScript file holds its own weights; drop {keys.weights}")
-        net, meta = _torchscript(spec, rest, keys)
+        net, meta = _torchscript(spec, rest, keys, trust_code)
     elif prefix == "timm":
         net, meta = _timm(spec, rest, state, keys)
     elif prefix == "torchvision":
         net, meta = _torchvision(spec, rest, state, num_classes, keys)
     elif prefix == "hub":
-        net, meta = _hub(spec, rest, keys)
+        net, meta = _hub(spec, rest, keys, trust_code)
     else:
-        net, meta = _python(spec, rest, keys)
+        net, meta = _python(spec, rest, keys, trust_code)
     if state is not None:
         load_weights(net, state, f"{role} weights {weights}" if role else f"weights {weights}")
     return attach_meta(net, meta)
@@ -118,6 +134,15 @@ class _Keys:
     def __init__(self, role: str):
         self.arch = f"{role}.arch" if role else "arch"
         self.weights = f"{role}.weights" if role else "weights"
+
+
+def _require_trust(spec: str, what: str, keys: _Keys, trust_code: bool) -> None:
+    """Refuse a source that runs code unless the caller trusts it for this build."""
+    if not trust_code:
+        raise ConfigError(
+            f"{keys.arch}={spec} {what}, code that dfkd cannot check: if you trust its author, pass --trust-code "
+            "(trust_code=true; trust_code=True in Python) for this run"
+        )
 
 
 def _one_line(e: BaseException) -> str:
@@ -293,21 +318,33 @@ def torchvision_meta(weights: Any, spec: str) -> TeacherMeta:
 # -- torch.hub ----------------------------------------------------------------------------------------------------
 
 
-def _hub(spec: str, rest: str, keys: _Keys) -> tuple[nn.Module, TeacherMeta]:
+def _hub(spec: str, rest: str, keys: _Keys, trust_code: bool) -> tuple[nn.Module, TeacherMeta]:
     repo, _, entry = rest.rpartition(":")
     if not repo or not entry:
         raise ConfigError(
-            f"{keys.arch}={spec}: give hub:OWNER/REPO:ENTRY or hub:DIR:ENTRY (the function in hubconf.py)"
+            f"{keys.arch}={spec}: give hub:DIR:ENTRY or hub:github:OWNER/REPO:ENTRY (ENTRY: the function in hubconf.py)"
         )
     local = Path(repo).expanduser()
-    if local.is_dir() or repo.startswith(("/", ".", "~")):
+    if local.is_dir():  # a folder that exists is always the local form, even when its name looks like OWNER/REPO
         if not (local / "hubconf.py").is_file():
             raise ConfigError(f"{keys.arch}={spec}: {local} is not a directory with a hubconf.py")
+        _require_trust(spec, f"runs {local / 'hubconf.py'}", keys, trust_code)
         net = _hub_load(spec, entry, keys, partial(torch.hub.load, str(local), entry, source="local"))
+    elif repo.startswith(_GITHUB) and _GITHUB_REPO.fullmatch(repo[len(_GITHUB) :]):
+        github_repo = repo[len(_GITHUB) :]
+        _require_trust(spec, f"downloads {github_repo} from GitHub and runs its hubconf.py", keys, trust_code)
+        load = partial(torch.hub.load, github_repo, entry, source="github", trust_repo=trust_code)
+        net = _hub_load(spec, entry, keys, load, github_repo=github_repo)
     else:
-        # The user named the repository, which is the trust torch.hub asks for.
-        load = partial(torch.hub.load, repo, entry, source="github", trust_repo=True)
-        net = _hub_load(spec, entry, keys, load, github_repo=repo)
+        # Never a silent download: a folder missing here (a relative path run from elsewhere) is not a repository.
+        remote = (
+            f"; for the GitHub repository write {keys.arch}=hub:{_GITHUB}{repo}:{entry}"
+            if _GITHUB_REPO.fullmatch(repo)
+            else ""
+        )
+        raise ConfigError(
+            f"{keys.arch}={spec}: there is no folder {local} (hub:DIR:ENTRY loads a local folder){remote}"
+        )
     return net, _own_meta(net, spec)
 
 
@@ -329,7 +366,7 @@ def _hub_load(spec: str, entry: str, keys: _Keys, load: Callable[[], Any], githu
 # -- TorchScript --------------------------------------------------------------------------------------------------
 
 
-def _torchscript(spec: str, path_text: str, keys: _Keys) -> tuple[nn.Module, TeacherMeta]:
+def _torchscript(spec: str, path_text: str, keys: _Keys, trust_code: bool) -> tuple[nn.Module, TeacherMeta]:
     path = Path(path_text).expanduser()
     if not path.is_file():
         raise ConfigError(f"{keys.arch}={spec}: the TorchScript file {path} does not exist")
@@ -338,6 +375,7 @@ def _torchscript(spec: str, path_text: str, keys: _Keys) -> tuple[nn.Module, Tea
             f"{keys.arch}={spec}: {path} is not a TorchScript archive; save one with "
             f"torch.jit.save(torch.jit.script(model), path), or pass a state dict as {keys.weights}=FILE"
         )
+    _require_trust(spec, f"loads the TorchScript program {path}", keys, trust_code)
     return torch.jit.load(str(path), map_location="cpu"), TeacherMeta(source=spec)
 
 
@@ -352,10 +390,11 @@ def _is_torchscript_archive(path: Path) -> bool:
 # -- Python factories ---------------------------------------------------------------------------------------------
 
 
-def _python(spec: str, rest: str, keys: _Keys) -> tuple[nn.Module, TeacherMeta]:
+def _python(spec: str, rest: str, keys: _Keys, trust_code: bool) -> tuple[nn.Module, TeacherMeta]:
     module_name, _, attr = rest.rpartition(":")
     if not module_name or not attr:
         raise ConfigError(f"{keys.arch}={spec}: give py:package.module:function")
+    _require_trust(spec, f"imports {module_name} and calls {attr}()", keys, trust_code)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
