@@ -616,8 +616,7 @@ def _bench_tables(args: argparse.Namespace, methods: list[str] | None) -> int:
     if args.collect:
         if not Path(out).is_dir():
             raise ConfigError(f"--collect {out}: no such folder; give the OUT of an earlier `dfkd bench {args.suite}`")
-        _write(write_tables(sel, out))
-        return 0
+        return _tables_result(*write_tables(sel, out))
     if args.plan:
         from dfkd.tables import format_plan
 
@@ -628,9 +627,15 @@ def _bench_tables(args: argparse.Namespace, methods: list[str] | None) -> int:
     if args.wait and not args.launcher:
         raise ConfigError("--wait belongs to --launcher: without one the cells run here and the command waits")
     devices = parse_devices(args.devices) if args.devices else None
-    text = run_table_suite(sel, out, devices, args.launcher, parse_job_options(args.job), args.wait)
+    return _tables_result(*run_table_suite(sel, out, devices, args.launcher, parse_job_options(args.job), args.wait))
+
+
+def _tables_result(text: str, failed: list[str]) -> int:
+    """Print the tables; a table holding a failed run is a failed command (exit 1), as for every suite."""
     _write(text)
-    return 0
+    if failed:
+        _write(f"FAILED: {len(failed)} run(s) of the table collapsed, diverged or crashed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
