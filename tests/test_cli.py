@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -51,6 +52,10 @@ def test_end_to_end_train_distill_eval(capsys, data_root, teacher_run, tmp_path)
     code, out, err = run(capsys, *distill_args(data_root, teacher_run, tmp_path / "d"))
     assert code == 0, err
     assert "student top-1" in out and "epoch 1/1" in err
+    s = json.loads((tmp_path / "d" / "summary.json").read_text())
+    # the headline is the last epoch's; the best one, picked on the test set, is labelled beside it
+    headline = f"student top-1 {s['student_top1_last']:.2f}% at the last epoch (best {s['student_top1_best']:.2f}%, "
+    assert headline + "test-selected; teacher" in out
     code, out, err = run(
         capsys, "eval", "--weights", str(tmp_path / "d"), "--teacher", str(teacher_run), f"data.root={data_root}"
     )
@@ -163,10 +168,71 @@ def test_bad_teacher_with_overwrite_keeps_the_old_run(capsys, data_root, teacher
     assert (out / "summary.json").is_file() and (out / "ckpt" / "best.pt").is_file()
 
 
+def assert_one_line_failure(code: int, err: str, fragment: str) -> None:
+    """A run that failed: exit status 1 and one ``dfkd: failed:`` line that says ``fragment``, no traceback."""
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("dfkd: ")]
+    assert len(lines) == 1 and lines[0].startswith("dfkd: failed: ") and fragment in lines[0], err
+    assert "Traceback" not in err
+
+
 def test_divergence_through_the_cli(capsys, data_root, teacher_run, tmp_path):
     code, _, err = run(capsys, *distill_args(data_root, teacher_run, tmp_path / "nan"), "train.lr=1e30")
-    assert_one_line_error(code, err, "training diverged")
+    assert_one_line_failure(code, err, "training diverged")
     assert "--resume" in err
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["collapsed_epochs"] == []
+
+
+def test_a_teacher_that_diverges_is_a_failed_run(capsys, data_root, tmp_path):
+    code, _, err = run(
+        capsys, "train-teacher", "--config", "teachers/fashion-mnist-32-lenet5_bn", f"data.root={data_root}",
+        f"out={tmp_path / 't'}", "train.epochs=1", "train.lr=1e30", "data.val_size=64", "train.batch_size=64",
+        "engine.progress=false",
+    )  # fmt: skip
+    assert_one_line_failure(code, err, "training diverged")
+
+
+def exit_status(capsys, *argv) -> tuple[int, str]:
+    """``dfkd ARGV``'s exit status as the shell sees it (argparse exits itself), and its stderr."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+# every subcommand: a bad input (exit 2), and a run of it that reaches its work, interrupted there (exit 130)
+COMMANDS = {
+    "train-teacher": (
+        ["--config", "no/such-recipe"],
+        ["--config", "teachers/fashion-mnist-32-lenet5_bn"],
+        "dfkd.engine.supervised.train_teacher",
+    ),
+    "distill": (["--config", DEMO, "train.epoch=2"], ["--config", DEMO], "dfkd.engine.distill.distill"),
+    "eval": (["--weights", "/nonexistent.pt", "data.name=fashion-mnist-32"], ["--weights", "w.pt"],
+             "dfkd.engine.evaluate.evaluate_weights"),  # fmt: skip
+    "export": (["/nonexistent/run"], ["run"], "dfkd.export.export_student"),
+    "plot": (["/nonexistent/run"], ["run"], "dfkd.plot.plot_run"),
+    "list": (["everything"], ["methods"], "dfkd.methods.method_names"),
+    "bench": (["no-such-suite"], ["fashion-mnist"], "dfkd.bench.run_suite"),
+    "demo": (["--seed", "three"], ["--smoke"], "dfkd.demo.run_demo"),
+    "data": (["get", "no-such-dataset"], ["get", "mnist"], "dfkd.data.get_dataset"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_exits_2_on_bad_input_and_130_when_interrupted(capsys, monkeypatch, command):
+    bad, good, worker = COMMANDS[command]
+    code, err = exit_status(capsys, command, *bad)
+    assert code == 2 and err.startswith("dfkd: error: ") and "Traceback" not in err, err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(worker, interrupted)
+    code, err = exit_status(capsys, command, *good)
+    assert code == 130 and err.startswith("dfkd: interrupted"), err
 
 
 def test_console_script_prints_no_traceback(tmp_path):
@@ -262,3 +328,17 @@ def test_bench_with_a_budget_is_a_race_with_a_table_and_a_plot(capsys, data_root
     assert race["budget"] == 0.01 and [len(c) for c in race["curves"]["cudfkd"]] == [1, 1]
     code, _, err = run(capsys, *args, "--budget", "0")
     assert_one_line_error(code, err, "give the race's wall-clock budget in seconds")
+
+
+def test_a_suite_without_data_tabulates_and_races_agreement(capsys, data_root, teacher_run, tmp_path):
+    # data.name=none: no test set; the table and the race say they measure agreement, and nothing formats a None
+    args = tiny_bench_args(teacher_run, tmp_path, data_root, "train.epochs=2", "data.name=none", "data.heldout_size=64")
+    code, out, err = run(capsys, *args, "--seeds", "0,1", "--budget", "1000")
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if line.startswith("| method | seeds |")).split(" | ")
+    row = next(line for line in out.splitlines() if line.startswith("| cudfkd | 0,1 |")).split(" | ")
+    assert header[3:5] == ["last agreement %", "best agreement % (held-out-selected)"]
+    assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", row[3]) and "Scored by agreement with the teacher" in out
+    race = json.loads((tmp_path / "race.json").read_text())
+    assert [len(c) for c in race["curves"]["cudfkd"]] == [2, 2]  # the agreement curve, an epoch each
+    assert "agreement at 10 min" in (tmp_path / "race.md").read_text()

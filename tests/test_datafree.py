@@ -276,6 +276,11 @@ def test_data_free_run_end_to_end_and_resume(capsys, teacher_file, tmp_path):
     cut = tmp_path / "cut"
     with interrupted_after(1):
         assert run(capsys, *none_args(teacher_file, cut))[0] == 130
+    # interrupted: no summary.json yet, and its export still says how its best epoch was chosen
+    card = dfkd.export_student(cut, out=tmp_path / "cut-export")
+    assert card["run_status"] == "unfinished (no summary.json)" and card["checkpoint"] == "best"
+    assert card["accuracy"]["split"] == "synthetic-heldout" and "held-out synthetic images" in card["selected_by"]
+    assert "on the test set" not in card["selected_by"] and "warning" not in card
     code, _, err = run(capsys, "distill", "--resume", cut)
     assert code == 0, err
     strip = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows(cut)]

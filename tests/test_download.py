@@ -322,7 +322,7 @@ def test_cli(server, published, capsys, tmp_path):
 
     server.files["cifar-100-python.tar.gz"] = b"corrupt"
     code, out, err = run_cli(capsys, "data", "get", "cifar100", "--root", root)
-    errors = [line for line in err.splitlines() if line.startswith("dfkd: error:")]
+    errors = [line for line in err.splitlines() if line.startswith("dfkd: failed:")]
     assert code == 1 and len(errors) == 1 and "arrived corrupt" in errors[0] and "Traceback" not in err
 
     assert_one_line_error(*run_cli(capsys, "data", "get", "cifar-10")[::2], "did you mean 'cifar10'")

@@ -48,7 +48,7 @@ def run_student(run_dir, which):
 
 
 def test_safetensors_export_and_its_card(capsys, run_dir, images):
-    code, out, err = run(capsys, "export", run_dir)
+    code, out, err = run(capsys, "export", run_dir, "--which", "best")
     assert code == 0, err
     folder = run_dir / "export"
     card = json.loads((folder / "card.json").read_text())
@@ -111,7 +111,7 @@ def test_onnx_export_takes_any_batch_of_01_images(capsys, run_dir, images, tmp_p
     model_path = out / "student.onnx"
     onnx.checker.check_model(str(model_path))
     evaluator = ReferenceEvaluator(str(model_path))
-    expected = run_student(run_dir, "best")(images)
+    expected = run_student(run_dir, "last")(images)  # the default of a run whose best.pt the test set chose
     for batch in (1, 5):
         (logits,) = evaluator.run(None, {"images": images[:batch].numpy()})
         assert torch.allclose(torch.from_numpy(logits), expected[:batch], atol=1e-4)
@@ -231,3 +231,38 @@ def test_a_run_without_a_registered_dataset_describes_its_data_in_config(capsys,
     assert torch.allclose(student(x), student.net((x - 0.5) / 0.25))
     code, _, err = run(capsys, "eval", "--weights", copy / "export")
     assert_one_line_error(code, err, "distilled without data (data.name=none)")
+
+
+def test_the_default_checkpoint_is_the_last_unless_best_was_chosen_off_the_test_set(run_dir, tmp_path):
+    copy = _copy_run(run_dir, tmp_path)
+    card = dfkd.export_student(copy, out=tmp_path / "test")
+    assert card["checkpoint"] == "last" and card["export"]["which"] == "last" and "warning" not in card
+    assert card["accuracy"]["epoch"] == 2 and card["selected_by"].startswith("last: the weights of the final epoch")
+    assert "best.pt was chosen on the test set" in card["selected_by"]
+    summary = json.loads((copy / "summary.json").read_text())
+    for split in ("val", "synthetic-heldout"):
+        (copy / "summary.json").write_text(json.dumps({**summary, "eval_split": split}))
+        card = dfkd.export_student(copy, out=tmp_path / split)
+        assert card["checkpoint"] == "best" and card["accuracy"]["epoch"] == summary["best_epoch"]
+
+
+@pytest.mark.parametrize("status", ["collapsed", "diverged"])
+def test_a_failed_run_is_exported_only_with_force(capsys, caplog, run_dir, data_root, tmp_path, status):
+    copy = _copy_run(run_dir, tmp_path)
+    summary = json.loads((copy / "summary.json").read_text())
+    reason = "the student predicts one class for 100.0% of the images (at epoch 2)"
+    (copy / "summary.json").write_text(json.dumps({**summary, "status": status, "status_reason": reason}))
+    code, _, err = run(capsys, "export", copy)
+    assert_one_line_error(code, err, f"{copy} is a {status} run ({reason}): its student is not a result; pass --force")
+    assert not (copy / "export").exists()
+    code, out, err = run(capsys, "export", copy, "--force")
+    assert code == 0, err
+    card = json.loads((copy / "export" / "card.json").read_text())
+    assert (card["run_status"], card["run_status_reason"]) == (status, reason)
+    assert f"note: the run {status}" in out
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dfkd"):
+        dfkd.load_student(copy / "export")
+    assert f"the student of a {status} run" in caplog.text
+    code, out, err = run(capsys, "eval", "--weights", copy / "export", f"data.root={data_root}")
+    assert code == 0 and f"the student of a {status} run" in err and f"(exported from a {status} run" in out

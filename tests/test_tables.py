@@ -227,7 +227,9 @@ def test_tiny_cifar10_suite_writes_both_tables_in_the_papers_layout(capsys, monk
     out = tmp_path / "bench"
     argv = ["bench", "cifar10", "--tiny", "--seeds", "0", "--out", out, f"data.root={data}", *TINY_RUN]
     code, stdout, _ = run(capsys, *argv)
-    assert code == 0
+    failed = json.loads((out / "table.json").read_text())
+    failed = [r for c in failed["cells"] for r in c["runs"] if r["status"] != "ok"]
+    assert code == (1 if failed else 0) and all(r["status"] == "collapsed" for r in failed), failed
     layout = load_layout("cifar10")
     table = (out / "table.md").read_text()
     headline = table_rows(table, "**last epoch**")
@@ -254,10 +256,11 @@ def test_tiny_cifar10_suite_writes_both_tables_in_the_papers_layout(capsys, monk
     # a second call reuses every finished cell: nothing is trained again
     stamp = (out / "resnet34-resnet18" / "cudfkd" / "seed0" / "summary.json").stat().st_mtime_ns
     code, _, _ = run(capsys, *argv)
-    assert code == 0 and (out / "resnet34-resnet18" / "cudfkd" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
+    assert code == (1 if failed else 0)
+    assert (out / "resnet34-resnet18" / "cudfkd" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
     # --collect assembles the same tables from the folder alone
     code, _, _ = run(capsys, "bench", "cifar10", "--tiny", "--seeds", "0", "--collect", out, f"data.root={data}")
-    assert code == 0 and (out / "table.md").read_text() == table
+    assert code == (1 if failed else 0) and (out / "table.md").read_text() == table
 
 
 def tiny_cells(tmp_path: Path, cifar_root: Path, methods: str, *extra: str) -> list[str]:
@@ -273,7 +276,7 @@ def test_a_queue_over_devices_runs_every_cell_and_a_failed_cell_stops_nothing(ca
     (out / "wrn40_2-wrn16_1" / "dafl" / "seed0").mkdir(parents=True)
     (out / "wrn40_2-wrn16_1" / "dafl" / "seed0" / "config.yaml").write_text("train: {epochs: 99}\n")
     code, stdout, _ = run(capsys, *tiny_cells(tmp_path, cifar_root, "cudfkd,dafl"), "--devices", "cpu,cpu")
-    assert code == 0
+    assert code == 1 and "FAILED: 1 run(s) of the table" in stdout  # a table with a failed run: exit 1
     headline = table_rows(stdout, "**last epoch**")
     assert re.fullmatch(r"\d+\.\d\d", headline["CuDFKD"][0]) and re.fullmatch(r"\d+\.\d\d", headline["T. Scratch"][0])
     assert headline["DAFL"][0] == "**FAILED** **1/1 error**"
@@ -352,7 +355,8 @@ def test_job_options_and_devices_parse():
 
 def test_write_tables_on_an_empty_folder_says_nothing_ran(tmp_path):
     sel = select("cifar100", pairs=["resnet34-resnet18"], methods=["cudfkd"], seeds=[0])
-    text = write_tables(sel, tmp_path)
+    text, failed = write_tables(sel, tmp_path)
+    assert failed == []  # nothing ran: nothing failed either
     assert table_rows(text, "**last epoch**")["CuDFKD"] == ["not run"]
     assert (tmp_path / "cost.md").is_file() and json.loads((tmp_path / "table.json").read_text())["suite"] == "cifar100"
 

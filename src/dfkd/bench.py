@@ -254,19 +254,37 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def aggregate_seeds(summaries: list[dict]) -> dict:
-    """Mean ± std over seeds of best and last top-1, agreement and the curve's μ/σ², and the failed seeds.
-
-    Every seed counts in the means, collapsed and diverged ones included (leaving them out would hide them).
-    """
-    out: dict = {"seeds": [s.get("seed") for s in summaries], "n": len(summaries)}
-    for key in AGGREGATED:
-        mean, std = mean_std([s.get(key) for s in summaries])
-        out[key] = {"mean": mean, "std": std}
+    """Mean ± std over the seeds that did not fail of last and best top-1, agreement and the curve's μ/σ², and the
+    failed seeds: a collapsed or diverged seed is counted and named, never averaged in."""
     statuses = [s.get("status", "ok") for s in summaries]
+    ok = [s for s, status in zip(summaries, statuses) if status == "ok"]
+    out: dict = {"seeds": [s.get("seed") for s in summaries], "n": len(summaries), "n_ok": len(ok)}
+    for key in AGGREGATED:
+        mean, std = mean_std([s.get(key) for s in ok])
+        out[key] = {"mean": mean, "std": std}
     out["collapsed"] = statuses.count("collapsed")
     out["diverged"] = statuses.count("diverged")
     out["failed_seeds"] = [s.get("seed") for s, st in zip(summaries, statuses) if st != "ok"]
     return out
+
+
+def scored_by(summaries: list[dict]) -> tuple[str, str]:
+    """What a suite's runs are compared by: (summary key prefix, name). Top-1 on labelled data; agreement with the
+    teacher on held-out synthetic images for runs without data (``data.name=none``)."""
+    if summaries and all(s.get("curve_metric") == "eval/agreement" for s in summaries):
+        return "agreement", "agreement"
+    return "student_top1", "top-1"
+
+
+# how a run's best epoch was chosen, by its eval_split
+SELECTED_BY = {"test": "test-selected", "val": "val-selected", "synthetic-heldout": "held-out-selected"}
+
+
+def result_columns(summaries: list[dict]) -> tuple[str, ...]:
+    """The headline first (the last epoch), then the best epoch labelled by what chose it."""
+    _, name = scored_by(summaries)
+    splits = sorted({SELECTED_BY.get(s.get("eval_split", "test"), "selected") for s in summaries})
+    return (f"last {name} %", f"best {name} % ({', '.join(splits)})", "agree % (last)", "μ", "σ²", "class entropy")
 
 
 def _num(value, fmt: str = ".2f") -> str:
@@ -292,14 +310,17 @@ def status_cell(summary: dict) -> str:
 
 
 def format_table(title: str, rows: list[tuple[str, dict]]) -> str:
+    summaries = [s for _, s in rows]
+    key, _ = scored_by(summaries)
+    last, best, *_ = result_columns(summaries)
     header = (
         "method",
         "status",
-        "best %",
-        "last %",
+        last,
+        best,
         "μ",
         "σ²",
-        "agree % (best epoch)",
+        "agree % (last)",
         "steps",
         "images",
         "img/s",
@@ -309,16 +330,16 @@ def format_table(title: str, rows: list[tuple[str, dict]]) -> str:
         "peak mem",
     )
     lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _recipe, s in rows:
+    for s in summaries:
         busy = s["synth_seconds"] + s["student_seconds"]
         cells = (
             s["method"],
             status_cell(s),
-            _num(s["student_top1_best"]),
-            _num(s["student_top1_last"]),
+            _num(s[f"{key}_last"]),
+            _num(s[f"{key}_best"]),
             _num(s["mu"]),
             _num(s["var"]),
-            _num(s.get("agreement_best")),
+            _num(s.get("agreement_last")),
             f"{s['student_steps']:,}",
             f"{s['images_synthesized']:,}",
             _num(s["images_synthesized"] / busy if busy else None, ".0f"),
@@ -328,17 +349,17 @@ def format_table(title: str, rows: list[tuple[str, dict]]) -> str:
             f"{s['peak_memory_bytes'] / 2**30:.2f} GiB",
         )
         lines.append("| " + " | ".join(cells) + " |")
-    lines += _footer([s for _, s in rows])
+    lines += _footer(summaries)
     return "\n".join(lines)
 
 
-# the columns the mean row and the per-seed rows share
-RESULT_COLUMNS = ("best %", "last %", "agree % (best epoch)", "μ", "σ²", "class entropy")
-
-
 def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
-    """One row per recipe (mean ± std over its seeds, failed seeds counted), then every seed's own row."""
-    header = ("method", "seeds", "failed", *RESULT_COLUMNS, "img/s", "total/seed")
+    """One row per recipe (mean ± std over its seeds that did not fail; the failed ones counted and named), then
+    every seed's own row."""
+    every = [s for _, summaries in cells for s in summaries]
+    key, _ = scored_by(every)
+    columns = result_columns(every)
+    header = ("method", "seeds", "failed", *columns, "img/s", "total/seed")
     lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     # read once per run: the mean row and the per-seed rows both show it
     entropies = [[last_epoch_metric(s, CLASS_ENTROPY) for s in summaries] for _, summaries in cells]
@@ -346,16 +367,17 @@ def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
         agg = aggregate_seeds(summaries)
         failed = agg["collapsed"] + agg["diverged"]
         failed_cell = f"**{failed}/{agg['n']}** (seeds {', '.join(map(str, agg['failed_seeds']))})" if failed else "0"
-        total = mean_std([s["total_seconds"] for s in summaries])[0]
-        rate = mean_std([s["images_per_second"] for s in summaries if s.get("images_per_second") is not None])[0]
-        entropy = mean_std(cell_entropies)[0]
+        ok = [s for s in summaries if s.get("status", "ok") == "ok"]
+        total = mean_std([s["total_seconds"] for s in ok])[0]
+        rate = mean_std([s.get("images_per_second") for s in ok])[0]
+        entropy = mean_std([e for s, e in zip(summaries, cell_entropies) if s in ok])[0]
         row = (
             summaries[0]["method"],
             ",".join(str(s) for s in agg["seeds"]),
             failed_cell,
-            _pm(agg["student_top1_best"]),
-            _pm(agg["student_top1_last"]),
-            _pm(agg["agreement_best"]),
+            _pm(agg[f"{key}_last"]),
+            _pm(agg[f"{key}_best"]),
+            _pm(agg["agreement_last"]),
             _pm(agg["mu"]),
             _pm(agg["var"]),
             _num(entropy),
@@ -363,7 +385,7 @@ def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
             format_seconds(total) if total is not None else "-",
         )
         lines.append("| " + " | ".join(row) + " |")
-    header = ("method", "seed", "status", *RESULT_COLUMNS, "images", "total")
+    header = ("method", "seed", "status", *columns, "images", "total")
     lines += ["", "Per seed:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (_recipe, summaries), cell_entropies in zip(cells, entropies):
         for s, entropy in zip(summaries, cell_entropies):
@@ -371,9 +393,9 @@ def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
                 s["method"],
                 str(s.get("seed")),
                 status_cell(s),
-                _num(s["student_top1_best"]),
-                _num(s["student_top1_last"]),
-                _num(s.get("agreement_best")),
+                _num(s[f"{key}_last"]),
+                _num(s[f"{key}_best"]),
+                _num(s.get("agreement_last")),
                 _num(s["mu"]),
                 _num(s["var"]),
                 _num(entropy),
@@ -381,19 +403,29 @@ def format_seed_table(title: str, cells: list[tuple[str, list[dict]]]) -> str:
                 format_seconds(s["total_seconds"]),
             )
             lines.append("| " + " | ".join(row) + " |")
-    lines += _footer([s for _, summaries in cells for s in summaries])
+    lines += _footer(every)
     return "\n".join(lines)
 
 
 def _footer(summaries: list[dict]) -> list[str]:
     if not summaries:
         return []
-    teacher = {s["teacher_top1"] for s in summaries}
+    key, _ = scored_by(summaries)
+    teacher = sorted({s["teacher_top1"] for s in summaries if s.get("teacher_top1") is not None})
     split = {s.get("eval_split", "test") for s in summaries}
+    scored = (
+        "Scored by agreement with the teacher on held-out synthetic images (there is no test set: `data.name=none`); "
+        "an optimistic measure that compares runs of one teacher, not a test accuracy"
+        if key == "agreement"
+        else f"Teacher top-1: {', '.join(f'{t:.2f}%' for t in teacher) or '-'}"
+    )
     return [
         "",
-        f"Teacher top-1: {', '.join(f'{t:.2f}%' for t in sorted(teacher))}; evaluated on: {', '.join(sorted(split))}; "
-        f"device: {summaries[0]['device']}; CPU: {cpu_model()}.",
+        f"{scored}; evaluated on: {', '.join(sorted(split))}; device: {summaries[0]['device']}; CPU: {cpu_model()}.",
+        "",
+        "Headline: the last epoch. The best epoch is the one the evaluation split chose (test-selected: optimistic, "
+        "the papers' convention). μ and σ²: mean and variance of the curve over its window; mean ± std over the seeds "
+        "that did not fail.",
         "",
         "Class entropy: the entropy of the teacher's predicted classes on the last epoch's synthetic batches over "
         "ln K (1 = every class equally often; far below 1 = the synthesis covers a few classes).",

@@ -1,7 +1,16 @@
 """The ``dfkd`` command line: train-teacher, distill, eval, export, plot, list, bench, demo, data.
 
-Settings come from a recipe (``--config NAME|PATH``) plus ``key=value`` overrides. Bad input ends with a one-line
-``dfkd: error: ...`` on stderr and exit status 2, never a traceback; a failed download, with exit status 1.
+Settings come from a recipe (``--config NAME|PATH``) plus ``key=value`` overrides.
+
+Exit status, the same for every subcommand:
+
+- 0: done (a run whose status is ``ok``);
+- 1: the run failed: it diverged (one ``dfkd: failed: ...`` line on stderr) or collapsed (``FAILED ...`` on stdout);
+  ``bench`` and ``distill --seeds`` when any of their runs failed, ``demo`` when its student failed, ``data get``
+  when a download failed (``dfkd: failed: ...``);
+- 2: the input was wrong: one ``dfkd: error: ...`` line on stderr, never a traceback (a flag argparse refuses too);
+- 130: interrupted (Ctrl-C); a run's last completed epoch stays in RUN_DIR/ckpt/last.pt for ``--resume`` (a
+  download's partial file for the same command).
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dfkd.errors import ConfigError, DfkdError, DownloadError
+from dfkd.errors import ConfigError, DfkdError, DownloadError, RunFailedError
 
 log = logging.getLogger("dfkd")
 
@@ -94,11 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--which",
         choices=["best", "last"],
-        default="best",
-        help="best: the checkpoint the run chose on its evaluation split (default); last: the final epoch",
+        help="last: the final epoch; best: the checkpoint the run chose on its evaluation split (default: last, or "
+        "best when the run chose it on the validation slice or on held-out synthetic images; the card says which)",
     )
     p.add_argument("--out", metavar="DIR", help="the export folder (default: RUN_DIR/export)")
     p.add_argument("--overwrite", action="store_true", help="replace an export already in the folder")
+    p.add_argument(
+        "--force", action="store_true", help="export the student of a run that collapsed or diverged (the card says so)"
+    )
     p = sub.add_parser(
         "plot",
         help="t-SNE of teacher features (real test vs synthetic images) and the teacher's classes on synthetic images",
@@ -254,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command](args)
-    except DownloadError as exc:  # the command failed (a server, a transfer), not its input
-        sys.stderr.write(f"dfkd: error: {exc}\n")
+    except (RunFailedError, DownloadError) as exc:  # the command failed (a run, a server, a transfer), not its input
+        sys.stderr.write(f"dfkd: failed: {exc}\n")
         return 1
     except DfkdError as exc:
         sys.stderr.write(f"dfkd: error: {exc}\n")
@@ -314,13 +326,15 @@ def _load(kind: str, args: argparse.Namespace):
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> int:
+    from dfkd.engine.distill import best_label
     from dfkd.engine.supervised import train_teacher
 
     cfg = _load("train-teacher", args)
     summary = train_teacher(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     _write(
         f"{summary['model']} on {summary['dataset']}: top-1 {summary['top1_last']:.2f}% at the final epoch "
-        f"(best {summary['top1_best']:.2f}% at epoch {summary['best_epoch']}); weights: {summary['weights']}"
+        f"(best {summary['top1_best']:.2f}% at epoch {summary['best_epoch']}, {best_label(summary['eval_split'])}); "
+        f"weights: {summary['weights']}"
     )
     return 0
 
@@ -352,7 +366,7 @@ def _status_line(s: dict) -> str | None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from dfkd.engine.distill import distill
+    from dfkd.engine.distill import best_label, distill
 
     if args.seeds:
         return _distill_seeds(args)
@@ -362,15 +376,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if failure:
         _write(failure)
         return 1
+    label = best_label(s.get("eval_split"))
     if s["student_top1_best"] is None:  # data.name=none: no labels, the student is scored by agreement alone
         score = (
-            f"agreement with the teacher on held-out synthetic images {s['agreement_best']:.2f}% best / "
-            f"{s['agreement_last']:.2f}% last (no test set)"
+            f"agreement with the teacher on held-out synthetic images {s['agreement_last']:.2f}% at the last epoch "
+            f"(best {s['agreement_best']:.2f}%, {label}; no test set)"
         )
     else:
         score = (
-            f"student top-1 {s['student_top1_best']:.2f}% best / {s['student_top1_last']:.2f}% last "
-            f"(teacher {s['teacher_top1']:.2f}%), agreement {s['agreement_best']:.2f}% (best epoch)"
+            f"student top-1 {s['student_top1_last']:.2f}% at the last epoch (best {s['student_top1_best']:.2f}%, "
+            f"{label}; teacher {s['teacher_top1']:.2f}%), agreement {s['agreement_last']:.2f}% (last epoch)"
         )
     _write(
         f"{s['method']}: {s['teacher']} -> {s['student']} on {s['dataset']}: {score}, "
@@ -380,7 +395,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _distill_seeds(args: argparse.Namespace) -> int:
-    from dfkd.bench import aggregate_seeds, run_seeds
+    from dfkd.bench import run_seeds
 
     if args.resume or args.overwrite:
         raise ConfigError(
@@ -392,27 +407,49 @@ def _distill_seeds(args: argparse.Namespace) -> int:
         raise ConfigError("--seeds needs out=DIR: each seed runs into DIR/seed<N>")
     overrides = [o for o in args.overrides if o.partition("=")[0].strip() != "out"]
     summaries = run_seeds(args.config, Path(cfg.out), seeds, overrides)
-    agg = aggregate_seeds(summaries)
-    # a data.name=none run has no top-1: its seeds are compared by agreement with the teacher
-    scored = "student_top1" if agg["student_top1_best"]["mean"] is not None else "agreement"
-    for s in summaries:
-        _write(
-            f"seed {s['seed']}: {s.get('status', 'ok')}, best {s[scored + '_best']:.2f}%, "
-            f"last {s[scored + '_last']:.2f}%"
-        )
-    best, last, agree = agg[scored + "_best"], agg[scored + "_last"], agg["agreement_best"]
-    failed = agg["collapsed"] + agg["diverged"]
-    _write(
-        f"{summaries[0]['method']} over {agg['n']} seeds: best {best['mean']:.2f} ± {best['std']:.2f}%, "
-        f"last {last['mean']:.2f} ± {last['std']:.2f}%, agreement {agree['mean']:.2f} ± {agree['std']:.2f}%; "
-        f"failed seeds: {failed}/{agg['n']}; details in {Path(cfg.out) / 'seeds.json'}"
-    )
+    lines, failed = seed_report(summaries, Path(cfg.out) / "seeds.json")
+    _write("\n".join(lines))
     return 1 if failed else 0
+
+
+def seed_report(summaries: list[dict], details: str | Path) -> tuple[list[str], int]:
+    """``distill --seeds``' report: a line per seed (a failed one says so and shows no score), then mean ± std over
+    the seeds that did not fail, the last epoch first; and the number of failed seeds."""
+    from dfkd.bench import aggregate_seeds
+    from dfkd.engine.distill import best_label
+    from dfkd.engine.guard import STATUS_OK
+
+    # a data.name=none run has no top-1: its seeds are compared by agreement with the teacher
+    scored = "agreement" if summaries[0].get("curve_metric") == "eval/agreement" else "student_top1"
+    label = best_label(summaries[0].get("eval_split"))
+    ok = [s for s in summaries if s.get("status", STATUS_OK) == STATUS_OK]
+    failed = [s["seed"] for s in summaries if s.get("status", STATUS_OK) != STATUS_OK]
+    lines = [
+        f"seed {s['seed']}: ok, last {s[scored + '_last']:.2f}%, best {s[scored + '_best']:.2f}% ({label})"
+        if s.get("status", STATUS_OK) == STATUS_OK
+        else f"seed {s['seed']}: FAILED ({s['status']}): {s.get('status_reason')}"
+        for s in summaries
+    ]
+    n = len(summaries)
+    head = f"{summaries[0]['method']} over {n} seeds: failed seeds: {len(failed)}/{n}"
+    head += f" ({', '.join(map(str, failed))}); " if failed else "; "
+    if not ok:
+        lines.append(f"{head}no seed finished without failing: no mean; details in {details}")
+        return lines, len(failed)
+    agg = aggregate_seeds(ok)
+    last, best, agree = agg[scored + "_last"], agg[scored + "_best"], agg["agreement_last"]
+    over = f"over the {len(ok)} that did not fail: " if failed else ""
+    lines.append(
+        f"{head}{over}last {last['mean']:.2f} ± {last['std']:.2f}%, best {best['mean']:.2f} ± {best['std']:.2f}% "
+        f"({label}), agreement {agree['mean']:.2f} ± {agree['std']:.2f}% (last epoch); details in {details}"
+    )
+    return lines, len(failed)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dfkd.config import load_config
     from dfkd.engine.evaluate import evaluate_weights
+    from dfkd.engine.guard import FAILED_STATUSES
 
     extra = [f"model.weights={args.weights}"]
     if args.arch:
@@ -430,6 +467,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f", teacher top-1 {r['teacher_top1']:.2f}%, agreement {r['agreement']:.2f}%, "
             f"prob. loyalty {r['prob_loyalty']:.4f} (reference form {r['prob_loyalty_reference']:.4f})"
         )
+    if r.get("run_status") in FAILED_STATUSES:
+        line += f" (exported from a {r['run_status']} run: not a result)"
     _write(f"{line}\nweights: {r['weights']}")
     return 0
 
@@ -437,7 +476,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from dfkd.export import export_student
 
-    card = export_student(args.run_dir, args.format, args.which, args.out, args.overwrite)
+    card = export_student(args.run_dir, args.format, args.which, args.out, args.overwrite, args.force)
     acc = card["accuracy"]
     score = ", ".join(
         f"{name} {acc[key]:.2f}%"
@@ -548,7 +587,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--tiny belongs to `dfkd bench gpu-check` and the table suites; drop it for this suite")
     seeds = parse_seeds(args.seeds) if args.seeds else None
     _write(run_suite(args.suite, out, methods, args.teacher, list(args.overrides), seeds, args.budget))
-    return 0
+    failed = _failed_suite_runs(args.suite, Path(out), methods, seeds)
+    if failed:
+        _write(f"FAILED: {len(failed)} run(s) collapsed or diverged (marked in the table): {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def _failed_suite_runs(suite: str, out: Path, methods: list[str] | None, seeds: list[int] | None) -> list[str]:
+    """The run folders of the suite (``OUT/<recipe>``, with seeds ``OUT/<recipe>/seed<N>``) whose status is not ok."""
+    import json
+
+    from dfkd.bench import SUITES, suite_recipes
+
+    cells = [out / recipe.split("/")[-1] for recipe in suite_recipes(SUITES[suite], methods)]
+    runs = [cell / f"seed{seed}" for cell in cells for seed in seeds] if seeds else cells
+    return [str(run) for run in runs if json.loads((run / "summary.json").read_text()).get("status", "ok") != "ok"]
 
 
 def _bench_tables(args: argparse.Namespace, methods: list[str] | None) -> int:
@@ -568,8 +621,7 @@ def _bench_tables(args: argparse.Namespace, methods: list[str] | None) -> int:
     if args.collect:
         if not Path(out).is_dir():
             raise ConfigError(f"--collect {out}: no such folder; give the OUT of an earlier `dfkd bench {args.suite}`")
-        _write(write_tables(sel, out))
-        return 0
+        return _tables_result(*write_tables(sel, out))
     if args.plan:
         from dfkd.tables import format_plan
 
@@ -580,9 +632,15 @@ def _bench_tables(args: argparse.Namespace, methods: list[str] | None) -> int:
     if args.wait and not args.launcher:
         raise ConfigError("--wait belongs to --launcher: without one the cells run here and the command waits")
     devices = parse_devices(args.devices) if args.devices else None
-    text = run_table_suite(sel, out, devices, args.launcher, parse_job_options(args.job), args.wait)
+    return _tables_result(*run_table_suite(sel, out, devices, args.launcher, parse_job_options(args.job), args.wait))
+
+
+def _tables_result(text: str, failed: list[str]) -> int:
+    """Print the tables; a table holding a failed run is a failed command (exit 1), as for every suite."""
     _write(text)
-    return 0
+    if failed:
+        _write(f"FAILED: {len(failed)} run(s) of the table collapsed, diverged or crashed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """User-facing errors.
 
 A :class:`DfkdError` carries a one-line message that says what is wrong and what to do. The command line prints
-it without a traceback and exits with status 2; the Python API lets it propagate.
+it without a traceback and exits with status 2 (the input was wrong), or 1 for a :class:`RunFailedError` or a
+:class:`DownloadError` (the input was fine and the run or the transfer failed); the Python API lets it propagate.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ class CheckpointError(DfkdError):
     """A weights file that cannot be read or does not fit the model."""
 
 
-class DivergedError(DfkdError):
+class RunFailedError(DfkdError):
+    """A run that started from valid input and failed; the command line exits with status 1."""
+
+
+class DivergedError(RunFailedError):
     """Training produced a NaN or Inf loss and was stopped."""
 
 

@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfkd.data.datafree import NO_DATA
+from dfkd.engine.guard import FAILED_STATUSES, STATUS_OK
+from dfkd.engine.heldout import HELDOUT_SPLIT
 from dfkd.errors import CheckpointError, ConfigError, DfkdError, writing_to
 
 log = logging.getLogger("dfkd")
@@ -46,14 +49,18 @@ INPUT_NOTE = {
     "is inside the model",
 }
 DATA_KEYS = ("num_classes", "image_shape", "mean", "std")
+UNFINISHED = "unfinished (no summary.json)"
+# where a best epoch can be chosen without the test set having picked it
+SPLITS_NOT_TEST = ("val", HELDOUT_SPLIT)
 
 
 def export_student(
     run_dir: str | os.PathLike[str],
     format: str = "safetensors",
-    which: str = "best",
+    which: str | None = None,
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    force: bool = False,
 ) -> dict:
     """Write the student of a finished (or interrupted) ``dfkd distill`` run as a weights file plus ``card.json``.
 
@@ -61,9 +68,12 @@ def export_student(
         run_dir: the run directory (it holds ``config.yaml`` and ``ckpt/``).
         format: ``"safetensors"`` (the bare network's state dict), ``"torchscript"`` or ``"onnx"`` (the network with
             its normalisation inside, taking [0, 1] images; ONNX needs ``pip install 'dfkd[onnx]'``).
-        which: ``"best"`` (the checkpoint the run chose on its evaluation split) or ``"last"`` (the final epoch).
+        which: ``"best"`` (the checkpoint the run chose on its evaluation split) or ``"last"`` (the final epoch);
+            default (None): ``"last"``, or ``"best"`` when the run chose it off the test set (on the validation slice,
+            or by agreement on held-out synthetic images without data). The card says which, and why.
         out: the export folder; default ``run_dir/export``.
         overwrite: replace an export already in ``out``.
+        force: export the student of a run that collapsed or diverged (the card records the status).
 
     Returns:
         The card (also written to ``out/card.json``), with ``path`` added: where the card is.
@@ -72,7 +82,8 @@ def export_student(
         CheckpointError: the run has no such checkpoint, or it is not a distillation checkpoint.
         ConfigError: unknown format or checkpoint; the run's dataset is unknown and its config does not give the
             class count, image shape and mean/std.
-        DfkdError: ``out`` already holds an export (pass ``overwrite``); ONNX without the onnx package.
+        DfkdError: ``out`` already holds an export (pass ``overwrite``); ONNX without the onnx package; the run
+            collapsed or diverged (pass ``force``).
 
     Example:
         >>> card = dfkd.export_student("runs/cudfkd", format="safetensors")
@@ -85,16 +96,27 @@ def export_student(
 
     if format not in FORMATS:
         raise ConfigError(f"unknown export format '{format}': use one of {', '.join(FORMATS)}")
-    if which not in ("best", "last"):
+    if which not in (None, "best", "last"):
         raise ConfigError(f"--which {which}: use 'best' or 'last'")
     run = RunDir(run_dir)
-    ckpt_path = run.best if which == "best" else run.last
-    if not ckpt_path.is_file():
-        if not run.last.is_file():
-            raise CheckpointError(f"{run.path} holds no ckpt/last.pt: give the run directory of `dfkd distill`")
-        raise CheckpointError(f"{run.path} has no ckpt/best.pt (no scored epoch yet): use --which last")
+    if not run.last.is_file():
+        raise CheckpointError(f"{run.path} holds no ckpt/last.pt: give the run directory of `dfkd distill`")
     if not (run.path / "config.yaml").is_file():
         raise CheckpointError(f"{run.path} holds no config.yaml: give the run directory of `dfkd distill`")
+    cfg = read_yaml(run.path / "config.yaml")
+    summary = read_summary(run.path) or {}
+    status = summary.get("status", STATUS_OK) if summary else UNFINISHED
+    if status in FAILED_STATUSES and not force:
+        raise DfkdError(
+            f"{run.path} is a {status} run ({summary.get('status_reason')}): its student is not a result; pass "
+            "--force to export it anyway (the card records the status)"
+        )
+    # an interrupted run has no summary: its config says where it was scored
+    split = summary.get("eval_split") or _run_split(cfg)
+    chosen = which or ("best" if split in SPLITS_NOT_TEST and run.best.is_file() else "last")
+    ckpt_path = run.best if chosen == "best" else run.last
+    if not ckpt_path.is_file():
+        raise CheckpointError(f"{run.path} has no ckpt/best.pt (no scored epoch yet): use --which last")
     out_dir = Path(out).expanduser() if out is not None else run.path / "export"
     _check_out(out_dir, overwrite)
     if format == "onnx":
@@ -105,8 +127,6 @@ def export_student(
         raise CheckpointError(
             f"{ckpt_path} is not a distillation checkpoint ({ckpt.get('format')}): export takes a `dfkd distill` run"
         )
-    cfg = read_yaml(run.path / "config.yaml")
-    summary = read_summary(run.path) or {}
     facts = _data_facts(cfg.get("data") or {}, ckpt, run.path)
     arch = str(ckpt.get("arch") or (cfg.get("student") or {}).get("arch"))
     state = ckpt["state_dict"]
@@ -116,13 +136,12 @@ def export_student(
 
     epoch = int(ckpt["epoch"])
     row = next((r for r in ckpt.get("history", []) if r.get("epoch") == epoch), {})
-    split = summary.get("eval_split") or (cfg.get("eval") or {}).get("split") or "test"
     accuracy: dict[str, Any] = {"split": split, "epoch": epoch}
     accuracy.update({k[len("eval/") :]: v for k, v in row.items() if k.startswith("eval/") and v is not None})
     if summary.get("teacher_top1") is not None:
         accuracy["teacher_top1"] = summary["teacher_top1"]
     teacher = cfg.get("teacher") or {}
-    options = {"run_dir": str(run.path), "format": format, "which": which, "out": str(out_dir)}
+    options = {"run_dir": str(run.path), "format": format, "which": chosen, "out": str(out_dir)}
     card = {
         "format": CARD_FORMAT,
         "architecture": arch,
@@ -135,10 +154,12 @@ def export_student(
         "teacher": {"arch": teacher.get("arch"), "weights": teacher.get("weights"), "name": summary.get("teacher")},
         "method": summary.get("method") or (cfg.get("method") or {}).get("name"),
         "dataset": facts["dataset"],
-        "checkpoint": which,
-        "selected_by": _selected_by(which, split, summary, epoch),
+        "checkpoint": chosen,
+        "selected_by": _selected_by(chosen, split, summary.get("selected_by") or ckpt.get("selected_by"), epoch,
+                                    summary.get("epochs"), defaulted=which is None),  # fmt: skip
         "accuracy": accuracy,
-        "run_status": summary.get("status", "ok") if summary else "unfinished (no summary.json)",
+        "run_status": status,
+        "run_status_reason": summary.get("status_reason"),
         "weights": {
             "file": weights_path.name,
             "format": format,
@@ -149,9 +170,10 @@ def export_student(
         "torch_version": torch.__version__,
         "export": {**options, "command": _command(options, overwrite)},
     }
-    if card["run_status"] != "ok":
-        log.warning("the run's status is %s (%s): check it before shipping", card["run_status"], run.path)
-    warning = _optimism_warning(which, split)
+    failure = _failure_warning(status, summary.get("status_reason"))
+    if failure:
+        log.warning("%s: %s", run.path, failure)
+    warning = failure or _optimism_warning(chosen, split)
     if warning:
         card["warning"] = warning
     card_path = out_dir / CARD_NAME
@@ -165,7 +187,7 @@ def export_student(
             for name in WEIGHTS_NAMES.values():
                 if name != weights_path.name:
                     (out_dir / name).unlink(missing_ok=True)
-    log.info("exported %s (%s, checkpoint %s, epoch %d) to %s", arch, format, which, epoch, weights_path)
+    log.info("exported %s (%s, checkpoint %s, epoch %d) to %s", arch, format, chosen, epoch, weights_path)
     return {**card, "path": str(card_path)}
 
 
@@ -201,6 +223,13 @@ def load_student(path: str | os.PathLike[str], trust_code: bool = False) -> nn.M
     if card_path is None:
         raise CheckpointError(f"{path} is not a dfkd export: give the folder `dfkd export` wrote or its card.json")
     card = read_card(card_path)
+    if card.get("run_status") in FAILED_STATUSES:
+        log.warning(
+            "%s holds the student of a %s run (%s): its accuracy is not a result",
+            card_path,
+            card["run_status"],
+            card.get("run_status_reason"),
+        )
     weights = card_path.parent / card["weights"]["file"]
     if not weights.is_file():
         raise CheckpointError(f"the card {card_path} names {weights.name}, which is not beside it")
@@ -418,10 +447,18 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, f: io.BytesIO) -> None:
     onnx.checker.check_model(onnx.load_from_string(f.getvalue()))
 
 
-def _selected_by(which: str, split: str, summary: dict, epoch: int) -> str:
+def _run_split(cfg: dict) -> str:
+    """Where a run is scored, from its config: held-out synthetic images without data, else ``eval.split``."""
+    if (cfg.get("data") or {}).get("name") == NO_DATA:
+        return HELDOUT_SPLIT
+    return (cfg.get("eval") or {}).get("split") or "test"
+
+
+def _selected_by(which: str, split: str, selected: str | None, epoch: int, epochs: int | None, defaulted: bool) -> str:
     if which == "last":
-        return f"last: the weights of the final epoch ({epoch}), not chosen by any score"
-    epochs = summary.get("epochs")  # best.pt's own history ends at its epoch
+        why = " (the default: this run's best.pt was chosen on the test set)" if defaulted and split == "test" else ""
+        return f"last: the weights of the final epoch ({epoch}), not chosen by any score{why}"
+    # best.pt's own history ends at its epoch: the run's length comes from its summary
     where = f"(epoch {epoch} of {epochs})" if epochs else f"(epoch {epoch})"
     if split == "test":
         return (
@@ -433,9 +470,15 @@ def _selected_by(which: str, split: str, summary: dict, epoch: int) -> str:
             f"best: the epoch of highest top-1 on the validation slice held out of the training split {where}; "
             "the test set did not take part in the choice"
         )
-    if summary.get("selected_by"):  # e.g. agreement on held-out synthetic images, for a run without data
-        return f"{summary['selected_by']} {where}"
+    if selected:  # e.g. agreement on held-out synthetic images, for a run without data
+        return f"{selected} {where}"
     return f"best: the epoch of best score on the run's evaluation split '{split}' {where}"
+
+
+def _failure_warning(status: str, reason: str | None) -> str | None:
+    if status in FAILED_STATUSES:
+        return f"the run {status} ({reason}): this student is not a result; exported with --force"
+    return None
 
 
 def _optimism_warning(which: str, split: str) -> str | None:

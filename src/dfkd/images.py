@@ -72,7 +72,7 @@ def _epoch_axes(path: str | Path, title: str, ylabel: str, legend: bool) -> Iter
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        if legend:
+        if legend and ax.get_legend_handles_labels()[0]:  # e.g. seeds that all failed before their first epoch
             ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         with writing_to(path):

@@ -273,9 +273,10 @@ def run_table_suite(
     launcher: str | None = None,
     job_options: dict | None = None,
     wait: bool = False,
-) -> str:
+) -> tuple[str, list[str]]:
     """Run (or complete) the selection's cells into ``out`` here, over ``devices`` or through ``launcher``; write
-    and return the tables (a launcher without ``wait`` returns how to collect them instead)."""
+    the tables and return their text and the runs that failed (a launcher without ``wait`` returns how to collect
+    them instead, and no failure yet)."""
     if launcher is not None and launcher not in LAUNCHERS:
         raise ConfigError(
             f"unknown launcher '{launcher}'{closest(launcher, LAUNCHERS)}; launchers: slurm, submitit-local"
@@ -293,7 +294,7 @@ def run_table_suite(
                 f"submitted {jobs} jobs with {launcher} (ids in {root / 'jobs.json'}); when they have ended, assemble "
                 f"the tables with: dfkd bench {sel.layout.suite} --collect {root} (and the same --pairs, --methods, "
                 "--seeds)"
-            )
+            ), []
     if devices:
         run_queue(cells, root, devices)
     else:

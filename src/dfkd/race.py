@@ -21,7 +21,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from dfkd.bench import mean_std
+from dfkd.bench import mean_std, scored_by
 from dfkd.engine.meters import format_seconds
 from dfkd.images import pyplot
 from dfkd.sysinfo import cpu_model
@@ -32,13 +32,14 @@ CHECKPOINTS = (600.0, 1800.0)  # ten and thirty minutes, the issue's questions
 Curve = list[tuple[float, float]]  # (wall seconds at the end of an epoch, test top-1 of that epoch)
 
 
-def read_curve(run_dir: str | Path) -> Curve:
-    """(wall time, top-1) per evaluated epoch of a run, from its metrics.jsonl."""
+def read_curve(run_dir: str | Path, metric: str = "eval/top1") -> Curve:
+    """(wall time, ``metric``) per evaluated epoch of a run, from its metrics.jsonl (``eval/agreement`` for a run
+    without data)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(float(r["time/total_seconds"]), float(r["eval/top1"])) for r in rows if "eval/top1" in r]
+    return [(float(r["time/total_seconds"]), float(r[metric])) for r in rows if metric in r]
 
 
 def time_to(curve: Curve, threshold: float) -> float | None:
@@ -61,11 +62,17 @@ def format_race_table(
     budget: float,
     thresholds: Sequence[float] = THRESHOLDS,
     checkpoints: Sequence[float] = CHECKPOINTS,
+    score: str = "top-1",
 ) -> str:
     """Markdown: per method, time to each threshold (mean over the seeds that reached it, n/N reached) and the
-    accuracy (mean ± std over seeds) at each checkpoint time within the budget."""
+    ``score`` (mean ± std over seeds) at each checkpoint time within the budget."""
     times = [c for c in checkpoints if c <= budget] or [budget]
-    header = ["method", "seeds", *(f"time to {x:g} %" for x in thresholds), *(f"top-1 at {_minutes(t)}" for t in times)]
+    header = [
+        "method",
+        "seeds",
+        *(f"time to {x:g} %" for x in thresholds),
+        *(f"{score} at {_minutes(t)}" for t in times),
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, seed_curves in curves.items():
         n = len(seed_curves)
@@ -89,7 +96,7 @@ def format_race_table(
         "",
         f"Budget {format_seconds(budget)} of wall time per run (engine.time_limit; the epoch that passes it is "
         "finished); time to X %: the first epoch at or above X, mean over the seeds that reached it (n/N reached); "
-        "top-1 at T: the last epoch evaluated by T, mean ± std over seeds. CPU: " + cpu_model() + ".",
+        f"{score} at T: the last epoch evaluated by T, mean ± std over seeds. CPU: " + cpu_model() + ".",
     ]
     return "\n".join(lines)
 
@@ -107,7 +114,9 @@ def winner_at(curves: dict[str, list[Curve]], seconds: float) -> tuple[str, floa
     return best
 
 
-def plot_race(path: str | Path, curves: dict[str, list[Curve]], budget: float, title: str = "") -> None:
+def plot_race(
+    path: str | Path, curves: dict[str, list[Curve]], budget: float, title: str = "", score: str = "test top-1"
+) -> None:
     """Test accuracy against wall time: per method the mean over seeds of the last evaluated accuracy and a band
     from the lowest to the highest seed, up to the method's last evaluation (the x axis ends at the budget, or
     sooner when every run finished sooner)."""
@@ -139,7 +148,7 @@ def plot_race(path: str | Path, curves: dict[str, list[Curve]], budget: float, t
         if end >= budget:
             ax.axvline(budget / 60, color="gray", linewidth=0.8, linestyle="--")
         ax.set_xlabel("wall time (minutes)")
-        ax.set_ylabel("test top-1 (%)")
+        ax.set_ylabel(f"{score} (%)")
         ax.set_title(textwrap.fill(title, 90), fontsize=9)
         ax.grid(alpha=0.3)
         if curves:
@@ -152,13 +161,26 @@ def plot_race(path: str | Path, curves: dict[str, list[Curve]], budget: float, t
 
 def write_race(root: Path, title: str, cells: list[tuple[str, list[dict]]], budget: float) -> str:
     """race.md, race.png and race.json in ``root`` from the summaries of every recipe's seeds; returns the table."""
-    curves = {summaries[0]["method"]: [read_curve(s["run_dir"]) for s in summaries] for _, summaries in cells}
-    table = format_race_table(curves, budget)
+    every = [s for _, summaries in cells for s in summaries]
+    key, score = scored_by(every)
+    metric = "eval/agreement" if key == "agreement" else "eval/top1"
+    curves = {summaries[0]["method"]: [read_curve(s["run_dir"], metric) for s in summaries] for _, summaries in cells}
+    table = format_race_table(curves, budget, score=score)
     winners = [(t, winner_at(curves, t)) for t in CHECKPOINTS if t <= budget]
-    notes = [f"Highest mean top-1 at {_minutes(t)}: {w[0]} ({w[1]:.2f} %)." for t, w in winners if w is not None]
+    notes = [f"Highest mean {score} at {_minutes(t)}: {w[0]} ({w[1]:.2f} %)." for t, w in winners if w is not None]
+    if key == "agreement":
+        notes.append(
+            "Agreement: with the teacher, on held-out synthetic images (`data.name=none`: there is no test set)."
+        )
     text = "\n".join([f"**Race: {title}**", "", table, *([""] + notes if notes else [])])
     root.mkdir(parents=True, exist_ok=True)
     (root / "race.md").write_text(text + "\n")
     (root / "race.json").write_text(json.dumps({"budget": budget, "curves": curves}, indent=1) + "\n")
-    plot_race(root / "race.png", curves, budget, title=f"Race: {title}")
+    plot_race(
+        root / "race.png",
+        curves,
+        budget,
+        f"Race: {title}",
+        "agreement on held-out synthetic images" if key == "agreement" else "test top-1",
+    )
     return text

@@ -665,8 +665,9 @@ def format_cost(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_tables(sel: Selection, root: str | Path) -> str:
-    """Assemble table.md, cost.md and table.json in ``root`` from the cells there; return table.md's text."""
+def write_tables(sel: Selection, root: str | Path) -> tuple[str, list[str]]:
+    """Assemble table.md, cost.md and table.json in ``root`` from the cells there; return the tables' text and the
+    runs that failed (collapsed, diverged, crashed or skipped)."""
     root = Path(root)
     result = collect(sel, root)
     root.mkdir(parents=True, exist_ok=True)
@@ -674,7 +675,8 @@ def write_tables(sel: Selection, root: str | Path) -> str:
     (root / "table.md").write_text(table + "\n")
     (root / "cost.md").write_text(cost + "\n")
     (root / "table.json").write_text(json.dumps(result, indent=2) + "\n")
-    return table + "\n\n" + cost
+    failed = sorted({r["run"] for c in result["cells"] for r in c["runs"] if r["status"] not in (STATUS_OK, "not run")})
+    return table + "\n\n" + cost, failed
 
 
 # --------------------------------------------------------------------------------------------------------------------

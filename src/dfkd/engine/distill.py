@@ -245,7 +245,10 @@ def _distill(
             where = f"{bad} became {losses[bad]}" if bad is not None else "the loss became non-finite on another rank"
             reason = f"{where} in epoch {epoch + 1}"
             summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path, select)
-            run.write_summary({**summary, "status": STATUS_DIVERGED, "status_reason": reason})
+            flagged = [f["epoch"] for f in guard.flagged]  # a run can collapse first and diverge later
+            run.write_summary(
+                {**summary, "status": STATUS_DIVERGED, "status_reason": reason, "collapsed_epochs": flagged}
+            )
             raise DivergedError(
                 f"training diverged: {reason}; stopped without saving this epoch (last good checkpoint: {last}, "
                 f"in {run.last}); lower train.lr or the method's lr_g, then `dfkd distill --resume {run.path}`"
@@ -270,7 +273,7 @@ def _distill(
             []
             if prog.in_warmup
             else collapse_reasons(
-                metrics["agreement"], student_logits, teacher_logits, teacher_top1, losses.get("train/loss"), prog.step
+                metrics["agreement"], student_logits, teacher_logits, test_y, losses.get("train/loss"), prog.step
             )
         )
         guard.update(epoch + 1, reasons)
@@ -351,18 +354,19 @@ def _distill(
         log.warning("FAILED: the run %s: %s; its accuracy is not a result (summary in %s)", status, reason, run.path)
     elif select == "agreement":
         log.info(
-            "done: student agreement with the teacher on held-out synthetic images %.2f%% best / %.2f%% last (no "
-            "test set, no top-1) in %s; summary in %s",
-            summary["agreement_best"],
+            "done: student agreement with the teacher on held-out synthetic images %.2f%% at the last epoch (best "
+            "%.2f%%; no test set, no top-1) in %s; summary in %s",
             summary["agreement_last"],
+            summary["agreement_best"],
             format_seconds(summary["total_seconds"]),
             run.path / "summary.json",
         )
     else:
         log.info(
-            "done: student top-1 %.2f%% best / %.2f%% last (teacher %.2f%%) in %s; summary in %s",
-            summary["student_top1_best"],
+            "done: student top-1 %.2f%% at the last epoch (best %.2f%%, %s; teacher %.2f%%) in %s; summary in %s",
             summary["student_top1_last"],
+            summary["student_top1_best"],
+            best_label(summary["eval_split"]),
             teacher_top1,
             format_seconds(summary["total_seconds"]),
             run.path / "summary.json",
@@ -453,6 +457,17 @@ def _selected_by(cfg, select: str) -> str:
         )
     where = f"image folder {cfg.data.root}" if is_data_free(cfg.data.name) else f"{cfg.eval.split} split"
     return f"best eval/top1 on the {where}"
+
+
+def best_label(eval_split: str | None) -> str:
+    """What chose a run's best epoch, to print beside its number: the test set unless the run held out a validation
+    slice (``eval.split=val``) or had no data (agreement on held-out synthetic images). The headline is the last
+    epoch's: the best one picked on the set it is scored on flatters it."""
+    if eval_split == "val":
+        return "chosen on the validation slice"
+    if eval_split == HELDOUT_SPLIT:
+        return "chosen on held-out synthetic images"
+    return "test-selected"
 
 
 def _fresh_state() -> dict:

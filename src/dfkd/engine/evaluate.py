@@ -104,6 +104,7 @@ def _evaluate_export(cfg, card_path) -> dict:
         "dataset": data,
         "images": int(test_y.numel()),
         "checkpoint": card["checkpoint"],
+        "run_status": card.get("run_status"),
     }
     return _with_teacher(cfg, result, logits, test_x, test_y, info, env)
 

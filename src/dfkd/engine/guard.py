@@ -6,13 +6,21 @@ method has, after each epoch's evaluation:
 
 - ``agreement at chance``: the student agrees with the teacher no more often than two independent predictors with
   the same class frequencies would (Cohen's kappa below ``KAPPA_MIN``), while the teacher itself is informative;
+  kappa measures agreement against the product of the two class distributions, so it holds for any number of
+  classes and any class balance (two classes, a set where the teacher puts most images in one class);
 - ``zero student loss``: the student's loss averaged over the whole epoch is (effectively) 0: no gradient reached it;
 - ``one class``: the student puts at least ``ONE_CLASS_SHARE`` of the evaluation images in one class while the
   teacher does not.
 
 The two accuracy signals wait until the student has taken ``MIN_STEPS`` steps: a freshly initialised network predicts
 one class at chance, and a few-step smoke run has not failed, it has barely started. A zero loss is a failure at any
-step. Each flagged epoch logs a warning at once. The run's ``status`` is ``collapsed`` when its last epoch is flagged
+step.
+
+The teacher is informative when its own predictions carry something to agree with: it puts less than
+``ONE_CLASS_SHARE`` of the images in one class (the bar of the one-class signal; above it nearly every answer
+agrees by chance and kappa says nothing), and on labelled images it agrees with the labels beyond chance (its own
+kappa against them at least ``TEACHER_KAPPA_MIN``; about 1.5 x chance top-1 on ten balanced classes). Each flagged
+epoch logs a warning at once. The run's ``status`` is ``collapsed`` when its last epoch is flagged
 (or the guard stopped it), ``diverged`` when a loss became NaN/Inf, else ``ok``.
 """
 
@@ -23,17 +31,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from dfkd.metrics import top1_percent
+
 KAPPA_MIN = 0.02
 ONE_CLASS_SHARE = 0.9
 ZERO_LOSS = 1e-6  # a loss this small over a whole epoch moves no weight: the student is frozen
+TEACHER_KAPPA_MIN = 0.05
 MIN_STEPS = 100
 
 STATUS_OK, STATUS_COLLAPSED, STATUS_DIVERGED = "ok", "collapsed", "diverged"
+FAILED_STATUSES = (STATUS_COLLAPSED, STATUS_DIVERGED)  # a run with one of these is not a result
 
 
 def class_shares(logits: Tensor, num_classes: int) -> Tensor:
     """The fraction of inputs predicted as each class (float64, sums to 1)."""
-    counts = torch.bincount(logits.argmax(dim=1), minlength=num_classes).double()
+    return label_shares(logits.argmax(dim=1), num_classes)
+
+
+def label_shares(labels: Tensor, num_classes: int) -> Tensor:
+    """The fraction of ``labels`` (class indices) in each class (float64, sums to 1)."""
+    counts = torch.bincount(labels.flatten(), minlength=num_classes).double()
     return counts / counts.sum().clamp_min(1.0)
 
 
@@ -52,11 +69,25 @@ def agreement_kappa(agreement: float, chance: float) -> float:
     return 1.0 if chance >= 100.0 else (agreement - chance) / (100.0 - chance)
 
 
+def teacher_is_informative(teacher_logits: Tensor, labels: Tensor | None) -> bool:
+    """Whether the teacher's answers on the evaluation images leave something to agree with beyond chance: fewer
+    than ``ONE_CLASS_SHARE`` of them in one class and, with ``labels``, a kappa against the labels of at least
+    ``TEACHER_KAPPA_MIN``."""
+    k = teacher_logits.shape[1]
+    teacher_shares = class_shares(teacher_logits, k)
+    if float(teacher_shares.max()) >= ONE_CLASS_SHARE:
+        return False
+    if labels is None:
+        return True
+    chance = _chance_percent(teacher_shares, label_shares(labels, k))
+    return agreement_kappa(top1_percent(teacher_logits, labels), chance) >= TEACHER_KAPPA_MIN
+
+
 def collapse_reasons(
     agreement: float,
     student_logits: Tensor,
     teacher_logits: Tensor,
-    teacher_top1: float | None,
+    labels: Tensor | None,
     student_loss: float | None,
     student_steps: int = MIN_STEPS,
 ) -> list[str]:
@@ -65,7 +96,7 @@ def collapse_reasons(
     Args:
         agreement: student-teacher agreement on the evaluation images, in %.
         student_logits, teacher_logits: their logits on those images.
-        teacher_top1: the teacher's top-1 % on them (None when there are no labels).
+        labels: the images' labels (None when there are none, e.g. held-out synthetic images).
         student_loss: the mean student loss over the epoch (None when the method logged none).
         student_steps: student steps taken so far; below ``MIN_STEPS`` only the zero-loss signal applies.
     """
@@ -74,11 +105,12 @@ def collapse_reasons(
     k = teacher_logits.shape[1]
     teacher_shares = class_shares(teacher_logits, k)
     student_shares = class_shares(student_logits, k)
-    teacher_informative = float(teacher_shares.max()) < 0.5 and (teacher_top1 is None or teacher_top1 > 150.0 / k)
     chance = _chance_percent(student_shares, teacher_shares)
     kappa = agreement_kappa(agreement, chance)
-    if judged and teacher_informative and kappa < KAPPA_MIN:
-        reasons.append(f"agreement with the teacher at chance ({agreement:.2f}% vs {chance:.2f}% by chance)")
+    if judged and kappa < KAPPA_MIN and teacher_is_informative(teacher_logits, labels):
+        reasons.append(
+            f"agreement with the teacher no better than chance ({agreement:.2f}% vs {chance:.2f}% by chance)"
+        )
     if student_loss is not None and abs(student_loss) < ZERO_LOSS:
         reasons.append(f"student loss {student_loss:.3g} for the whole epoch (no gradient reaches the student)")
     top_share = float(student_shares.max())
