@@ -30,9 +30,10 @@ test-slow: venv data
 	$(PY) -m pytest -q -m slow
 
 # The first thing to run on a GPU machine: one short epoch of every method in fp32 and in bf16 + channels_last
-# (ResNet-34 -> ResNet-18 on Fashion-MNIST as 3x32x32, batch 512); a table of speed, memory and finite losses.
+# (ResNet-34 -> ResNet-18 on Fashion-MNIST as 3x32x32, batch 512); a table of speed, memory and finite losses. A rerun
+# replaces the previous check (--overwrite).
 gpu-check: venv data
-	$(VENV)/bin/dfkd bench gpu-check
+	$(VENV)/bin/dfkd bench gpu-check --overwrite
 
 lint: venv
 	$(VENV)/bin/ruff check src tests

@@ -21,6 +21,7 @@ import yaml
 from dfkd.config import build_config, load_config, read_yaml, recipe_names, to_dict
 from dfkd.engine.distill import distill
 from dfkd.engine.meters import format_seconds
+from dfkd.engine.rundir import read_summary
 from dfkd.engine.supervised import train_teacher
 from dfkd.errors import ConfigError, DivergedError, closest
 from dfkd.images import plot_seed_curves
@@ -134,8 +135,8 @@ def _plain(cfg: object) -> dict:
 
 
 def _finished(path: Path) -> dict | None:
-    summary = path / "summary.json"
-    return json.loads(summary.read_text()) if summary.is_file() else None
+    """The run's summary, None while it has not finished; a damaged one is a one-line error."""
+    return read_summary(path)
 
 
 def run_suite(

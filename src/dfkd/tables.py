@@ -36,8 +36,9 @@ from dfkd.engine.distill import distill
 from dfkd.engine.env import setup_env
 from dfkd.engine.guard import STATUS_OK
 from dfkd.engine.meters import format_seconds
+from dfkd.engine.rundir import read_summary
 from dfkd.engine.supervised import train_teacher
-from dfkd.errors import ConfigError, closest
+from dfkd.errors import ConfigError, DfkdError, closest
 from dfkd.models import create_model
 from dfkd.sysinfo import cpu_model
 
@@ -317,13 +318,8 @@ def _teacher_override(cell: Cell, root: Path) -> list[str]:
 
 
 def _finished(run: Path) -> dict | None:
-    path = run / "summary.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+    """The run's summary, None while it has not finished; a damaged one is a one-line error."""
+    return read_summary(run)
 
 
 ERRORS = "errors"  # OUT/errors/<run with / as __>.txt: why a cell crashed (removed when it later succeeds)
@@ -345,7 +341,10 @@ def record_result(root: Path, cell: Cell, error: str | None) -> None:
 
 def cell_result(root: Path, cell: Cell) -> dict:
     """The state of a cell in OUT: ``{"state": "done", "summary": ...}``, ``error`` (with its reason), ``missing``."""
-    summary = _finished(root / cell.run)
+    try:
+        summary = _finished(root / cell.run)
+    except DfkdError as exc:  # a damaged summary.json: the cell is reported, the table still assembled
+        return {"state": "error", "reason": str(exc)}
     if summary is not None:
         return {"state": "done", "summary": summary}
     path = error_file(root, cell)
