@@ -6,7 +6,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # The CPU wheel; on a machine with an NVIDIA driver pip's default (CUDA) build is taken instead.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: demo test test-timm test-slow gpu-check lint data venv clean
+.PHONY: demo test test-timm test-slow gpu-check mutants lint data venv clean
 
 demo: venv data
 	$(VENV)/bin/dfkd demo
@@ -35,8 +35,12 @@ test-slow: venv data
 gpu-check: venv data
 	$(VENV)/bin/dfkd bench gpu-check --overwrite
 
+# The mutation pass of docs/mutation-pass.md: each guard and refusal broken on purpose must fail a test (minutes).
+mutants: venv
+	$(PY) tools/mutants.py
+
 lint: venv
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests tools
 
 venv: $(VENV)/.installed
 

@@ -17,6 +17,7 @@ import dfkd
 from dfkd.cli import main
 from dfkd.data import dataset_info, load_split, to_float
 from dfkd.errors import CheckpointError, ConfigError, DfkdError
+from dfkd.export import sha256_file
 from dfkd.models import Normalized, build_network
 
 DEMO = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"
@@ -135,6 +136,17 @@ def test_a_changed_weights_file_is_refused(run_dir, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="does not match its card"):
         dfkd.load_student(out)
+
+
+def test_the_sha256_covers_a_weights_file_larger_than_one_read(tmp_path):
+    # sha256_file reads in blocks of 1 MiB; a bigger student is hashed whole, its last byte included
+    path = tmp_path / "student.safetensors"
+    data = bytearray(bytes(range(256)) * (10 * 1024 + 1))  # 2.5 MiB and a bit
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+    data[-1] ^= 0xFF
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
 
 
 def test_an_export_is_replaced_only_with_overwrite(capsys, run_dir, tmp_path):

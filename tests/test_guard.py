@@ -20,10 +20,11 @@ from dfkd.engine.guard import (
     chance_agreement_percent,
     class_shares,
     collapse_reasons,
+    teacher_is_informative,
 )
 from dfkd.errors import DivergedError
 from dfkd.methods.cudfkd import spl_weight
-from dfkd.metrics import agreement_percent
+from dfkd.metrics import agreement_percent, top1_percent
 from dfkd.models import create_model
 
 DEMO = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"
@@ -128,6 +129,43 @@ def test_agreement_at_chance_is_judged_on_skewed_sets(teacher_classes, k):
     assert len(reasons) == 1 and f"({agreement:.2f}% vs {chance:.2f}% by chance)" in reasons[0]
     # the same student copying the teacher is fine, however skewed the set
     assert collapse_reasons(100.0, teacher.clone(), teacher, labels, student_loss=0.7) == []
+
+
+def right_on(percent: int) -> torch.Tensor:
+    """Logits on 1,000 images of ten balanced classes (labels ``i % 10``), in equal shares per class, right on exactly
+    ``percent`` % of them: each block of ten images is answered with its labels shifted by 0 (right) or 1..9."""
+    shifts = [0 if block < percent else 1 + block % 9 for block in range(100)]
+    return one_hot_logits([(i % 10 + shifts[i // 10]) % 10 for i in range(1000)])
+
+
+THOUSAND_LABELS = torch.tensor([i % 10 for i in range(1000)])
+
+
+def test_the_teachers_bars_one_class_under_90_percent_and_kappa_0_05():
+    others = [1 + i % 9 for i in range(11)]
+    assert not teacher_is_informative(one_hot_logits([0] * 90 + others[:10]), None)  # 90 % is not under 90 %
+    assert teacher_is_informative(one_hot_logits([0] * 89 + others), None)
+    # kappa 0.05 against the labels is about 1.5 x chance top-1 on ten balanced classes: 16 % informs, 14 % does not
+    for percent, informative in ((16, True), (14, False)):
+        teacher = right_on(percent)
+        assert (
+            top1_percent(teacher, THOUSAND_LABELS) == pytest.approx(percent) and class_shares(teacher, 10).max() == 0.1
+        )
+        assert teacher_is_informative(teacher, THOUSAND_LABELS) is informative, percent
+
+
+def test_the_students_bars_kappa_0_02_and_one_class_from_90_percent():
+    teacher = right_on(100)
+    slow = right_on(19)  # agrees with the teacher on 19 % where chance is 10 %: kappa 0.1, learning, not collapsed
+    agreement = agreement_percent(slow, teacher)
+    assert agreement_kappa(agreement, chance_agreement_percent(slow, teacher)) == pytest.approx(0.1)
+    assert collapse_reasons(agreement, slow, teacher, THOUSAND_LABELS, student_loss=0.5) == []
+    teacher = one_hot_logits(BALANCED)
+    for share, flagged in ((90, True), (89, False)):
+        student = one_hot_logits([7] * share + [c for c in range(10) if c != 7] * 2)[:100]
+        assert class_shares(student, 10)[7] == share / 100
+        reasons = collapse_reasons(agreement_percent(student, teacher), student, teacher, LABELS, student_loss=0.5)
+        assert any(r.startswith(f"the student predicts one class for {share}.0%") for r in reasons) is flagged
 
 
 def test_guard_status_and_patience():
