@@ -217,28 +217,25 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_keeps_the_last_o
     assert [r["epoch"] for r in rows(out)] == [1, 2]
 
 
-def test_a_full_disk_while_exporting_keeps_the_earlier_export(capsys, monkeypatch, run_copy):
+@pytest.mark.parametrize(
+    "full, options",
+    [
+        ("student.safetensors", ["--which", "last"]),
+        # the new weights are written whole, then the card fails: they must not replace the earlier export alone
+        ("card.json", ["--format", "torchscript"]),
+    ],
+    ids=["weights", "card"],
+)
+def test_a_full_disk_while_exporting_keeps_the_earlier_export(capsys, monkeypatch, run_copy, full, options):
     export = run_copy / "export"
     before = {path.name: path.read_bytes() for path in export.iterdir()}
-    fill_disk_at(monkeypatch, "student.safetensors")
-    code, _, err = run(capsys, "export", run_copy, "--which", "last", "--overwrite")
-    assert_one_line_error(code, err, f"cannot write {export / 'student.safetensors'}: No space left on device")
+    fill_disk_at(monkeypatch, full)
+    code, _, err = run(capsys, "export", run_copy, *options, "--overwrite")
+    assert_one_line_error(code, err, f"cannot write {export / full}: No space left on device")
     assert f"the earlier export in {export} is intact" in err
-    assert {path.name: path.read_bytes() for path in export.iterdir()} == before
+    assert {path.name: path.read_bytes() for path in export.iterdir()} == before and leftovers(export) == []
     monkeypatch.undo()
     assert dfkd.load_student(export).card == json.loads(before["card.json"])  # the earlier export still loads
-
-
-def test_a_full_disk_while_writing_the_card_keeps_the_earlier_export(capsys, monkeypatch, run_copy):
-    # the new weights are written whole, then the card fails: they must not replace the earlier export without it
-    export = run_copy / "export"
-    before = {path.name: path.read_bytes() for path in export.iterdir()}
-    fill_disk_at(monkeypatch, "card.json")
-    code, _, err = run(capsys, "export", run_copy, "--format", "torchscript", "--overwrite")
-    assert_one_line_error(code, err, f"cannot write {export / 'card.json'}: No space left on device")
-    assert f"the earlier export in {export} is intact" in err
-    assert {path.name: path.read_bytes() for path in export.iterdir()} == before  # no student.torchscript.pt
-    assert leftovers(export) == []
 
 
 # -- damaged files --------------------------------------------------------------------------------------------------
