@@ -147,8 +147,9 @@ def run_suite(
     overrides: list[str] | None = None,
     seeds: list[int] | None = None,
     budget: float | None = None,
-) -> str:
-    """Run (or complete) the suite ``name`` into ``out``; return the markdown table.
+) -> tuple[str, list[str]]:
+    """Run (or complete) the suite ``name`` into ``out``; return the markdown table and the runs that failed
+    (collapsed or diverged).
 
     Without ``seeds`` each recipe runs once (at its own ``engine.seed``) into ``OUT/<recipe>``; with seeds, each
     recipe runs once per seed into ``OUT/<recipe>/seed<N>`` and its row is the mean ± std over the seeds. With a
@@ -190,7 +191,8 @@ def run_suite(
         from dfkd.race import write_race
 
         table += "\n\n" + write_race(root, suite.description, cells, budget)
-    return table
+    failed = [s["run_dir"] for _, summaries in cells for s in summaries if s.get("status", "ok") != "ok"]
+    return table, failed
 
 
 def run_once(recipe: str, run: Path, overrides: list[str]) -> dict:

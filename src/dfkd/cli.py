@@ -586,22 +586,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.tiny:
         raise ConfigError("--tiny belongs to `dfkd bench gpu-check` and the table suites; drop it for this suite")
     seeds = parse_seeds(args.seeds) if args.seeds else None
-    _write(run_suite(args.suite, out, methods, args.teacher, list(args.overrides), seeds, args.budget))
-    failed = _failed_suite_runs(args.suite, Path(out), methods, seeds)
+    table, failed = run_suite(args.suite, out, methods, args.teacher, list(args.overrides), seeds, args.budget)
+    _write(table)
     if failed:
         _write(f"FAILED: {len(failed)} run(s) collapsed or diverged (marked in the table): {', '.join(failed)}")
     return 1 if failed else 0
-
-
-def _failed_suite_runs(suite: str, out: Path, methods: list[str] | None, seeds: list[int] | None) -> list[str]:
-    """The run folders of the suite (``OUT/<recipe>``, with seeds ``OUT/<recipe>/seed<N>``) whose status is not ok."""
-    import json
-
-    from dfkd.bench import SUITES, suite_recipes
-
-    cells = [out / recipe.split("/")[-1] for recipe in suite_recipes(SUITES[suite], methods)]
-    runs = [cell / f"seed{seed}" for cell in cells for seed in seeds] if seeds else cells
-    return [str(run) for run in runs if json.loads((run / "summary.json").read_text()).get("status", "ok") != "ok"]
 
 
 def _bench_tables(args: argparse.Namespace, methods: list[str] | None) -> int:
