@@ -337,7 +337,7 @@ def test_a_suite_without_data_tabulates_and_races_agreement(capsys, data_root, t
     assert code == 0, err
     header = next(line for line in out.splitlines() if line.startswith("| method | seeds |")).split(" | ")
     row = next(line for line in out.splitlines() if line.startswith("| cudfkd | 0,1 |")).split(" | ")
-    assert header[3:5] == ["last agreement %", "best agreement % (held-out-selected)"]
+    assert header[3:5] == ["last agreement %", "best agreement % (chosen on held-out synthetic images)"]
     assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", row[3]) and "Scored by agreement with the teacher" in out
     race = json.loads((tmp_path / "race.json").read_text())
     assert [len(c) for c in race["curves"]["cudfkd"]] == [2, 2]  # the agreement curve, an epoch each

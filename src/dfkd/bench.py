@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from dfkd.config import build_config, load_config, read_yaml, recipe_names, to_dict
-from dfkd.engine.distill import distill
+from dfkd.engine.distill import best_label, distill
 from dfkd.engine.meters import format_seconds
 from dfkd.engine.rundir import read_summary
 from dfkd.engine.supervised import train_teacher
@@ -279,14 +279,10 @@ def scored_by(summaries: list[dict]) -> tuple[str, str]:
     return "student_top1", "top-1"
 
 
-# how a run's best epoch was chosen, by its eval_split
-SELECTED_BY = {"test": "test-selected", "val": "val-selected", "synthetic-heldout": "held-out-selected"}
-
-
 def result_columns(summaries: list[dict]) -> tuple[str, ...]:
     """The headline first (the last epoch), then the best epoch labelled by what chose it."""
     _, name = scored_by(summaries)
-    splits = sorted({SELECTED_BY.get(s.get("eval_split", "test"), "selected") for s in summaries})
+    splits = sorted({best_label(s.get("eval_split")) for s in summaries})
     return (f"last {name} %", f"best {name} % ({', '.join(splits)})", "agree % (last)", "μ", "σ²", "class entropy")
 
 

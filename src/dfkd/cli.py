@@ -415,12 +415,12 @@ def _distill_seeds(args: argparse.Namespace) -> int:
 def seed_report(summaries: list[dict], details: str | Path) -> tuple[list[str], int]:
     """``distill --seeds``' report: a line per seed (a failed one says so and shows no score), then mean ± std over
     the seeds that did not fail, the last epoch first; and the number of failed seeds."""
-    from dfkd.bench import aggregate_seeds
+    from dfkd.bench import aggregate_seeds, scored_by
     from dfkd.engine.distill import best_label
     from dfkd.engine.guard import STATUS_OK
 
     # a data.name=none run has no top-1: its seeds are compared by agreement with the teacher
-    scored = "agreement" if summaries[0].get("curve_metric") == "eval/agreement" else "student_top1"
+    scored, _ = scored_by(summaries)
     label = best_label(summaries[0].get("eval_split"))
     ok = [s for s in summaries if s.get("status", STATUS_OK) == STATUS_OK]
     failed = [s["seed"] for s in summaries if s.get("status", STATUS_OK) != STATUS_OK]
