@@ -30,7 +30,7 @@ def _no_dfkd_data_env(monkeypatch, _empty_user_data):
 
 
 def fixture_path(name: str) -> Path:
-    """The shared fixtures ship with the repository under tests/fixtures (a copy of ../shared/fixtures)."""
+    """A data file under tests/fixtures; each file's "about" field says what public code it was computed from."""
     return FIXTURES / name
 
 

@@ -83,7 +83,8 @@ def test_bank_wraps_with_any_batch_size_and_is_never_empty():
 
 
 def test_bank_at_the_exact_wrap_point_still_gives_negatives():
-    # the round after exactly `capacity` rows (errata D11): the reference samples range(0) and gets no rows
+    # the round after exactly `capacity` rows: the reference samples range(0) and gets no rows
+    # (zju-vipa/CMI@9e79fa9:datafree/synthesis/contrastive.py:163-166)
     bank = MemoryBank(3, capacity=8)
     bank.add(rows(0, 4))
     bank.add(rows(4, 4))

@@ -28,7 +28,7 @@ INFO = DatasetInfo("tiny", 4, (3, 16, 16), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), tu
 GENERATIVE = ["dafl", "zskt", "dfad", "dfq"]
 TINY = {"nz": 8, "ngf": 4, "synthesis_batch_size": 8}
 
-# -- golden values: every loss term these methods use, on fixed logits, against the spec's formulas in plain Python --
+# -- golden values: every loss term these methods use, on fixed logits, against the references' formulas in Python --
 
 S = [[1.0, 2.0, 0.5], [0.3, -1.0, 0.1]]  # student logits: row 0 disagrees with the teacher's argmax, row 1 agrees
 T = [[2.0, 0.0, 1.0], [0.5, 0.2, -0.5]]
@@ -40,7 +40,7 @@ def softmax(row, tau=1.0):
 
 
 def kl_rows(s, t, tau):
-    """tau^2 * KL(softmax(t/tau) || softmax(s/tau)) per row (methods-spec.md §1.5, kldiv)."""
+    """tau^2 * KL(softmax(t/tau) || softmax(s/tau)) per row (zju-vipa/CMI@9e79fa9:datafree/criterions.py:4-7)."""
     return [
         tau * tau * sum(p * (math.log(p) - math.log(q)) for p, q in zip(softmax(tr, tau), softmax(sr, tau)))
         for sr, tr in zip(s, t)
@@ -236,7 +236,8 @@ def test_student_loss_uses_the_configured_temperature(name, tau):
 
 
 def test_cmi_variant_recipes_run_at_temperature_one():
-    """The benchmark's DAFL/ZSKT/DFQ ran at T = 1 whatever --T said (pitfall 2); the recipes say so explicitly."""
+    """The benchmark's DAFL/ZSKT/DFQ ran at T = 1 whatever --T said (zju-vipa/CMI@9e79fa9:datafree_kd.py:259 rebinds
+    the criterion to ``KLDiv()``); the recipes say so explicitly."""
     for name in recipe_names():
         method = name.split("/")[-1].split("-")[0]
         if method in ("dafl", "zskt", "dfq", "dafl_original", "zskt_original"):

@@ -1,7 +1,11 @@
 """Evaluation metrics: top-1, teacher agreement, probability loyalty and the accuracy-curve statistics.
 
 CuDFKD (Li et al., arXiv 2208.13648) reports robustness as the mean and variance of the test-accuracy curve and
-fidelity as agreement and probability loyalty with the teacher; methods-spec.md §10.9 re-derives both.
+fidelity as agreement and probability loyalty with the teacher. Robustness: the authors' notebook
+``ljrprocc/DFKD@b5ddd19:notebooks/Convergence Visualization.ipynb`` takes ``np.mean`` and ``np.var`` of the per-epoch
+top-1 from epoch 80 on (``[80:]``). Fidelity: ``prediction_agreement_evaluator``
+(``ljrprocc/DataFree@bf3096b:datafree/evaluators.py:142``) and ``ProbLoyalty``, 1 - sqrt of scipy's Jensen-Shannon
+distance over softmax + 1e-8 (``datafree/metrics/kl_metric.py`` L9-26).
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """The synthetic-image pool of the inversion methods, held in memory on the device, and the ring store under it.
 
 The CMI-benchmark inversion methods (DeepInversion, CMI) keep every batch they synthesise and train the student on
-random batches of everything kept so far. The reference writes one PNG per image into ``--save_dir`` and rebuilds a
-``DataLoader`` over that directory every round, and never clears it, so a second run in the same directory also
-trains on the first run's images (methods-spec.md §15, pitfall 4). Here the images stay on the device as uint8, which
-keeps the quantisation of the PNG round trip; a new pool starts empty, so nothing from an earlier run can mix in;
-a student batch is one ``index_select``; and the pool's content is saved and restored with the method's checkpoint.
+random batches of everything kept so far. The reference writes one PNG per image into ``--save_dir``
+(``ImagePool.add``, ``zju-vipa/CMI@9e79fa9:datafree/utils/_utils.py:236-238``) and rebuilds a ``DataLoader`` every
+round over every image found under that directory (``get_dataset`` L240-241 and ``_collect_all_images`` L179-188;
+``datafree/synthesis/deepinversion.py`` L110-119), and never clears it, so a second run in the same directory also
+trains on the first run's images. Here the images stay on the device as uint8, which keeps the quantisation of the
+PNG round trip; a new pool starts empty, so nothing from an earlier run can mix in; a student batch is one
+``index_select``; and the pool's content is saved and restored with the method's checkpoint.
 """
 
 from __future__ import annotations

@@ -183,8 +183,8 @@ def keep_freed_host_memory() -> bool:
 
     The price is memory: blocks of many sizes (generator steps, student steps, evaluations) fragment the heap. With
     glibc's usual policy during training, the WRN-16-2 -> WRN-16-1 run at batch 256 in bf16 + channels_last peaked
-    lower (1.91 vs 2.21-2.31 GiB) but ran 11-15 % fewer student steps per second (1.18 vs 1.32-1.36); speed wins here
-    (BENCHMARKS.md, issue 13).
+    lower (1.91 vs 2.21-2.31 GiB) but ran 11-15 % fewer student steps per second (1.18 vs 1.32-1.36) on an EPYC Zen 4
+    (BENCHMARKS.md); speed wins here.
     """
     global _heap_kept
     libc = _glibc()
@@ -274,8 +274,8 @@ def auto_precision(device: torch.device) -> tuple[str, str]:
     which oneDNN's convolutions use), fp32 elsewhere.
 
     On an AVX512-BF16 CPU without AMX (EPYC Zen 4) bf16 ran 1.51x the student steps per second of fp32 on the
-    demo's LeNet pair and 1.8-2.0x on the WRN pair, both with channels_last (BENCHMARKS.md, issue 13); on an
-    AVX2-only CPU bf16 is emulated and slower."""
+    demo's LeNet pair and 1.8-2.0x on the WRN pair, both with channels_last (``dfkd bench throughput``,
+    BENCHMARKS.md); on an AVX2-only CPU bf16 is emulated and slower."""
     if device.type == "cuda":
         # is_bf16_supported() is also true where bf16 is emulated (T4, V100: compute capability 7.x), slower than fp32
         name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)

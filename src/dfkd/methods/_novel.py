@@ -1,4 +1,4 @@
-"""The novel-generator step that MB-DFKD and PRE-DFKD share (PRE-DFKD's ``train_novel_generator``; methods-spec §9).
+"""The novel-generator step that MB-DFKD and PRE-DFKD share (``kuluhan/PRE-DFKD@0b39f6a:distillation.py:45-70``).
 
 x = G(z), teacher and student frozen (the student in train mode by default, as in the references);
 L_G = oh * CE(T(x), argmax) + ie * sum p_bar log10 p_bar + act * (-mean |f_T|) + adv * (1 - clip(JS_3(S(x), T(x)))).

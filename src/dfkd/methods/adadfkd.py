@@ -1,10 +1,11 @@
 """AdaDFKD: Exploring Adaptive Inter-Sample Relationship in Data-Free Knowledge Distillation.
 
 Li et al., Neural Networks 2024 (doi 10.1016/j.neunet.2024.106386; the title as the reference README gives it).
-Reference code: github.com/ljrprocc/DFKD @ cd281c4, ``datafree/synthesis/adadfkd.py`` (AdaSynthesizer),
-``datafree/utils/_utils.py`` (``MoCo``, ``difficulty_mining``), ``datafree_kd.py`` (the loop, the hardness schedule,
-the student step) and ``scripts/adadfkd/*.sh``; methods-spec.md §13. The successor of CuDFKD (same authors, same
-loop): this file adds its two InfoNCE terms to :class:`~dfkd.methods.cudfkd.CuDFKD`.
+Reference code: github.com/ljrprocc/DFKD @ cd281c4, ``datafree/synthesis/adadfkd.py`` (AdaSynthesizer; the generator
+step is ``synthesize`` L111-180), ``datafree/utils/_utils.py`` (``difficulty_mining`` L606, ``MoCo`` L630),
+``datafree_kd.py`` (the loop and the hardness schedule, L659-682; the student step ``train`` L739) and
+``scripts/adadfkd/*.sh``. The successor of CuDFKD (same authors, same loop): this file adds its two InfoNCE terms to
+:class:`~dfkd.methods.cudfkd.CuDFKD`.
 
 Algorithm (one round; the engine runs ``rounds_per_epoch`` rounds per epoch, 40 in every reference script):
 
@@ -39,7 +40,10 @@ Deviations:
   always. With ``spl_granularity: sample`` it is per sample, like the distillation term (the reference has batch
   weights only).
 - The adversarial ramp is CuDFKD's closed form. The reference's ``get_alpha_adv`` is one ``grad_adv`` higher after
-  epoch floor(E f) (errata D4); no headline script ramps (``grad_adv 0``).
+  epoch floor(E f): from that epoch on it returns (floor(E f) - floor(E b)) increments
+  (``ljrprocc/DFKD@cd281c4:datafree/utils/_utils.py:596-598``), where CuDFKD's per-epoch accumulation stops one
+  short (``ljrprocc/DataFree@bf3096b:datafree_kd.py:698-700`` adds only while epoch < floor(E f)). No headline
+  script ramps (``grad_adv 0``).
 - Under DDP the keys of all ranks are gathered before they are enqueued, so every rank holds
   the same queue, as the reference's ``concat_all_gather`` does; its shuffle / unshuffle of the keys across ranks is
   an identity here (the keys come from no encoder with batch statistics) and is not ported. The persistent

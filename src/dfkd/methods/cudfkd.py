@@ -2,8 +2,9 @@
 
 Li et al., Information Sciences 2023 (arXiv 2208.13648; v1 "How to Teach: Learning Data-Free Knowledge
 Distillation from Curriculum"). Reference code: github.com/ljrprocc/DataFree @ bf3096b,
-``datafree/synthesis/cudfkd.py`` (ProbSynthesizer), ``datafree_kd.py`` (train loop, SPL weights, adversarial
-ramp) and ``datafree/datasets/utils.py`` (``curr_v``, ``lambda_scheduler``); methods-spec.md §10 and its errata.
+``datafree/synthesis/cudfkd.py`` (ProbSynthesizer; the generator step is ``synthesize``, L74-160), ``datafree_kd.py``
+(the epoch loop and the adversarial ramp, L672-700; the student step with the SPL weights, ``train``, L756-837) and
+``datafree/datasets/utils.py`` (``curr_v`` L26-43, ``lambda_scheduler`` L46-51).
 
 Algorithm (one round; the engine runs ``rounds_per_epoch`` rounds per epoch, 40 in every reference script):
 
@@ -21,7 +22,8 @@ Deviations:
 - Self-paced weighting is batch-level by default, as in the released code (one v per batch); per-sample weighting
   (the 2022-09 .. 2023-01 code and the paper's reading) is ``spl_granularity: sample``.
 - ``loss: l2`` with SPL uses the batch-mean squared error and one batch weight; the reference weights every
-  element and sums them (errata D8). No reference script uses l2.
+  element and sums them (``MSELoss(reduction='none')`` at ``ljrprocc/DataFree@bf3096b:datafree_kd.py:411``,
+  ``(v * real_loss_s).sum()`` at L813). No reference script uses l2.
 - The entropy temperature is its own knob (``ent_T``; null = ``T``, the reference's single ``--T``).
 - The ramp is computed in closed form from the epoch (resumable), equal to the reference's accumulation.
 - The reference's dead machinery is not ported: multi-level "feature" generation (L forced to 1), ``--memory``
@@ -30,10 +32,13 @@ Deviations:
   set it explicitly for other datasets.
 - ``spl_floor`` (default 0, the reference) puts a lower bound on the self-paced weight. With 0, a student whose
   loss once jumps far above lambda (a diverged step: KL x T^2 in the thousands) gets weight exactly 0 on every later
-  batch and never trains again (BENCHMARKS.md, "Why seeds collapsed"); a small floor keeps hard batches
-  down-weighted, as the curriculum intends, but never silenced. The Fashion-MNIST demo recipe sets it.
+  batch and never trains again (BENCHMARKS.md: a LeNet-5-half pushed there got weight 0 in its second epoch and
+  stayed at chance); a small floor keeps hard batches down-weighted, as the curriculum intends, but never
+  silenced. The Fashion-MNIST demo recipe sets it.
 - Under DDP the persistent generator's gradients are all-reduced before each step, so it stays identical on every
-  rank (the reference divides the batch size by the GPU count on every call instead; pitfall 21).
+  rank (the reference's ``prepare_model`` divides the batch size by the GPU count on every call instead:
+  ``ljrprocc/DataFree@bf3096b:datafree_kd.py:274`` and L280, called for the student, the teacher and each
+  generator at L318-319 and L436).
 """
 
 from __future__ import annotations

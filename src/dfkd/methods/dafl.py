@@ -2,9 +2,11 @@
 
 Chen et al., ICCV 2019 (arXiv 1904.01186). Reference code followed by default: the CMI benchmark's re-implementation,
 which produced the numbers of the seed's tables, github.com/zju-vipa/CMI @ 9e79fa9,
-``datafree/synthesis/generative.py`` (``GenerativeSynthesizer``) and ``datafree_kd.py`` (method ``dafl``). The
-original code (huawei-noah/Efficient-Computing, ``DAFL_train.py``, read in its verbatim copy happen2me/DAFL_train
-@ 13b5fec) is ``step: joint`` with ``generator: dafl``; methods-spec.md §3, §14 and its errata.
+``datafree/synthesis/generative.py`` (``GenerativeSynthesizer``: the generator step ``synthesize`` L52-75, the
+student's batches ``sample`` L78-82), ``datafree_kd.py`` (method ``dafl``: set-up L255-265, the student step ``train``
+L369-400) and ``scripts/dafl/dafl_cifar10_wrn402_wrn161.sh`` (the settings). The original code
+(huawei-noah/Efficient-Computing, ``DAFL_train.py``, read in its verbatim copy happen2me/DAFL_train @ 13b5fec,
+``DAFL/DAFL_train.py``: the generator L55-77, the joint step L169-186) is ``step: joint`` with ``generator: dafl``.
 
 The fixed teacher plays the discriminator: G learns to produce images on which the teacher's outputs look like those
 on real data (confident, strongly activated, balanced over classes), and the student imitates the teacher on them.
@@ -23,7 +25,8 @@ Algorithm, ``step: joint`` (the paper's Alg. 1; one student step per round in it
 
 Deviations:
 - The temperature is the config's ``T`` (default 1). The CMI benchmark passes ``--T 20`` but silently uses T = 1
-  (pitfall 2); the default reproduces what it ran.
+  (``zju-vipa/CMI@9e79fa9:datafree_kd.py:259`` rebinds the criterion, built with ``--T`` at L239, to ``KLDiv()``);
+  the default reproduces what it ran.
 - ``step: joint`` runs the generator update inside ``student_loss`` (its own backward and Adam step) and returns the
   student loss to the engine, which steps the student. The original sums both losses and calls one backward; as the
   student loss sees only detached images and teacher outputs, the two losses share no gradient and the updates are

@@ -2,7 +2,9 @@
 
 Choi et al., CVPR Workshops 2020 (arXiv 2005.04136), as re-implemented in the CMI benchmark, which produced the
 numbers of the seed's tables. Reference code: github.com/zju-vipa/CMI @ 9e79fa9, ``datafree/synthesis/generative.py``
-(``GenerativeSynthesizer``) and ``datafree_kd.py`` (method ``dfq``); methods-spec.md §7, §14 and its errata.
+(``GenerativeSynthesizer``: the generator step ``synthesize`` L52-75, the student's batches ``sample`` L78-82),
+``datafree_kd.py`` (method ``dfq``: set-up L255-265, the student step ``train`` L369-400) and ``scripts/dfq/*.sh``
+(the settings).
 
 Algorithm (one round; the engine runs ``rounds_per_epoch`` rounds per epoch, 40 in the reference scripts):
 
@@ -15,7 +17,8 @@ Algorithm (one round; the engine runs ``rounds_per_epoch`` rounds per epoch, 40 
 
 Deviations:
 - The temperature is the config's ``T`` (default 1), used by the student loss and the adversarial term alike. The
-  reference passes ``--T 20`` in its scripts but silently rebinds the criterion to T = 1 (pitfall 2); the default
+  reference passes ``--T 20`` in its scripts but silently rebinds the criterion to T = 1
+  (``zju-vipa/CMI@9e79fa9:datafree_kd.py:259``: ``KLDiv()`` replaces the ``KLDiv(T=args.T)`` of L239); the default
   reproduces what it ran.
 - Only the benchmark's single-generator re-implementation is provided; the paper's ensembles of generators and
   students and its quantised students are not.

@@ -1,9 +1,10 @@
 """FastDFKD: Up to 100x Faster Data-free Knowledge Distillation.
 
 Fang et al., AAAI 2022 (arXiv 2112.06253). Reference code: ``zju-vipa/Fast-Datafree@0dcecbc``,
-``datafree/synthesis/fast_meta.py`` (FastMetaSynthesizer, fomaml_grad, reptile_grad, reset_l0),
-``datafree/synthesis/fast.py`` (the non-meta variant), ``datafree/hooks.py`` (DeepInversionHook with momentum),
-``datafree_kd.py`` and ``scripts/fast_cifar.sh``; methods-spec.md §11.
+``datafree/synthesis/fast_meta.py`` (reptile_grad L16, fomaml_grad L23, reset_l0 L30; FastMetaSynthesizer, whose
+round is ``synthesize`` L101-194), ``datafree/synthesis/fast.py`` (the non-meta variant), ``datafree/hooks.py``
+(DeepInversionHook with momentum, L76-117), ``datafree_kd.py`` (set-up L304-316; the epoch loop with its synthesis-only
+warm-up, L366-374; the student step ``train`` L408) and ``scripts/fast_cifar.sh``.
 
 Algorithm (one round = one synthesis batch; the reference runs one round and 400 student steps per epoch, after 20
 epochs of synthesis only, ``train.synthesis_warmup_epochs``):

@@ -2,8 +2,9 @@
 
 Binici et al., WACV 2022 (arXiv 2108.05698). No official code was found; followed here: the re-implementation in
 ``gaurav104/LRA@5a5dd67`` (``src/agents/predfkd_memory.py``, ``src/utils/replay_memory_DFKD.py``,
-``src/configs/MB-DFKD.json``), whose novel-generator step is that of the official PRE-DFKD code
-(``kuluhan/PRE-DFKD@0b39f6a`` ``distillation.py``); methods-spec.md §9.
+``src/configs/MB-DFKD.json``; the loop ``train`` L233-282, the student step ``distill_knowledge`` L284, the
+generator step ``train_novel_generator`` L308-335), whose novel-generator step is that of the official PRE-DFKD code
+(``kuluhan/PRE-DFKD@0b39f6a:distillation.py:45-70``).
 
 Algorithm (one round = ``g_steps`` generator steps + ``kd_steps`` student steps; the reference runs 36 rounds of 1 + 10
 per epoch):

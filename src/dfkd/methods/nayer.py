@@ -1,9 +1,10 @@
 """NAYER: Noisy Layer Data Generation for Efficient and Effective Data-free Knowledge Distillation.
 
 Tran et al., CVPR 2024 (arXiv 2310.00258). Reference code: ``tmtuan1307/NAYER@c6bedcd``,
-``datafree/synthesis/nayer.py`` (NAYER.synthesize, generate_ys), ``datafree/models/generator.py`` (NLGenerator),
-``datafree/hooks.py`` (DeepInversionHook with momentum), ``datafree_kd.py``, ``label_embedding/label_embedding.py``
-and ``scripts/nayer_{100,200,300}.sh``; methods-spec.md §12.
+``datafree/synthesis/nayer.py`` (``NAYER.synthesize`` L147-243, ``generate_ys`` L259), ``datafree/models/generator.py``
+(``NLGenerator`` L15-80), ``datafree/hooks.py`` (DeepInversionHook with momentum), ``datafree_kd.py`` (the epoch loop
+with its synthesis-only warm-up, L378-398; the student step ``train`` L442), ``label_embedding/label_embedding.py``
+and ``scripts/nayer_{100,200,300}.sh``.
 
 Algorithm (one synthesis per round; the reference runs one round and 400 student steps per epoch, after W = 20 epochs
 of synthesis only, ``train.synthesis_warmup_epochs``; n counts synthesis rounds from the very first, warm-up

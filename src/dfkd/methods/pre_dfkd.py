@@ -1,8 +1,8 @@
 """PRE-DFKD: Robust and Resource-Efficient Data-Free Knowledge Distillation by Generative Pseudo Replay.
 
 Binici et al., AAAI 2022 (arXiv 2201.03019). Official code ``kuluhan/PRE-DFKD@0b39f6a``: ``distillation.py``
-(``train_novel_generator``, ``distill_knowledge``, ``train_memory_generator``), ``main.py`` (loop and settings),
-``networks/generator.py``; methods-spec.md §9.
+(``distill_knowledge`` L8-43, ``train_novel_generator`` L45-70, ``train_memory_generator`` L72), ``main.py`` (settings;
+the loop, 36 rounds per epoch, L90-108), ``networks/generator.py``.
 
 Algorithm (one round = ``g_steps`` generator steps + ``kd_steps`` student steps; the reference runs 36 rounds of 1 + 10
 per epoch):

@@ -2,10 +2,12 @@
 
 Micaelli & Storkey, NeurIPS 2019 (arXiv 1905.09768). Reference code followed by default: the CMI benchmark's
 re-implementation, which produced the numbers of the seed's tables, github.com/zju-vipa/CMI @ 9e79fa9,
-``datafree/synthesis/generative.py`` (``GenerativeSynthesizer``) and ``datafree_kd.py`` (method ``zskt``). The
-original code (github.com/polo5/ZeroShotKnowledgeTransfer @ 492cbff, ``solver.py``, ``models/generator.py``) is
-``loader: shared``, ``beta: 250``, ``kl_reduction: mean`` with ``generator: zskt`` (recipe ``zskt_original-*``);
-methods-spec.md §4, §14.
+``datafree/synthesis/generative.py`` (``GenerativeSynthesizer``: the generator step ``synthesize`` L52-75, the
+student's batches ``sample`` L78-82), ``datafree_kd.py`` (method ``zskt``: set-up L255-265, the student step
+``train`` L369-400) and ``scripts/zskt/zskt_cifar10_wrn402_wrn161.sh`` (the settings). The original code
+(github.com/polo5/ZeroShotKnowledgeTransfer @ 492cbff, ``solver.py``: the loop ``run`` L78-178, the losses L197-242
+with ``F.kl_div``'s default element mean at L215; ``models/generator.py``) is ``loader: shared``, ``beta: 250``,
+``kl_reduction: mean`` with ``generator: zskt`` (recipe ``zskt_original-*``).
 
 An adversarial game on the teacher-student KL: the generator seeks images where the student's beliefs differ most
 from the teacher's, the student matches the teacher there, optionally also matching its spatial attention.
@@ -25,7 +27,8 @@ Algorithm (one round; the engine runs ``rounds_per_epoch`` rounds per epoch):
 
 Deviations:
 - The temperature is the config's ``T`` (default 1), used by both players. The CMI benchmark passes ``--T 20`` but
-  silently uses T = 1 (pitfall 2); the default reproduces what it ran.
+  silently uses T = 1 (``zju-vipa/CMI@9e79fa9:datafree_kd.py:259`` rebinds the criterion, built with ``--T`` at
+  L239, to ``KLDiv()``); the default reproduces what it ran.
 - The benchmark has no attention term; ``beta`` adds the original's. Its feature maps are captured by forward
   hooks on named modules (``at_teacher_layers``, ``at_student_layers``; empty = the stage outputs ``block1..3``
   of WRNs, ``layer1..4`` of ResNets, or else the last feature map larger than 1x1 of each network). Maps of different
