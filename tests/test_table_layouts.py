@@ -1,5 +1,6 @@
-"""The table layouts (recipes/tables/*.yaml) against the seed's README: every cell has a recipe for its pair, and
-every recipe's published number is the seed's, so a drifting recipe fails here."""
+"""The table layouts (recipes/tables/*.yaml) against the CuDFKD paper's tables (ljrprocc/DataFree README): every
+cell has a recipe for its pair, and every recipe's published number is that paper's, so a drifting recipe fails
+here."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from dfkd.config import TABLES_DIR, find_recipe, load_config, read_yaml, recipe_
 from dfkd.methods import METHODS
 
 SEED = "ljrprocc/DataFree@bf3096b:README.md"
-NA = None  # the seed prints N\A
+NA = None  # the CuDFKD paper prints N\A
 
-# The seed's tables, transcribed once from ljrprocc/DataFree@bf3096b:README.md (rows in its order, columns as in
+# The CuDFKD paper's tables, transcribed once from ljrprocc/DataFree@bf3096b:README.md (rows in its order, columns as in
 # the table files' pairs).
 PUBLISHED = {
     "cifar10": {
@@ -37,7 +38,7 @@ PUBLISHED = {
         "CuDFKD": [75.97, 71.22, 66.74, 66.26],
     },
 }
-# the seed's cost tables (ResNet-34 -> ResNet-18): mu, sigma^2, best, GPU memory (GB), hours; None for "-"
+# the CuDFKD paper's cost tables (ResNet-34 -> ResNet-18): mu, sigma^2, best, GPU memory (GB), hours; None for "-"
 COST = {
     "cifar10": {
         "DAFL": (62.6, 17.1, 92.0, 6.45, 6.10),
@@ -107,7 +108,7 @@ def test_every_cell_has_a_recipe_of_its_pair_with_the_seeds_number(dataset):
         name = cell_recipe(dataset, row, pair)
         assert name in names, f"{row['label']} / {pair['name']}: no recipe {name}"
         expected = read_yaml(find_recipe(name)).get("expected") or {}
-        assert expected.get("top1") == number, f"{name}: expected.top1 {expected.get('top1')}, the seed says {number}"
+        assert expected.get("top1") == number, f"{name}: expected.top1 {expected.get('top1')}, the paper says {number}"
         if number is not None:
             assert expected["source"].startswith(SEED), name
         if "kind" in row:

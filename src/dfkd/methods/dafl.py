@@ -1,7 +1,7 @@
 """DAFL: Data-Free Learning of Student Networks.
 
 Chen et al., ICCV 2019 (arXiv 1904.01186). Reference code followed by default: the CMI benchmark's re-implementation,
-which produced the numbers of the seed's tables, github.com/zju-vipa/CMI @ 9e79fa9,
+which produced the numbers of the CuDFKD paper's tables, github.com/zju-vipa/CMI @ 9e79fa9,
 ``datafree/synthesis/generative.py`` (``GenerativeSynthesizer``: the generator step ``synthesize`` L52-75, the
 student's batches ``sample`` L78-82), ``datafree_kd.py`` (method ``dafl``: set-up L255-265, the student step ``train``
 L369-400) and ``scripts/dafl/dafl_cifar10_wrn402_wrn161.sh`` (the settings). The original code

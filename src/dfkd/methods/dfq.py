@@ -1,7 +1,8 @@
 """DFQ: Data-Free Network Quantization With Adversarial Knowledge Distillation.
 
 Choi et al., CVPR Workshops 2020 (arXiv 2005.04136), as re-implemented in the CMI benchmark, which produced the
-numbers of the seed's tables. Reference code: github.com/zju-vipa/CMI @ 9e79fa9, ``datafree/synthesis/generative.py``
+numbers of the CuDFKD paper's tables. Reference code: github.com/zju-vipa/CMI @ 9e79fa9,
+``datafree/synthesis/generative.py``
 (``GenerativeSynthesizer``: the generator step ``synthesize`` L52-75, the student's batches ``sample`` L78-82),
 ``datafree_kd.py`` (method ``dfq``: set-up L255-265, the student step ``train`` L369-400) and ``scripts/dfq/*.sh``
 (the settings).

@@ -1,7 +1,7 @@
 """ZSKT: Zero-shot Knowledge Transfer via Adversarial Belief Matching.
 
 Micaelli & Storkey, NeurIPS 2019 (arXiv 1905.09768). Reference code followed by default: the CMI benchmark's
-re-implementation, which produced the numbers of the seed's tables, github.com/zju-vipa/CMI @ 9e79fa9,
+re-implementation, which produced the numbers of the CuDFKD paper's tables, github.com/zju-vipa/CMI @ 9e79fa9,
 ``datafree/synthesis/generative.py`` (``GenerativeSynthesizer``: the generator step ``synthesize`` L52-75, the
 student's batches ``sample`` L78-82), ``datafree_kd.py`` (method ``zskt``: set-up L255-265, the student step
 ``train`` L369-400) and ``scripts/zskt/zskt_cifar10_wrn402_wrn161.sh`` (the settings). The original code
