@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -104,11 +105,159 @@ def distill(
         env.teardown()
 
 
+@dataclass
+class _Parts:
+    """What the set-up builds and the loop works with: the data the student is scored on, the two networks, the
+    method, the student's optimiser and schedule, and the run's record keepers."""
+
+    info: DatasetInfo
+    test_x: torch.Tensor  # the test images, or held-out synthetic ones without data (data.name=none)
+    test_y: torch.Tensor | None  # None without labels
+    heldout_digest: str | None  # of the held-out synthetic images; None with a test set
+    select: str  # the score that picks the best checkpoint: "top1" where there are labels, else "agreement"
+    teacher: nn.Module
+    teacher_name: str
+    student: nn.Module
+    student_name: str
+    student_ddp: nn.Module  # the student the loss calls: wrapped for data parallelism under torchrun
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: StudentEMA | None
+    tb: TensorBoardLog
+    guard: CollapseGuard
+    teacher_logits: torch.Tensor | None = None  # the teacher's answers on test_x, once the run's folder is ready
+    teacher_top1: float | None = None
+
+
+@dataclass
+class _Clock:
+    """The run's wall time: this process's, plus that of the processes before a resume."""
+
+    started: float  # time.perf_counter() when this process began the run
+    earlier: float  # total_seconds of the processes before a resume
+
+    def total(self) -> float:
+        return self.earlier + time.perf_counter() - self.started
+
+
 def _distill(
     cfg, env: Env, run: RunDir, teacher_module, student_module, resume: bool, overwrite: bool, cleanup: ExitStack
 ) -> dict:
+    """Set up, then per epoch: rounds of synthesis each followed by ``kd_steps`` student steps; evaluate; guard;
+    save. Then the summary."""
     started = time.perf_counter()
     seed_everything(cfg.engine.seed, env.rank)
+    p = _build(cfg, env, teacher_module, student_module, cleanup)
+    state = _start_or_resume(cfg, env, run, p, resume, overwrite)
+    p.teacher_logits, p.teacher_top1 = _score_teacher(cfg, env, run, p)
+
+    t = cfg.train
+    steps_per_epoch = t.rounds_per_epoch * t.kd_steps
+    warmup = t.synthesis_warmup_epochs
+    all_epochs = warmup + t.epochs
+    prog = Progress(0, 0, state["step"], t.epochs, t.rounds_per_epoch, t.kd_steps, warmup)
+    # a warm-up round counts as kd_steps on the bar, so its ETA covers the warm-up too
+    bar = progress_bar(
+        all_epochs * steps_per_epoch, state["epoch"] * steps_per_epoch, cfg.engine.progress and env.is_main, "distill"
+    )
+    env.reset_peak_memory()
+    memory_at_loop_start = env.memory_in_use_bytes()
+    timers = state["timers"]
+    clock = _Clock(started, earlier=timers["total_seconds"])
+    loop_started = time.perf_counter()
+    for epoch in range(state["epoch"], all_epochs):
+        prog.epoch = epoch - warmup
+        meters = Meters()
+        # Synthesis time is every moment spent producing images (the method's synthesis round and the student
+        # batches it generates; the latter also booked as batch time); student time is the student's forward,
+        # backward and optimiser step.
+        scheduled_lr = [group["lr"] for group in p.optimizer.param_groups]
+        watch = Stopwatch(env.device)
+        watch.start()
+        for rnd in range(t.rounds_per_epoch):
+            prog.round = rnd
+            meters.update(p.method.synthesize(prog), "synth/")
+            watch.lap("synth")
+            p.student_ddp.train()
+            for _ in range(0 if prog.in_warmup else t.kd_steps):
+                meters.update(_student_step(t, env, p, prog, scheduled_lr, watch), "train/")
+                prog.step += 1
+                watch.lap("student")
+            bar.update(t.kd_steps)
+        _book_times(timers, watch.totals())
+        losses = meters.means()
+        _stop_if_diverged(cfg, env, run, p, state, losses, epoch, clock)
+        _end_training(env, p, prog, scheduled_lr)
+
+        tick = time.perf_counter()
+        metrics, student_logits = _evaluate(cfg, env, p)
+        stop = _judge(env, p, metrics, student_logits, losses, prog, epoch)
+        timers["eval_seconds"] += time.perf_counter() - tick
+        # everything this process did so far, the previous epoch's checkpoint and pictures included
+        timers["total_seconds"] = clock.total()
+        _save_epoch(cfg, env, run, p, state, metrics, losses, prog, epoch, scheduled_lr, all_epochs)
+        _log_epoch(p, state, metrics, losses, prog, epoch, all_epochs, loop_started)
+        if stop:
+            log.warning(
+                "stopping: the student has looked collapsed for %d epochs in a row (engine.stop_on_collapse)",
+                p.guard.streak,
+            )
+            break
+        limit = cfg.engine.time_limit
+        if limit is not None and env.main_decides(timers["total_seconds"] >= limit) and epoch + 1 < all_epochs:
+            state["time_limited"] = True
+            log.info("stopping: the run's wall time passed engine.time_limit=%gs after epoch %d", limit, epoch + 1)
+            break
+    bar.close()
+    return _finish(cfg, env, run, p, state, clock, memory_at_loop_start)
+
+
+def _build(cfg, env: Env, teacher_module, student_module, cleanup: ExitStack) -> _Parts:
+    """The data the student is scored on, the frozen teacher, the student, the method, the student's optimiser and
+    schedule (the optional average of its weights), and the run's record keepers."""
+    info, test_x, test_y, heldout, teacher = _teacher_and_test_set(cfg, env, teacher_module)
+    # the score that picks the best checkpoint: top-1 where there are labels, else agreement with the teacher
+    select = "top1" if test_y is not None else "agreement"
+    student = build_model(student_module or cfg.student.arch, info, env, None, "student", cfg.trust_code)
+    method = build_method(cfg, teacher, student, info, env)
+    cleanup.callback(method.close)
+    env.broadcast_state(student)
+    env.broadcast_state(method)
+    student_ddp = DistributedDataParallel(student) if env.distributed else student
+    optimizer = build_optimizer(student.parameters(), cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, cfg.train.epochs)
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={cfg.train.ema_decay}: give a decay in [0, 1) (0 = no averaging)")
+    ema = StudentEMA(student, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    tb = TensorBoardLog(cfg.log.tensorboard, env.is_main)
+    cleanup.callback(tb.close)
+    return _Parts(
+        info=info,
+        test_x=test_x,
+        test_y=test_y,
+        heldout_digest=heldout,
+        select=select,
+        teacher=teacher,
+        teacher_name=_arch_name(cfg.teacher.arch, teacher_module),
+        student=student,
+        student_name=_arch_name(cfg.student.arch, student_module),
+        student_ddp=student_ddp,
+        method=method,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ema=ema,
+        tb=tb,
+        guard=CollapseGuard(stop=cfg.engine.stop_on_collapse, patience=cfg.engine.collapse_patience),
+    )
+
+
+def _teacher_and_test_set(
+    cfg, env: Env, teacher_module
+) -> tuple[DatasetInfo, torch.Tensor, torch.Tensor | None, str | None, nn.Module]:
+    """``(info, test_x, test_y, heldout, teacher)``: the dataset's facts, the images the student is scored on with
+    their labels (None without), the digest of held-out synthetic images (None with a test set) and the frozen
+    teacher."""
     if teacher_module is None and not cfg.teacher.weights and not is_external_arch(cfg.teacher.arch):
         raise ConfigError(
             "teacher.weights is not set: train a teacher with `dfkd train-teacher` and pass teacher.weights=RUN_DIR "
@@ -138,221 +287,235 @@ def _distill(
         d = cfg.data
         test_x = synthesize_heldout(teacher, info, d.heldout_size, d.heldout_seed, d.heldout_steps, env.device)
         heldout = digest(test_x)
-    # the score that picks the best checkpoint: top-1 where there are labels, else agreement with the teacher
-    select = "top1" if test_y is not None else "agreement"
-    student = build_model(student_module or cfg.student.arch, info, env, None, "student", cfg.trust_code)
-    method = build_method(cfg, teacher, student, info, env)
-    cleanup.callback(method.close)
-    env.broadcast_state(student)
-    env.broadcast_state(method)
-    student_ddp = DistributedDataParallel(student) if env.distributed else student
-    optimizer = build_optimizer(student.parameters(), cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, cfg.train.epochs)
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay={cfg.train.ema_decay}: give a decay in [0, 1) (0 = no averaging)")
-    ema = StudentEMA(student, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    tb = TensorBoardLog(cfg.log.tensorboard, env.is_main)
-    cleanup.callback(tb.close)
+    return info, test_x, test_y, heldout, teacher
 
+
+def _start_or_resume(cfg, env: Env, run: RunDir, p: _Parts, resume: bool, overwrite: bool) -> dict:
+    """The run's folder made ready and the run's state: fresh, or loaded with the networks, optimiser, method, guard
+    and random generators from the last checkpoint when resuming."""
     run.prepare(resume=resume, overwrite=overwrite)
     state = _fresh_state()
-    guard = CollapseGuard(stop=cfg.engine.stop_on_collapse, patience=cfg.engine.collapse_patience)
     if resume:
-        state = _restore(run, student, optimizer, scheduler, method, guard, ema, env, cfg.engine.seed)
+        state = _restore(run, p, env, cfg.engine.seed)
         log.info("resuming %s from epoch %d", run.path, state["epoch"])
-        if heldout is not None and state.get("heldout_digest") not in (None, heldout):
+        if p.heldout_digest is not None and state.get("heldout_digest") not in (None, p.heldout_digest):
             log.warning(
                 "the held-out synthetic images differ from the ones this run started with (another device or "
                 "library version rebuilt them): agreement before and after the resume is on different images"
             )
-    state["heldout_digest"] = heldout
+    state["heldout_digest"] = p.heldout_digest
     run.write_text("config.yaml", to_yaml(cfg))
     run.write_metrics(state["history"])
-    tb.open(run.path / "tensorboard", state["history"])
+    p.tb.open(run.path / "tensorboard", state["history"])
+    return state
 
-    teacher_logits = predict(teacher, test_x, cfg.eval.batch_size, env.channels_last)
-    teacher_top1 = top1_percent(teacher_logits, test_y) if test_y is not None else None
+
+def _score_teacher(cfg, env: Env, run: RunDir, p: _Parts) -> tuple[torch.Tensor, float | None]:
+    """The teacher's logits on the images the student is scored on, and its top-1 where they have labels; logs the
+    run's first line."""
+    teacher_logits = predict(p.teacher, p.test_x, cfg.eval.batch_size, env.channels_last)
+    teacher_top1 = top1_percent(teacher_logits, p.test_y) if p.test_y is not None else None
     log.info(
         "%s: %s -> %s on %s | %s | device %s | run dir %s",
         cfg.method.name,
-        _arch_name(cfg.teacher.arch, teacher_module),
-        _arch_name(cfg.student.arch, student_module),
-        info.name,
+        p.teacher_name,
+        p.student_name,
+        p.info.name,
         _evaluation_text(cfg, teacher_logits, teacher_top1),
         env.describe(),
         run.path,
     )
+    return teacher_logits, teacher_top1
 
-    t = cfg.train
-    steps_per_epoch = t.rounds_per_epoch * t.kd_steps
-    warmup = t.synthesis_warmup_epochs
-    all_epochs = warmup + t.epochs
-    prog = Progress(0, 0, state["step"], t.epochs, t.rounds_per_epoch, t.kd_steps, warmup)
-    # a warm-up round counts as kd_steps on the bar, so its ETA covers the warm-up too
-    bar = progress_bar(
-        all_epochs * steps_per_epoch, state["epoch"] * steps_per_epoch, cfg.engine.progress and env.is_main, "distill"
+
+def _student_step(t, env: Env, p: _Parts, prog: Progress, scheduled_lr: list[float], watch: Stopwatch) -> dict:
+    """One student step on the method's next batch; returns the method's losses."""
+    batch = p.method.next_batch(prog)
+    watch.lap("batch")
+    with env.autocast():
+        out = p.method.student_loss(batch, p.student_ddp, prog)
+    p.optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    if t.grad_clip:
+        torch.nn.utils.clip_grad_norm_(p.student.parameters(), t.grad_clip)
+    if prog.step <= t.warmup_steps:
+        for group, lr in zip(p.optimizer.param_groups, scheduled_lr):
+            group["lr"] = lr * warmup_factor(prog.step, t.warmup_steps)
+    p.optimizer.step()
+    if p.ema is not None:
+        p.ema.update(p.student)
+    return out
+
+
+def _book_times(timers: dict, booked: dict) -> None:
+    """Add an epoch's stopwatch totals to the run's timers."""
+    timers["synth_seconds"] += booked.get("synth", 0.0) + booked.get("batch", 0.0)
+    timers["batch_seconds"] = timers.get("batch_seconds", 0.0) + booked.get("batch", 0.0)
+    timers["student_seconds"] += booked.get("student", 0.0)
+
+
+def _stop_if_diverged(
+    cfg, env: Env, run: RunDir, p: _Parts, state: dict, losses: dict, epoch: int, clock: _Clock
+) -> None:
+    """Raise :class:`DivergedError` when an epoch's mean loss is not finite on any rank, before the epoch is saved;
+    the summary records the run as diverged."""
+    bad = first_non_finite(losses)
+    # every rank stops together: a rank that raised alone would leave the others waiting in a collective
+    ranks_diverged = env.all_reduce_sum(torch.tensor(float(bad is not None), device=env.device)).item()
+    if not ranks_diverged:
+        return
+    state["timers"]["total_seconds"] = clock.total()
+    last = f"epoch {state['epoch']}" if state["epoch"] else "none yet"
+    where = f"{bad} became {losses[bad]}" if bad is not None else "the loss became non-finite on another rank"
+    reason = f"{where} in epoch {epoch + 1}"
+    summary = _summary(cfg, env, state, p, run.path)
+    flagged = [f["epoch"] for f in p.guard.flagged]  # a run can collapse first and diverge later
+    run.write_summary({**summary, "status": STATUS_DIVERGED, "status_reason": reason, "collapsed_epochs": flagged})
+    raise DivergedError(
+        f"training diverged: {reason}; stopped without saving this epoch (last good checkpoint: {last}, "
+        f"in {run.last}); lower train.lr or the method's lr_g, then `dfkd distill --resume {run.path}`"
     )
-    env.reset_peak_memory()
-    memory_at_loop_start = env.memory_in_use_bytes()
+
+
+def _end_training(env: Env, p: _Parts, prog: Progress, scheduled_lr: list[float]) -> None:
+    """The epoch's student steps are over: the schedule steps, and the ranks' students agree before evaluation."""
+    for group, lr in zip(p.optimizer.param_groups, scheduled_lr):
+        group["lr"] = lr  # the schedule steps from its own value, whatever the warm-up did
+    if not prog.in_warmup:
+        p.scheduler.step()
+    env.average_buffers(p.student)  # BN running statistics drift apart across ranks; evaluate and save their mean
+    if p.ema is not None:
+        env.average_buffers(p.ema.module)
+
+
+def _evaluate(cfg, env: Env, p: _Parts) -> tuple[dict, torch.Tensor]:
+    """The evaluated student's metrics (the average's when train.ema_decay is set, with the live student's score
+    beside it) and its logits."""
+    evaluated = p.ema.module if p.ema is not None else p.student
+    student_logits = predict(evaluated, p.test_x, cfg.eval.batch_size, env.channels_last)
+    metrics = student_metrics(student_logits, p.test_y, p.teacher_logits)
+    if p.ema is not None:
+        live_logits = predict(p.student, p.test_x, cfg.eval.batch_size, env.channels_last)
+        metrics[f"{p.select}_live"] = student_metrics(live_logits, p.test_y, p.teacher_logits)[p.select]
+    return metrics, student_logits
+
+
+def _judge(
+    env: Env, p: _Parts, metrics: dict, student_logits: torch.Tensor, losses: dict, prog: Progress, epoch: int
+) -> bool:
+    """The collapse guard's verdict on the epoch; returns whether every rank stops (engine.stop_on_collapse)."""
+    # the untrained student of a synthesis warm-up epoch is evaluated (an honest point of the accuracy-time
+    # curve) but can neither be the best student nor look collapsed
+    reasons = (
+        []
+        if prog.in_warmup
+        else collapse_reasons(
+            metrics["agreement"], student_logits, p.teacher_logits, p.test_y, losses.get("train/loss"), prog.step
+        )
+    )
+    p.guard.update(epoch + 1, reasons)
+    if reasons:
+        log.warning("epoch %d: the student looks collapsed: %s", epoch + 1, "; ".join(reasons))
+    stop = env.all_reduce_sum(torch.tensor(float(p.guard.should_stop), device=env.device)).item() > 0
+    p.guard.stopped_early = stop
+    return stop
+
+
+def _save_epoch(
+    cfg,
+    env: Env,
+    run: RunDir,
+    p: _Parts,
+    state: dict,
+    metrics: dict,
+    losses: dict,
+    prog: Progress,
+    epoch: int,
+    scheduled_lr: list[float],
+    all_epochs: int,
+) -> None:
+    """The epoch's row of metrics (history, TensorBoard, metrics.jsonl), the checkpoint (best too when it is), and
+    every engine.sample_every epochs the pictures."""
     timers = state["timers"]
-    earlier_total = timers["total_seconds"]  # wall time of the processes before a resume
-    loop_started = time.perf_counter()
-    for epoch in range(state["epoch"], all_epochs):
-        prog.epoch = epoch - warmup
-        meters = Meters()
-        # Synthesis time is every moment spent producing images (the method's synthesis round and the student
-        # batches it generates; the latter also booked as batch time); student time is the student's forward,
-        # backward and optimiser step.
-        scheduled_lr = [group["lr"] for group in optimizer.param_groups]
-        watch = Stopwatch(env.device)
-        watch.start()
-        for rnd in range(t.rounds_per_epoch):
-            prog.round = rnd
-            meters.update(method.synthesize(prog), "synth/")
-            watch.lap("synth")
-            student_ddp.train()
-            for _ in range(0 if prog.in_warmup else t.kd_steps):
-                batch = method.next_batch(prog)
-                watch.lap("batch")
-                with env.autocast():
-                    out = method.student_loss(batch, student_ddp, prog)
-                optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                if t.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(student.parameters(), t.grad_clip)
-                if prog.step <= t.warmup_steps:
-                    for group, lr in zip(optimizer.param_groups, scheduled_lr):
-                        group["lr"] = lr * warmup_factor(prog.step, t.warmup_steps)
-                optimizer.step()
-                if ema is not None:
-                    ema.update(student)
-                meters.update(out, "train/")
-                prog.step += 1
-                watch.lap("student")
-            bar.update(t.kd_steps)
-        booked = watch.totals()
-        timers["synth_seconds"] += booked.get("synth", 0.0) + booked.get("batch", 0.0)
-        timers["batch_seconds"] = timers.get("batch_seconds", 0.0) + booked.get("batch", 0.0)
-        timers["student_seconds"] += booked.get("student", 0.0)
+    row = {
+        "epoch": epoch + 1,
+        "step": prog.step,
+        **{f"eval/{k}": v for k, v in metrics.items()},
+        **losses,
+        **({"synthesis_warmup": True} if prog.in_warmup else {}),
+        "lr": scheduled_lr[0],  # the rate this epoch trained at (after any warm-up), not the next epoch's
+        "images_synthesized": p.method.images_synthesized,
+        **{f"time/{k}": v for k, v in timers.items()},
+    }
+    state["history"].append(row)
+    p.tb.log_row(row)  # before the checkpoint: a resume purges what it repeats, but cannot restore what was lost
+    is_best = not prog.in_warmup and metrics[p.select] > state["best_score"]
+    if is_best:
+        state["best_score"], state["best_epoch"] = metrics[p.select], epoch + 1
+    state.update(epoch=epoch + 1, step=prog.step, timers=timers, guard=p.guard.state_dict())
+    rng = gather_rng_states(env)
+    checkpoint = _checkpoint(cfg, p, state, metrics, rng)
+    run.save_checkpoint(checkpoint, is_best)
+    run.append_metrics(row)
+    if cfg.engine.sample_every and (epoch + 1) % cfg.engine.sample_every == 0 and epoch + 1 < all_epochs:
+        # the last epoch's come after the loop
+        _pictures(cfg, env, run, p, state["history"])
 
-        losses = meters.means()
-        bad = first_non_finite(losses)
-        # every rank stops together: a rank that raised alone would leave the others waiting in a collective
-        ranks_diverged = env.all_reduce_sum(torch.tensor(float(bad is not None), device=env.device)).item()
-        if ranks_diverged:
-            timers["total_seconds"] = earlier_total + time.perf_counter() - started
-            last = f"epoch {state['epoch']}" if state["epoch"] else "none yet"
-            where = f"{bad} became {losses[bad]}" if bad is not None else "the loss became non-finite on another rank"
-            reason = f"{where} in epoch {epoch + 1}"
-            summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path, select)
-            flagged = [f["epoch"] for f in guard.flagged]  # a run can collapse first and diverge later
-            run.write_summary(
-                {**summary, "status": STATUS_DIVERGED, "status_reason": reason, "collapsed_epochs": flagged}
-            )
-            raise DivergedError(
-                f"training diverged: {reason}; stopped without saving this epoch (last good checkpoint: {last}, "
-                f"in {run.last}); lower train.lr or the method's lr_g, then `dfkd distill --resume {run.path}`"
-            )
-        for group, lr in zip(optimizer.param_groups, scheduled_lr):
-            group["lr"] = lr  # the schedule steps from its own value, whatever the warm-up did
-        if not prog.in_warmup:
-            scheduler.step()
-        env.average_buffers(student)  # BN running statistics drift apart across ranks; evaluate and save their mean
-        if ema is not None:
-            env.average_buffers(ema.module)
-        tick = time.perf_counter()
-        evaluated = ema.module if ema is not None else student
-        student_logits = predict(evaluated, test_x, cfg.eval.batch_size, env.channels_last)
-        metrics = student_metrics(student_logits, test_y, teacher_logits)
-        if ema is not None:
-            live_logits = predict(student, test_x, cfg.eval.batch_size, env.channels_last)
-            metrics[f"{select}_live"] = student_metrics(live_logits, test_y, teacher_logits)[select]
-        # the untrained student of a synthesis warm-up epoch is evaluated (an honest point of the accuracy-time
-        # curve) but can neither be the best student nor look collapsed
-        reasons = (
-            []
-            if prog.in_warmup
-            else collapse_reasons(
-                metrics["agreement"], student_logits, teacher_logits, test_y, losses.get("train/loss"), prog.step
-            )
-        )
-        guard.update(epoch + 1, reasons)
-        if reasons:
-            log.warning("epoch %d: the student looks collapsed: %s", epoch + 1, "; ".join(reasons))
-        stop = env.all_reduce_sum(torch.tensor(float(guard.should_stop), device=env.device)).item() > 0
-        guard.stopped_early = stop
-        timers["eval_seconds"] += time.perf_counter() - tick
-        # everything this process did so far, the previous epoch's checkpoint and pictures included
-        timers["total_seconds"] = earlier_total + time.perf_counter() - started
-        row = {
-            "epoch": epoch + 1,
-            "step": prog.step,
-            **{f"eval/{k}": v for k, v in metrics.items()},
-            **losses,
-            **({"synthesis_warmup": True} if prog.in_warmup else {}),
-            "lr": scheduled_lr[0],  # the rate this epoch trained at (after any warm-up), not the next epoch's
-            "images_synthesized": method.images_synthesized,
-            **{f"time/{k}": v for k, v in timers.items()},
-        }
-        state["history"].append(row)
-        tb.log_row(row)  # before the checkpoint: a resume purges what it repeats, but cannot restore what was lost
-        is_best = not prog.in_warmup and metrics[select] > state["best_score"]
-        if is_best:
-            state["best_score"], state["best_epoch"] = metrics[select], epoch + 1
-        state.update(epoch=epoch + 1, step=prog.step, timers=timers, guard=guard.state_dict())
-        rng = gather_rng_states(env)
-        checkpoint = _checkpoint(cfg, info, state, student, optimizer, scheduler, method, metrics, ema, rng)
-        run.save_checkpoint(checkpoint, is_best)
-        run.append_metrics(row)
-        if cfg.engine.sample_every and (epoch + 1) % cfg.engine.sample_every == 0 and epoch + 1 < all_epochs:
-            # the last epoch's come after the loop
-            _pictures(run, method, state["history"], teacher_top1, cfg, env, select, tb)
-        done = epoch + 1 - _first_epoch(state)
-        remaining = (time.perf_counter() - loop_started) / max(1, done) * (all_epochs - epoch - 1)
-        log.info(
-            "%sepoch %d/%d | %s | loss %s | synth %s, student %s | eta %s",
-            "synthesis warm-up: " if prog.in_warmup else "",
-            epoch + 1,
-            all_epochs,
-            _score_text(metrics, state, select),
-            f"{losses['train/loss']:.4g}" if "train/loss" in losses else "-",
-            format_seconds(timers["synth_seconds"]),
-            format_seconds(timers["student_seconds"]),
-            format_seconds(remaining),
-        )
-        if stop:
-            log.warning(
-                "stopping: the student has looked collapsed for %d epochs in a row (engine.stop_on_collapse)",
-                guard.streak,
-            )
-            break
-        limit = cfg.engine.time_limit
-        if limit is not None and env.main_decides(timers["total_seconds"] >= limit) and epoch + 1 < all_epochs:
-            state["time_limited"] = True
-            log.info("stopping: the run's wall time passed engine.time_limit=%gs after epoch %d", limit, epoch + 1)
-            break
-    bar.close()
 
-    _pictures(run, method, state["history"], teacher_top1, cfg, env, select, tb)
-    timers["total_seconds"] = earlier_total + time.perf_counter() - started
-    summary = _summary(cfg, env, state, method, teacher_top1, teacher_module, student_module, run.path, select)
+def _log_epoch(
+    p: _Parts,
+    state: dict,
+    metrics: dict,
+    losses: dict,
+    prog: Progress,
+    epoch: int,
+    all_epochs: int,
+    loop_started: float,
+) -> None:
+    timers = state["timers"]
+    done = epoch + 1 - _first_epoch(state)
+    remaining = (time.perf_counter() - loop_started) / max(1, done) * (all_epochs - epoch - 1)
+    log.info(
+        "%sepoch %d/%d | %s | loss %s | synth %s, student %s | eta %s",
+        "synthesis warm-up: " if prog.in_warmup else "",
+        epoch + 1,
+        all_epochs,
+        _score_text(metrics, state, p.select),
+        f"{losses['train/loss']:.4g}" if "train/loss" in losses else "-",
+        format_seconds(timers["synth_seconds"]),
+        format_seconds(timers["student_seconds"]),
+        format_seconds(remaining),
+    )
+
+
+def _finish(cfg, env: Env, run: RunDir, p: _Parts, state: dict, clock: _Clock, memory_at_loop_start: int) -> dict:
+    """The last pictures and the run's summary, with its status from the collapse guard; returns the summary."""
+    _pictures(cfg, env, run, p, state["history"])
+    state["timers"]["total_seconds"] = clock.total()
+    summary = _summary(cfg, env, state, p, run.path)
     summary["memory"] = {  # the parts of peak_memory_bytes
         # the process before the loop: interpreter and libraries, data, networks
         "loop_start_bytes": memory_at_loop_start,
-        "data_bytes": tensor_bytes((test_x, test_y, teacher_logits)),
-        "teacher_bytes": tensor_bytes(teacher.state_dict()),
-        "student_bytes": tensor_bytes((student.state_dict(), optimizer.state_dict()["state"]))
-        + (tensor_bytes(ema.module.state_dict()) if ema is not None else 0),
+        "data_bytes": tensor_bytes((p.test_x, p.test_y, p.teacher_logits)),
+        "teacher_bytes": tensor_bytes(p.teacher.state_dict()),
+        "student_bytes": tensor_bytes((p.student.state_dict(), p.optimizer.state_dict()["state"]))
+        + (tensor_bytes(p.ema.module.state_dict()) if p.ema is not None else 0),
         # generators, heads, banks, pools and the method's optimiser states, at the end of the run
-        "method_bytes": tensor_bytes((method.state_dict(), method.checkpoint_state())),
+        "method_bytes": tensor_bytes((p.method.state_dict(), p.method.checkpoint_state())),
     }
+    guard = p.guard
     status, reason = guard.status(state["epoch"])
     summary.update(status=status, status_reason=reason, collapsed_epochs=[f["epoch"] for f in guard.flagged])
     summary["stopped_at_time_limit"] = bool(state.get("time_limited"))
     run.write_summary(summary)
+    _log_result(summary, p, run, status, reason)
+    return summary
+
+
+def _log_result(summary: dict, p: _Parts, run: RunDir, status: str, reason: str | None) -> None:
     if status != STATUS_OK:
         log.warning("FAILED: the run %s: %s; its accuracy is not a result (summary in %s)", status, reason, run.path)
-    elif select == "agreement":
+    elif p.select == "agreement":
         log.info(
             "done: student agreement with the teacher on held-out synthetic images %.2f%% at the last epoch (best "
             "%.2f%%; no test set, no top-1) in %s; summary in %s",
@@ -367,11 +530,10 @@ def _distill(
             summary["student_top1_last"],
             summary["student_top1_best"],
             best_label(summary["eval_split"]),
-            teacher_top1,
+            p.teacher_top1,
             format_seconds(summary["total_seconds"]),
             run.path / "summary.json",
         )
-    return summary
 
 
 def build_method(cfg: DistillConfig, teacher: nn.Module, student: nn.Module, info, env: Env) -> Method:
@@ -494,18 +656,8 @@ def _first_epoch(state: dict) -> int:
     return state["start"]
 
 
-def _checkpoint(
-    cfg,
-    info: DatasetInfo,
-    state,
-    student,
-    optimizer,
-    scheduler,
-    method: Method,
-    metrics: dict,
-    ema: StudentEMA | None,
-    rng: list[dict],
-) -> dict:
+def _checkpoint(cfg, p: _Parts, state: dict, metrics: dict, rng: list[dict]) -> dict:
+    info, student, ema, method = p.info, p.student, p.ema, p.method
     # ``state_dict`` holds the weights the run evaluated (the average when train.ema_decay is set): what `dfkd eval`
     # and a teacher.weights=RUN_DIR load. The live student travels beside it for resuming.
     extra = {} if ema is None else {"live_state_dict": student.net.state_dict(), "ema_updates": ema.updates}
@@ -535,8 +687,8 @@ def _checkpoint(
         "history": state["history"],
         "timers": dict(state["timers"]),
         "guard": state["guard"],
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "optimizer": p.optimizer.state_dict(),
+        "scheduler": p.scheduler.state_dict(),
         "method": method.state_dict(),
         "method_state": method.checkpoint_state(),
         "images_synthesized": method.images_synthesized,
@@ -545,17 +697,8 @@ def _checkpoint(
     }
 
 
-def _restore(
-    run: RunDir,
-    student,
-    optimizer,
-    scheduler,
-    method: Method,
-    guard: CollapseGuard,
-    ema: StudentEMA | None,
-    env: Env,
-    seed: int,
-) -> dict:
+def _restore(run: RunDir, p: _Parts, env: Env, seed: int) -> dict:
+    student, ema, guard = p.student, p.ema, p.guard
     ckpt = run.load_checkpoint("last")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{run.last} is not a distillation checkpoint: resume it with the command that wrote it")
@@ -570,9 +713,9 @@ def _restore(
         student.net.load_state_dict(ckpt["live_state_dict"])
         ema.module.net.load_state_dict(ckpt["state_dict"])
         ema.updates = int(ckpt["ema_updates"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    restore_method(method, ckpt)
+    p.optimizer.load_state_dict(ckpt["optimizer"])
+    p.scheduler.load_state_dict(ckpt["scheduler"])
+    restore_method(p.method, ckpt)
     restore_rng_states(ckpt["rng"], env, seed, int(ckpt["epoch"]), run.last)
     guard.load_state_dict(ckpt.get("guard", {}))
     return {
@@ -588,23 +731,14 @@ def _restore(
     }
 
 
-def _pictures(
-    run: RunDir,
-    method: Method,
-    history: list[dict],
-    teacher_top1: float | None,
-    cfg,
-    env: Env,
-    select: str,
-    tb: TensorBoardLog,
-) -> None:
+def _pictures(cfg, env: Env, run: RunDir, p: _Parts, history: list[dict]) -> None:
     if not env.is_main or not history:
         return
-    samples = method.preview(64)
+    samples = p.method.preview(64)
     if samples is not None:
         save_grid(run.path / "samples" / f"epoch_{history[-1]['epoch']:03d}.png", samples)
-        tb.log_images("samples", samples, history[-1]["epoch"])
-    if select == "agreement":
+        p.tb.log_images("samples", samples, history[-1]["epoch"])
+    if p.select == "agreement":
         plot_curves(
             run.path / "accuracy.png",
             {f"student ({cfg.student.arch})": [row.get("eval/agreement") for row in history]},
@@ -620,13 +754,12 @@ def _pictures(
             "agreement with teacher": [row.get("eval/agreement") for row in history],
         },
         title=f"{cfg.method.name}: {cfg.teacher.arch} -> {cfg.student.arch} on {cfg.data.name}",
-        references={"teacher": teacher_top1},
+        references={"teacher": p.teacher_top1},
     )
 
 
-def _summary(
-    cfg, env: Env, state, method: Method, teacher_top1, teacher_module, student_module, path: Path, select: str
-) -> dict:
+def _summary(cfg, env: Env, state: dict, p: _Parts, path: Path) -> dict:
+    select = p.select
     history = state["history"]
     # mu, var and the best are taken over the selection metric's curve: top-1, or agreement without labels
     curve = [row[f"eval/{select}"] for row in history if not row.get("synthesis_warmup")]
@@ -634,7 +767,7 @@ def _summary(
     last = history[-1] if history else {}
     best = next((row for row in history if row["epoch"] == state["best_epoch"]), {})
     # int64: a float32 sum loses whole images beyond 2**24
-    images = env.all_reduce_sum(torch.tensor(method.images_synthesized, dtype=torch.int64, device=env.device)).item()
+    images = env.all_reduce_sum(torch.tensor(p.method.images_synthesized, dtype=torch.int64, device=env.device)).item()
     timers = state["timers"]
     student_steps = state["step"]
     busy = timers["synth_seconds"] + timers["student_seconds"]
@@ -645,9 +778,9 @@ def _summary(
         "selected_by": _selected_by(cfg, select),
         "curve_metric": f"eval/{select}",  # what mu, var and curve_window describe
         "seed": cfg.engine.seed,
-        "teacher": _arch_name(cfg.teacher.arch, teacher_module),
-        "student": _arch_name(cfg.student.arch, student_module),
-        "teacher_top1": teacher_top1,
+        "teacher": p.teacher_name,
+        "student": p.student_name,
+        "teacher_top1": p.teacher_top1,
         "student_top1_best": stats["best"] if select == "top1" else None,
         "best_epoch": state["best_epoch"],
         "student_top1_last": last.get("eval/top1"),
