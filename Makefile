@@ -49,7 +49,7 @@ DOCS_TOOLS ?= 'mkdocs>=1.6' 'mkdocs-material>=9.5' 'mkdocstrings[python]>=0.26'
 docs:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import material, mkdocstrings_handlers.python" 2>/dev/null || $(PY) -m pip install -q $(DOCS_TOOLS)
-	$(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 venv: $(VENV)/.installed
 
