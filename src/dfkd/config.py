@@ -66,7 +66,7 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
-    arch: str = "lenet5_bn"  # a zoo name, or timm:/torchvision:/hub:/torchscript:/py: (README "Your own teacher")
+    arch: str = "lenet5_bn"  # a zoo name, or timm:/torchvision:/hub:/torchscript:/py: (docs/own-teacher.md)
     weights: str | None = None  # a checkpoint file, or a run directory of `dfkd train-teacher`
 
 
