@@ -39,8 +39,10 @@ gpu-check: venv data
 mutants: venv
 	$(PY) tools/mutants.py
 
+# ruff, and the import contract of pyproject.toml: the layers import downward only, no cycles (import-linter)
 lint: venv
 	$(VENV)/bin/ruff check src tests tools
+	$(VENV)/bin/lint-imports --no-cache
 
 # The documentation site (mkdocs.yml) into site/: --strict fails on a broken link, a missing page or an API reference
 # that does not resolve. mkdocstrings reads src/ without importing it, so this needs only the `docs` extra's tools

@@ -180,7 +180,7 @@ def save_png(path: Path, array) -> None:
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     """``dfkd ARGV`` in this process: its exit status, stdout and stderr."""
-    from dfkd.cli import main
+    from dfkd.commands.cli import main
 
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

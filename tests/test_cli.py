@@ -12,7 +12,7 @@ import torch
 from helpers import TINY_DISTILL, assert_one_line_error, tiny_bench_args
 from helpers import run_cli as run
 
-from dfkd.cli import main
+from dfkd.commands.cli import main
 from dfkd.data import load_split
 from dfkd.models import create_model
 
@@ -212,11 +212,11 @@ COMMANDS = {
     "distill": (["--config", DEMO, "train.epoch=2"], ["--config", DEMO], "dfkd.engine.distill.distill"),
     "eval": (["--weights", "/nonexistent.pt", "data.name=fashion-mnist-32"], ["--weights", "w.pt"],
              "dfkd.engine.evaluate.evaluate_weights"),  # fmt: skip
-    "export": (["/nonexistent/run"], ["run"], "dfkd.export.export_student"),
-    "plot": (["/nonexistent/run"], ["run"], "dfkd.plot.plot_run"),
+    "export": (["/nonexistent/run"], ["run"], "dfkd.engine.export.export_student"),
+    "plot": (["/nonexistent/run"], ["run"], "dfkd.commands.plot.plot_run"),
     "list": (["everything"], ["methods"], "dfkd.methods.method_names"),
-    "bench": (["no-such-suite"], ["fashion-mnist"], "dfkd.bench.run_suite"),
-    "demo": (["--seed", "three"], ["--smoke"], "dfkd.demo.run_demo"),
+    "bench": (["no-such-suite"], ["fashion-mnist"], "dfkd.commands.bench.run_suite"),
+    "demo": (["--seed", "three"], ["--smoke"], "dfkd.commands.demo.run_demo"),
     "data": (["get", "no-such-dataset"], ["get", "mnist"], "dfkd.data.get_dataset"),
 }
 

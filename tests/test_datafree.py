@@ -15,8 +15,8 @@ import dfkd
 from dfkd.config import DataConfig, build, load_config
 from dfkd.data import dataset_info
 from dfkd.data.datafree import load_image_folder, resolve_dataset_info
-from dfkd.engine.heldout import synthesize_heldout
 from dfkd.errors import ConfigError, DataError
+from dfkd.methods.heldout import synthesize_heldout
 from dfkd.models import Normalized, create_model
 from dfkd.models.meta import TeacherMeta, attach_meta
 

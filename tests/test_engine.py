@@ -14,7 +14,7 @@ from torch import nn
 import dfkd
 from dfkd import load_config
 from dfkd.engine import rundir as rundir_module
-from dfkd.engine.common import check_validation_slice
+from dfkd.engine.supervised import check_validation_slice
 from dfkd.errors import ConfigError, DfkdError, DivergedError
 
 DEMO = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"

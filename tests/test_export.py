@@ -14,11 +14,11 @@ from helpers import TINY_DISTILL, assert_one_line_error
 from helpers import run_cli as run
 
 import dfkd
-from dfkd.cli import main
+from dfkd.commands.cli import main
 from dfkd.data import dataset_info, load_split, to_float
 from dfkd.errors import CheckpointError, ConfigError, DfkdError
-from dfkd.export import sha256_file
 from dfkd.models import Normalized, build_network
+from dfkd.models.exported import sha256_file
 
 DEMO = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"
 

@@ -25,7 +25,7 @@ from helpers import run_cli as run
 import dfkd
 from dfkd.engine.rundir import load_state
 from dfkd.errors import CheckpointError
-from dfkd.export import sha256_file
+from dfkd.models.exported import sha256_file
 
 DEMO = "fashion-mnist/cudfkd-lenet5_bn-lenet5_half"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from helpers import assert_one_line_error
 
-from dfkd.cli import main
+from dfkd.commands.cli import main
 
 
 def test_gpu_check_runs_end_to_end_on_cpu(capsys, data_root, monkeypatch, tmp_path):
@@ -23,7 +23,7 @@ def test_gpu_check_runs_end_to_end_on_cpu(capsys, data_root, monkeypatch, tmp_pa
 
 
 def test_gpu_check_refuses_to_run_without_a_gpu_unless_tiny(capsys, monkeypatch, tmp_path):
-    from dfkd import gpucheck
+    from dfkd.commands import gpucheck
 
     def no_runs(*args, **kwargs):
         raise AssertionError("gpu-check ran on a machine without a GPU")
@@ -39,7 +39,7 @@ def test_gpu_check_refuses_to_run_without_a_gpu_unless_tiny(capsys, monkeypatch,
 
 
 def test_gpu_check_replaces_the_runs_in_its_folder_only_with_overwrite(capsys, monkeypatch, tmp_path):
-    from dfkd import gpucheck
+    from dfkd.commands import gpucheck
 
     calls = []
 

@@ -284,7 +284,7 @@ def seed_summary(seed: int, best: float, last: float, status: str = "ok") -> dic
 
 
 def test_aggregate_seeds_by_hand():
-    from dfkd.bench import aggregate_seeds
+    from dfkd.commands.bench import aggregate_seeds
 
     runs = [seed_summary(0, 80.0, 78.0), seed_summary(1, 82.0, 80.0), seed_summary(2, 10.0, 10.0, "collapsed")]
     agg = aggregate_seeds(runs)
@@ -299,7 +299,7 @@ def test_aggregate_seeds_by_hand():
 
 
 def test_seed_table_marks_failed_seeds():
-    from dfkd.bench import format_seed_table
+    from dfkd.commands.bench import format_seed_table
 
     runs = [seed_summary(0, 80.0, 78.0), seed_summary(1, 10.0, 10.0, "collapsed")]
     table = format_seed_table("title", [("fashion-mnist/cudfkd-lenet5_bn-lenet5_half", runs)])
@@ -314,7 +314,7 @@ def test_seed_table_marks_failed_seeds():
 
 
 def test_seed_table_shows_the_last_epochs_class_entropy(tmp_path):
-    from dfkd.bench import format_seed_table
+    from dfkd.commands.bench import format_seed_table
 
     runs = []
     for seed, entropy in ((0, 0.9), (1, 0.5)):
@@ -334,7 +334,7 @@ def test_seed_table_shows_the_last_epochs_class_entropy(tmp_path):
 
 
 def test_parse_seeds():
-    from dfkd.cli import parse_seeds
+    from dfkd.commands.cli import parse_seeds
     from dfkd.errors import ConfigError
 
     assert parse_seeds("0,1,2") == [0, 1, 2]
@@ -345,7 +345,7 @@ def test_parse_seeds():
 
 
 def test_distill_seeds_runs_every_seed_and_reuses_them(capsys, data_root, teacher_run, tmp_path):
-    from dfkd.cli import main
+    from dfkd.commands.cli import main
 
     args = [
         "distill",
@@ -371,7 +371,7 @@ def test_distill_seeds_runs_every_seed_and_reuses_them(capsys, data_root, teache
 
 
 def test_distill_seeds_that_diverge_are_reported_as_failed(capsys, data_root, teacher_run, tmp_path):
-    from dfkd.cli import main
+    from dfkd.commands.cli import main
 
     args = ["distill", "--config", DEMO, "--seeds", "0,1", f"data.root={data_root}", f"teacher.weights={teacher_run}",
             f"out={tmp_path / 's'}", *TINY_DISTILL, "train.epochs=2", "train.lr=1e30"]  # fmt: skip
@@ -383,7 +383,7 @@ def test_distill_seeds_that_diverge_are_reported_as_failed(capsys, data_root, te
 
 
 def test_seed_report_means_the_seeds_that_did_not_fail():
-    from dfkd.cli import seed_report
+    from dfkd.commands.cli import seed_report
 
     # what a seed that diverged in its first epoch leaves: no evaluated epoch, so no score at all
     nothing = dict.fromkeys(("student_top1_best", "student_top1_last", "agreement_best", "agreement_last", "mu", "var"))
@@ -401,7 +401,7 @@ def test_seed_report_means_the_seeds_that_did_not_fail():
 
 
 def test_bench_with_seeds_marks_a_collapsed_cell(capsys, data_root, teacher_run, tmp_path):
-    from dfkd.cli import main
+    from dfkd.commands.cli import main
 
     args = tiny_bench_args(teacher_run, tmp_path, data_root, "--seeds", "0,1", *ABSURD)
     assert main(args) == 1  # the table, and the exit status of a suite with failed runs
@@ -413,8 +413,8 @@ def test_bench_with_seeds_marks_a_collapsed_cell(capsys, data_root, teacher_run,
 
 
 def test_demo_failure_is_plain_and_exits_non_zero(capsys, data_root, monkeypatch, tmp_path):
-    from dfkd import demo
-    from dfkd.cli import main
+    from dfkd.commands import demo
+    from dfkd.commands.cli import main
 
     monkeypatch.setenv("DFKD_DATA", str(data_root))
     monkeypatch.setitem(demo.SMOKE, "teacher", [*demo.SMOKE["teacher"], "data.val_size=64", "train.batch_size=64"])
@@ -428,8 +428,8 @@ def test_demo_failure_is_plain_and_exits_non_zero(capsys, data_root, monkeypatch
 
 
 def test_demo_success_prints_the_three_rows(capsys, data_root, monkeypatch, tmp_path):
-    from dfkd import demo
-    from dfkd.cli import main
+    from dfkd.commands import demo
+    from dfkd.commands.cli import main
 
     monkeypatch.setenv("DFKD_DATA", str(data_root))
     monkeypatch.setitem(demo.SMOKE, "teacher", [*demo.SMOKE["teacher"], "data.val_size=64", "train.batch_size=64"])

@@ -15,7 +15,7 @@ from helpers import TINY_DISTILL, assert_one_line_error, run_cli
 
 import dfkd
 from dfkd import load_config
-from dfkd.bench import TINY_METHOD
+from dfkd.commands.bench import TINY_METHOD
 from dfkd.engine import rundir as rundir_module
 from dfkd.errors import DataError, DfkdError
 
@@ -197,7 +197,7 @@ def pool_run(data_root, teacher_run, tmp_path_factory):
 
 def test_plot_a_pool_run_from_its_saved_pool(pool_run):
     pytest.importorskip("sklearn", reason="the plot extra (scikit-learn) is not installed")
-    from dfkd.plot import plot_run
+    from dfkd.commands.plot import plot_run
 
     numbers = plot_run(pool_run, real=20, synthetic=12, which="best")
     check_plot(pool_run, numbers, real=20, synthetic=12)
@@ -208,7 +208,7 @@ def test_plot_a_pool_run_from_its_saved_pool(pool_run):
 
 def test_plot_without_a_test_set_draws_synthetic_images_only(monkeypatch, pool_run):
     pytest.importorskip("sklearn", reason="the plot extra (scikit-learn) is not installed")
-    from dfkd import plot
+    from dfkd.commands import plot
 
     def no_files(*args, **kwargs):
         raise DataError("fashion-mnist test files not found")
@@ -220,8 +220,8 @@ def test_plot_without_a_test_set_draws_synthetic_images_only(monkeypatch, pool_r
 
 
 def test_a_method_without_images_synthesises_one_round_first():
+    from dfkd.commands.plot import draw_synthetic
     from dfkd.methods import Batch, Progress
-    from dfkd.plot import draw_synthetic
 
     class EmptyPool:
         name = "empty"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd.bench import TINY_METHOD
+from dfkd.commands.bench import TINY_METHOD
 from dfkd.data import DatasetInfo
 from dfkd.engine.env import Env
 from dfkd.methods import METHODS, Batch, Ctx, Progress

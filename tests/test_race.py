@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dfkd.race import accuracy_at, format_race_table, time_to, winner_at
+from dfkd.commands.race import accuracy_at, format_race_table, time_to, winner_at
 
 # (wall seconds at the end of an epoch, top-1 of that epoch)
 FAST = [(100.0, 60.0), (200.0, 76.0), (300.0, 81.0), (700.0, 79.0)]

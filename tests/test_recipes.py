@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfkd.bench import SUITES, suite_recipes
+from dfkd.commands.bench import SUITES, suite_recipes
 from dfkd.config import find_recipe, load_config, read_yaml, recipe_names
 from dfkd.data import build_augment, dataset_info
 from dfkd.engine.env import Env
@@ -94,7 +94,7 @@ def test_distill_recipe_builds_and_runs_one_round(name):
 def test_the_demo_recipe_keeps_its_robustness_settings():
     """Without warm-up, clipping and the SPL floor, one blown-up step froze the demo's student for good (BENCHMARKS.md:
     seeds 0 and 4 of five sat at 10 % for a whole run on a Xeon)."""
-    from dfkd.demo import DISTILL_RECIPE
+    from dfkd.commands.demo import DISTILL_RECIPE
 
     cfg = load_config("distill", DISTILL_RECIPE)
     assert cfg.method.name == "cudfkd" and cfg.method.spl_floor > 0

@@ -18,7 +18,7 @@ from helpers import run_cli as run
 from torch import nn
 
 import dfkd
-from dfkd.cli import main
+from dfkd.commands.cli import main
 from dfkd.config import find_recipe
 from dfkd.errors import ConfigError
 from dfkd.models import build_network
@@ -163,7 +163,7 @@ def test_plot_of_a_run_asks_for_trust_again(capsys, py_run):
     code, _, err = run(capsys, "plot", py_run, "--real", 0, "--synthetic", 6)
     assert_one_line_error(code, err, f"teacher.arch={PY_TEACHER} imports dfkd.examples.teachers")
     assert "--trust-code" in err and not (py_run / "plots" / "plot.json").exists()
-    from dfkd.plot import plot_run
+    from dfkd.commands.plot import plot_run
 
     with pytest.raises(ConfigError, match="trust_code=True in Python"):
         plot_run(py_run, real=0, synthetic=6)

@@ -20,8 +20,8 @@ import torch
 from helpers import TINY_DISTILL, assert_one_line_error, run_cli, save_png
 from torch import nn
 
-from dfkd.bench import TINY_METHOD
-from dfkd.cli import main
+from dfkd.commands.bench import TINY_METHOD
+from dfkd.commands.cli import main
 from dfkd.data import DatasetInfo, dataset_info, load_split
 from dfkd.engine.common import build_model
 from dfkd.engine.env import Env

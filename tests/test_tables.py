@@ -17,10 +17,8 @@ import pytest
 from helpers import assert_one_line_error, interrupted_after, make_cifar_like
 from helpers import run_cli as run
 
-from dfkd.config import recipe_names
-from dfkd.data import download as dl
-from dfkd.launch import CellJob, parse_devices, parse_job_options
-from dfkd.tables import (
+from dfkd.commands.launch import CellJob, parse_devices, parse_job_options
+from dfkd.commands.tables import (
     TABLE_SUITES,
     collect,
     format_tables,
@@ -30,6 +28,8 @@ from dfkd.tables import (
     select,
     write_tables,
 )
+from dfkd.config import recipe_names
+from dfkd.data import download as dl
 
 TINY_RUN = ["engine.progress=false", "engine.device=cpu", "engine.sample_every=0"]
 
@@ -391,7 +391,7 @@ class FakeSlurm:
 
 
 def test_slurm_runs_each_teachers_cells_after_that_teacher_alone(monkeypatch, tmp_path):
-    from dfkd import launch
+    from dfkd.commands import launch
 
     fake = FakeSlurm()
     monkeypatch.setattr(launch, "_executor", lambda launcher, root, options: fake)
@@ -410,7 +410,7 @@ def test_slurm_runs_each_teachers_cells_after_that_teacher_alone(monkeypatch, tm
 
 
 def test_the_local_executor_skips_the_cells_of_a_failed_teacher(monkeypatch, tmp_path):
-    from dfkd import launch
+    from dfkd.commands import launch
 
     class FailingTeacher(FakeSlurm):
         def submit(self, job):

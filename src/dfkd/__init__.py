@@ -13,16 +13,18 @@ Example:
     >>> student = dfkd.load_student(card["path"])        # takes [0, 1] images; student.card is the card
 """
 
+from dfkd._version import __version__
 from dfkd.config import load_config
 from dfkd.engine.distill import distill
 from dfkd.engine.evaluate import evaluate_weights
+from dfkd.engine.export import export_student
 from dfkd.engine.supervised import train_teacher
 from dfkd.errors import DfkdError
-from dfkd.export import export_student, load_student
+
+# Importing the methods fills dfkd.registry.METHODS, where the config finds each method's Config class.
 from dfkd.methods import METHODS, Batch, Ctx, Method, MethodConfig, Progress
 from dfkd.models import create_generator, create_model
-
-__version__ = "0.1.0"
+from dfkd.models.exported import load_student
 
 __all__ = [
     "METHODS",

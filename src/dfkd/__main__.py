@@ -1,5 +1,5 @@
 """``python -m dfkd`` (so that ``torchrun -m dfkd distill ...`` works)."""
 
-from dfkd.cli import main
+from dfkd.commands.cli import main
 
 raise SystemExit(main())

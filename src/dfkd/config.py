@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from dfkd.errors import ConfigError, closest
+from dfkd.registry import METHODS
 
 
 def choice(default: Any, *choices: Any) -> Any:
@@ -450,8 +451,6 @@ def to_yaml(obj: Any) -> str:
 
 
 def _build_method(data: Any) -> Any:
-    from dfkd.methods import METHODS
-
     if not isinstance(data, dict) or not data.get("name"):
         raise ConfigError("method.name is not set: name a method (`dfkd list methods`), e.g. method.name=cudfkd")
     method_cls = METHODS.get(str(data["name"]))

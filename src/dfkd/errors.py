@@ -14,6 +14,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# How a run ended, as its summary.json's ``status`` records it (set by the collapse guard, engine/guard.py). Here, at
+# the bottom, because the loader of an exported student reads it from the card too.
+STATUS_OK, STATUS_COLLAPSED, STATUS_DIVERGED = "ok", "collapsed", "diverged"
+FAILED_STATUSES = (STATUS_COLLAPSED, STATUS_DIVERGED)  # a run with one of these is not a result
+
 
 class DfkdError(Exception):
     """Bad input or an unusable state, explained in one line."""

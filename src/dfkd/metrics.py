@@ -73,3 +73,13 @@ def accuracy_curve_stats(acc: Sequence[float], start: int = 80, end: int | None 
     mu = math.fsum(window) / len(window)
     var = math.fsum((a - mu) ** 2 for a in window) / len(window)
     return {"best": best, "mu": mu, "var": var, "window": [start, end], "window_epochs": len(window)}
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value) of the non-None values."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None, None
+    mean = math.fsum(xs) / len(xs)
+    std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return mean, std

@@ -43,3 +43,10 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+
+# The methods' registry lives here, at the bottom, and not in dfkd.methods: the config (below the methods) finds the
+# Config class of the method a recipe names in it. Every method module registers itself when dfkd.methods is
+# imported, which importing the package dfkd does before anything else runs, so the table is full when a config is
+# built; the config never imports the methods.
+METHODS: Registry = Registry("method")

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from dfkd.data.datasets import DatasetInfo, dataset_info
 from dfkd.errors import ConfigError, DataError, closest
+from dfkd.models.loading import resolve_weights
 from dfkd.models.meta import TeacherMeta
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,6 @@ def checkpoint_record(weights: str | os.PathLike | None) -> dict:
     dict of tensors: the teacher loader that reads it says what is wrong with it)."""
     if not weights:
         return {}
-    from dfkd.engine.common import resolve_weights
-
     try:
         obj = torch.load(resolve_weights(str(weights)), map_location="cpu", weights_only=True)
     except Exception:  # missing, or not a weights-only torch file (TorchScript, foreign pickle): it states nothing

@@ -2,7 +2,7 @@
 
 Per epoch: ``rounds_per_epoch`` x (``method.synthesize`` then ``kd_steps`` student steps on ``method.next_batch``
 with ``method.student_loss``), then the learning-rate schedule, an evaluation on the real test set (with
-``data.name=none``: agreement with the teacher on held-out synthetic images, see :mod:`dfkd.engine.heldout`), a
+``data.name=none``: agreement with the teacher on held-out synthetic images, see :mod:`dfkd.methods.heldout`), a
 checkpoint and a line of metrics. Synthesis time and student time are accounted separately.
 
 Launch under torchrun for data parallelism::
@@ -36,29 +36,29 @@ from dfkd.data.datafree import (
 )
 from dfkd.engine.common import (
     build_model,
-    check_validation_slice,
     default_out,
     freeze,
     load_split_on_device,
     progress_bar,
-    resolve_weights,
     tensor_bytes,
 )
 from dfkd.engine.ema import StudentEMA
 from dfkd.engine.env import Env, setup_env
 from dfkd.engine.evaluate import predict, student_metrics
-from dfkd.engine.guard import STATUS_DIVERGED, STATUS_OK, CollapseGuard, collapse_reasons
-from dfkd.engine.heldout import HELDOUT_SPLIT, digest, synthesize_heldout
+from dfkd.engine.guard import CollapseGuard, collapse_reasons
 from dfkd.engine.meters import Meters, Stopwatch, first_non_finite, format_seconds
 from dfkd.engine.optim import build_optimizer, build_scheduler, warmup_factor
 from dfkd.engine.rundir import RunDir
 from dfkd.engine.seed import gather_rng_states, restore_rng_states, seed_everything
+from dfkd.engine.supervised import check_validation_slice
 from dfkd.engine.tblog import TensorBoardLog
-from dfkd.errors import ConfigError, DivergedError
+from dfkd.errors import STATUS_DIVERGED, STATUS_OK, ConfigError, DivergedError
 from dfkd.images import plot_curves, save_grid
 from dfkd.methods import METHODS, Ctx, Method, Progress
+from dfkd.methods.heldout import HELDOUT_SPLIT, digest, synthesize_heldout
 from dfkd.metrics import accuracy_curve_stats, top1_percent
 from dfkd.models import MODELS, build_network
+from dfkd.models.loading import resolve_weights
 from dfkd.models.meta import TeacherMeta, teacher_meta
 from dfkd.models.sources import is_external_arch
 from dfkd.sysinfo import cpu_model

@@ -1,12 +1,23 @@
-"""Evaluation on the real test set."""
+"""Evaluation on the real test set, and `dfkd eval` of a checkpoint or an export."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor, nn
 
-from dfkd.data import to_float
+from dfkd.data import dataset_info, to_float
+from dfkd.data.datafree import FOLDER, NO_DATA, checkpoint_meta, load_image_folder, resolve_dataset_info
+from dfkd.engine.common import build_model, load_split_on_device
+from dfkd.engine.env import setup_env
+from dfkd.errors import ConfigError
 from dfkd.metrics import agreement_percent, prob_loyalty, prob_loyalty_reference, top1_percent
+from dfkd.models import read_weights
+from dfkd.models.exported import find_card, load_student
+from dfkd.models.loading import resolve_weights
+from dfkd.models.meta import teacher_meta
+from dfkd.models.sources import is_external_arch
 
 
 @torch.inference_mode()
@@ -42,13 +53,6 @@ def evaluate_weights(cfg) -> dict:
     With ``data.name=folder`` the test set is the image folder in ``data.root``, its classes, image shape and
     normalisation those the checkpoint or the export's card records (or the ``data`` config gives).
     """
-    from dfkd.data.datafree import NO_DATA, checkpoint_meta
-    from dfkd.engine.common import build_model, resolve_weights
-    from dfkd.engine.env import setup_env
-    from dfkd.errors import ConfigError
-    from dfkd.export import find_card
-    from dfkd.models import read_weights
-
     if not cfg.model.weights:
         raise ConfigError("no weights to evaluate: pass --weights CKPT (or model.weights=CKPT)")
     card_path = find_card(cfg.model.weights)
@@ -74,12 +78,6 @@ def evaluate_weights(cfg) -> dict:
 
 
 def _evaluate_export(cfg, card_path) -> dict:
-    from dfkd.data.datafree import NO_DATA
-    from dfkd.engine.env import setup_env
-    from dfkd.errors import ConfigError
-    from dfkd.export import load_student
-    from dfkd.models.meta import teacher_meta
-
     model = load_student(card_path, trust_code=cfg.trust_code)
     card = model.card
     if cfg.model.arch and cfg.model.arch != card["architecture"]:
@@ -112,11 +110,6 @@ def _evaluate_export(cfg, card_path) -> dict:
 def _test_info(cfg, data: str, meta):
     """The facts of the test set: a registered dataset's, or with data.name=folder those the checkpoint or export
     states (``meta``, a :class:`~dfkd.models.meta.TeacherMeta`) with the ``data`` config and the class folders."""
-    import dataclasses
-
-    from dfkd.data import dataset_info
-    from dfkd.data.datafree import FOLDER, resolve_dataset_info
-
     if data == FOLDER:
         return resolve_dataset_info(dataclasses.replace(cfg.data, name=FOLDER), meta)
     return dataset_info(data)
@@ -124,9 +117,6 @@ def _test_info(cfg, data: str, meta):
 
 def _load_test_set(cfg, info, env) -> tuple[Tensor, Tensor]:
     """The test images and labels on the device: the image folder in data.root, or the dataset's test split."""
-    from dfkd.data.datafree import FOLDER, load_image_folder
-    from dfkd.engine.common import load_split_on_device
-
     if info.name == FOLDER:
         images, labels = load_image_folder(cfg.data.root, info)
         return images.to(env.device), labels.to(env.device)
@@ -134,8 +124,6 @@ def _load_test_set(cfg, info, env) -> tuple[Tensor, Tensor]:
 
 
 def _no_test_set(what: str):
-    from dfkd.errors import ConfigError
-
     return ConfigError(
         f"{what} was distilled without data (data.name=none): there is no test set to score it on; pass "
         "data.name=folder data.root=DIR (a folder of labelled images) or a registered dataset (data.name=NAME)"
@@ -144,12 +132,6 @@ def _no_test_set(what: str):
 
 def _with_teacher(cfg, result: dict, logits: Tensor, test_x: Tensor, test_y: Tensor, info, env) -> dict:
     """``result`` plus the metrics of ``logits``, and with ``teacher.weights`` the agreement with that teacher."""
-    from dfkd.data.datafree import FOLDER
-    from dfkd.engine.common import build_model, resolve_weights
-    from dfkd.errors import ConfigError
-    from dfkd.models import read_weights
-    from dfkd.models.sources import is_external_arch
-
     teacher_logits = None
     if cfg.teacher.weights or is_external_arch(cfg.teacher.arch):
         t_path = resolve_weights(cfg.teacher.weights) if cfg.teacher.weights else None

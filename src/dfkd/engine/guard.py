@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from dfkd.errors import STATUS_COLLAPSED, STATUS_OK
 from dfkd.metrics import top1_percent
 
 KAPPA_MIN = 0.02
@@ -38,9 +39,6 @@ ONE_CLASS_SHARE = 0.9
 ZERO_LOSS = 1e-6  # a loss this small over a whole epoch moves no weight: the student is frozen
 TEACHER_KAPPA_MIN = 0.05
 MIN_STEPS = 100
-
-STATUS_OK, STATUS_COLLAPSED, STATUS_DIVERGED = "ok", "collapsed", "diverged"
-FAILED_STATUSES = (STATUS_COLLAPSED, STATUS_DIVERGED)  # a run with one of these is not a result
 
 
 def class_shares(logits: Tensor, num_classes: int) -> Tensor:

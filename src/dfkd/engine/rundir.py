@@ -250,6 +250,14 @@ def read_summary(path: Path) -> dict | None:
     return summary
 
 
+def scored_by(summaries: list[dict]) -> tuple[str, str]:
+    """What a suite's runs are compared by: (summary key prefix, name). Top-1 on labelled data; agreement with the
+    teacher on held-out synthetic images for runs without data (``data.name=none``)."""
+    if summaries and all(s.get("curve_metric") == "eval/agreement" for s in summaries):
+        return "agreement", "agreement"
+    return "student_top1", "top-1"
+
+
 Content = bytes | Callable[[BinaryIO], None]
 
 

@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dfkd.config import TeacherTrainConfig, to_dict, to_yaml
-from dfkd.data import TensorLoader, build_augment, dataset_info
+from dfkd.data import DATASETS, TensorLoader, build_augment, dataset_info, source_dataset
+from dfkd.data.datafree import is_data_free
 from dfkd.engine.common import build_model, default_out, load_split_on_device, progress_bar
 from dfkd.engine.env import Env, setup_env
 from dfkd.engine.evaluate import predict
@@ -23,6 +24,7 @@ from dfkd.engine.tblog import TensorBoardLog
 from dfkd.errors import ConfigError, DivergedError
 from dfkd.images import plot_curves, save_grid
 from dfkd.metrics import top1_percent
+from dfkd.models.loading import resolve_weights
 
 log = logging.getLogger("dfkd")
 
@@ -211,3 +213,55 @@ def _train(
         run.last,
     )
     return summary
+
+
+def check_validation_slice(data_cfg, eval_split: str, teacher_weights: str | None) -> None:
+    """eval.split=val chooses the best epoch on data.val_size images held out of the training split: images the
+    teacher must never have trained on. A `dfkd train-teacher` checkpoint records the slice it held out and is checked
+    (ConfigError when the run's slice reaches into the teacher's training images); any other teacher gets a warning
+    that this could not be checked."""
+    if eval_split != "val" or is_data_free(data_cfg.name):
+        return
+    name, size = data_cfg.name, data_cfg.val_size
+    trained = _training_split(teacher_weights)
+    if trained is None:
+        log.warning(
+            "eval.split=val: the teacher%s does not record which images it trained on; if they include %s's training "
+            "split, the validation slice (data.val_size=%d) holds images it has seen, and the best epoch is chosen on "
+            "them",
+            f" {teacher_weights}" if teacher_weights else "",
+            name,
+            size,
+        )
+        return
+    dataset, held_out = trained
+    if source_dataset(dataset) != source_dataset(name) or held_out >= size:
+        return  # other images, or the slice lies within the images the teacher held out (one permutation for all)
+    if held_out == 0:
+        raise ConfigError(
+            f"eval.split=val: the teacher {teacher_weights} trained on the whole training split of {dataset} "
+            f"(data.val_size=0), so the validation slice (data.val_size={size}) is made of its training images: "
+            f"use eval.split=test, or a teacher trained with data.val_size={size}"
+        )
+    raise ConfigError(
+        f"eval.split=val: the teacher {teacher_weights} held out {held_out} images of {dataset}'s training split "
+        f"(its data.val_size) and trained on the rest, so a validation slice of data.val_size={size} holds "
+        f"{size - held_out} of its training images: set data.val_size={held_out} or less, or eval.split=test"
+    )
+
+
+def _training_split(weights: str | None) -> tuple[str, int] | None:
+    """``(dataset, data.val_size)`` of the images a `dfkd train-teacher` checkpoint trained on; None for any other
+    file (a zoo or foreign checkpoint, a distilled student) and for no file."""
+    if not weights:
+        return None
+    path = resolve_weights(weights)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a weights-only torch file: the teacher's loader says what is wrong with it
+        return None
+    config = ckpt.get("config") if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT else None
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict) or data.get("name") not in DATASETS or not isinstance(data.get("val_size"), int):
+        return None
+    return data["name"], data["val_size"]

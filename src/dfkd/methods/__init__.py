@@ -1,7 +1,8 @@
 """Data-free distillation methods: one file each, registered by name.
 
 Adding a method is one file in this package with a ``@METHODS.register("name")`` class; every module here is
-imported on first use, so nothing else changes.
+imported on first use, so nothing else changes. Beside the methods: ``base.py`` (the interface and the templates
+they share) and ``heldout.py`` (the held-out synthetic set by which a run without data scores its student).
 """
 
 import importlib
@@ -21,7 +22,7 @@ from dfkd.methods.base import (
 )
 from dfkd.methods.registry import METHODS
 
-_INFRASTRUCTURE = {"base", "registry"}
+_INFRASTRUCTURE = {"base", "heldout", "registry"}  # modules that are no method
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")

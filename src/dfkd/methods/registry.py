@@ -1,5 +1,6 @@
-"""The method registry (its own module so method files can import it without a cycle)."""
+"""The method registry, where each method file registers its class: :data:`dfkd.registry.METHODS`, defined in the
+bottom layer so that the config can look a method's ``Config`` up in it without importing the methods."""
 
-from dfkd.registry import Registry
+from dfkd.registry import METHODS
 
-METHODS: Registry = Registry("method")
+__all__ = ["METHODS"]

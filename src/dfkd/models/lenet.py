@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from dfkd.errors import DfkdError
-from dfkd.models import MODELS
+from dfkd.models.registry import MODELS
 
 
 def _features(in_channels: int, widths: tuple[int, int, int], batch_norm: bool) -> nn.Sequential:

@@ -39,9 +39,9 @@ import torch
 from torch import Tensor, nn
 
 from dfkd.errors import ConfigError, closest
-from dfkd.models import MODELS
-from dfkd.models.loading import _last_linear, load_weights, read_weights
 from dfkd.models.meta import TeacherMeta, attach_meta, teacher_meta
+from dfkd.models.registry import MODELS
+from dfkd.models.weights import _last_linear, load_weights, read_weights
 
 SOURCES = ("timm", "torchvision", "hub", "torchscript", "py")
 _HTTP_LIBRARIES = {"requests", "urllib3", "httpx", "httpcore", "huggingface_hub"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dfkd.models import MODELS
+from dfkd.models.registry import MODELS
 
 
 class TinyCNN(nn.Module):

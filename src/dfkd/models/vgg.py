@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfkd.models import MODELS
+from dfkd.models.registry import MODELS
 
 # Configuration "A" (VGG-11): the conv widths of each group.
 _VGG11 = ((64,), (128,), (256, 256), (512, 512), (512, 512))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfkd.errors import ConfigError
-from dfkd.models import MODELS
+from dfkd.models.registry import MODELS
 
 
 class PreActBlock(nn.Module):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dfkd.bench import SUITES, capped_synthesis, suite_recipes, tiny_distill_overrides
+from dfkd.commands.bench import SUITES, capped_synthesis, suite_recipes, tiny_distill_overrides
 from dfkd.config import load_config
 from dfkd.engine.distill import distill
 from dfkd.engine.rundir import check_run_dirs_free, read_summary

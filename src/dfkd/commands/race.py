@@ -21,9 +21,10 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from dfkd.bench import mean_std, scored_by
 from dfkd.engine.meters import format_seconds
+from dfkd.engine.rundir import scored_by
 from dfkd.images import pyplot
+from dfkd.metrics import mean_std
 from dfkd.sysinfo import cpu_model
 
 THRESHOLDS = (70.0, 75.0, 80.0, 85.0)

@@ -12,10 +12,10 @@ of *cells*, each one run folder under ``OUT``:
   pair's teacher.
 
 A cell that finished is reused, an interrupted one resumes from its ``ckpt/last.pt``, a cell made with other
-settings is refused (:func:`dfkd.bench.run_once`). The tables are assembled from whatever cells have finished:
+settings is refused (:func:`dfkd.commands.bench.run_once`). The tables are assembled from whatever cells have finished:
 ``table.md`` (the headline, last epoch, and the paper's convention, best epoch chosen on the test set, beside the
 published number), ``cost.md`` and ``table.json``. A collapsed, diverged or crashed seed is marked and never
-averaged in. Where the cells run (here, one per device, or as a submitit job array) is :mod:`dfkd.launch`.
+averaged in. Where the cells run (here, one per device, or as a submitit job array) is :mod:`dfkd.commands.launch`.
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ from pathlib import Path
 
 import torch
 
-from dfkd.bench import mean_std, run_once, settings_changed, tiny_distill_overrides
+from dfkd.commands.bench import run_once, settings_changed, tiny_distill_overrides
 from dfkd.config import TABLES_DIR, find_recipe, load_config, read_yaml, recipe_names, recipe_root
 from dfkd.data import DATASETS, candidate_roots, dataset_info
 from dfkd.engine.distill import distill
 from dfkd.engine.env import setup_env
-from dfkd.engine.guard import STATUS_OK
 from dfkd.engine.meters import format_seconds
 from dfkd.engine.rundir import read_summary
 from dfkd.engine.supervised import train_teacher
-from dfkd.errors import ConfigError, DfkdError, closest
+from dfkd.errors import STATUS_OK, ConfigError, DfkdError, closest
+from dfkd.metrics import mean_std
 from dfkd.models import create_model
 from dfkd.sysinfo import cpu_model
 

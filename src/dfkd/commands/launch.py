@@ -22,9 +22,9 @@ import threading
 import traceback
 from pathlib import Path
 
+from dfkd.commands.tables import Cell, Selection, check_data, plan_cells, record_result, run_cell, write_tables
 from dfkd.engine.common import progress_bar
 from dfkd.errors import ConfigError, DfkdError, closest
-from dfkd.tables import Cell, Selection, check_data, plan_cells, record_result, run_cell, write_tables
 
 log = logging.getLogger("dfkd")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +20,12 @@ import yaml
 from dfkd.config import build_config, load_config, read_yaml, recipe_names, to_dict
 from dfkd.engine.distill import best_label, distill
 from dfkd.engine.meters import format_seconds
-from dfkd.engine.rundir import read_summary
+from dfkd.engine.rundir import read_summary, scored_by
 from dfkd.engine.supervised import train_teacher
 from dfkd.errors import ConfigError, DivergedError, closest
 from dfkd.images import plot_seed_curves
 from dfkd.methods import METHODS
+from dfkd.metrics import mean_std
 from dfkd.sysinfo import cpu_model
 
 log = logging.getLogger("dfkd")
@@ -153,7 +153,7 @@ def run_suite(
 
     Without ``seeds`` each recipe runs once (at its own ``engine.seed``) into ``OUT/<recipe>``; with seeds, each
     recipe runs once per seed into ``OUT/<recipe>/seed<N>`` and its row is the mean ± std over the seeds. With a
-    ``budget`` (seconds) every run stops at that wall time and the suite is also a race (:mod:`dfkd.race`).
+    ``budget`` (seconds) every run stops at that wall time and the suite is also a race (:mod:`dfkd.commands.race`).
     """
     if name not in SUITES:
         raise ConfigError(f"unknown bench suite '{name}'{closest(name, SUITES)}; suites: {', '.join(SUITES)}")
@@ -188,7 +188,7 @@ def run_suite(
     root.mkdir(parents=True, exist_ok=True)
     (root / "table.md").write_text(table + "\n")
     if budget is not None:
-        from dfkd.race import write_race
+        from dfkd.commands.race import write_race
 
         table += "\n\n" + write_race(root, suite.description, cells, budget)
     failed = [s["run_dir"] for _, summaries in cells for s in summaries if s.get("status", "ok") != "ok"]
@@ -246,16 +246,6 @@ def _curve(summary: dict) -> list[float]:
 AGGREGATED = ("student_top1_best", "student_top1_last", "agreement_best", "agreement_last", "mu", "var")
 
 
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (n - 1; 0 for a single value) of the non-None values."""
-    xs = [v for v in values if v is not None]
-    if not xs:
-        return None, None
-    mean = math.fsum(xs) / len(xs)
-    std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return mean, std
-
-
 def aggregate_seeds(summaries: list[dict]) -> dict:
     """Mean ± std over the seeds that did not fail of last and best top-1, agreement and the curve's μ/σ², and the
     failed seeds: a collapsed or diverged seed is counted and named, never averaged in."""
@@ -269,14 +259,6 @@ def aggregate_seeds(summaries: list[dict]) -> dict:
     out["diverged"] = statuses.count("diverged")
     out["failed_seeds"] = [s.get("seed") for s, st in zip(summaries, statuses) if st != "ok"]
     return out
-
-
-def scored_by(summaries: list[dict]) -> tuple[str, str]:
-    """What a suite's runs are compared by: (summary key prefix, name). Top-1 on labelled data; agreement with the
-    teacher on held-out synthetic images for runs without data (``data.name=none``)."""
-    if summaries and all(s.get("curve_metric") == "eval/agreement" for s in summaries):
-        return "agreement", "agreement"
-    return "student_top1", "top-1"
 
 
 def result_columns(summaries: list[dict]) -> tuple[str, ...]:
