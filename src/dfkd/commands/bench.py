@@ -195,14 +195,15 @@ def run_suite(
     return table, failed
 
 
-def run_once(recipe: str, run: Path, overrides: list[str]) -> dict:
-    """One distillation into ``run``: reused when it finished, resumed when it was interrupted.
+def run_once(recipe: str, run: Path, overrides: list[str], kind: str = "distill") -> dict:
+    """One distillation (or, with ``kind="train-teacher"``, one network trained on real data) into ``run``: reused
+    when it finished, resumed when it was interrupted.
 
     A run that diverged has written its summary (status ``diverged``) and is reported, not retried. A run made with
     other settings (``settings_changed``) raises ConfigError: its folder is left as it is.
     """
-    cfg = load_config("distill", recipe, [*overrides, f"out={run}"])
-    changed = settings_changed(run, cfg)
+    cfg = load_config(kind, recipe, [*overrides, f"out={run}"])
+    changed = settings_changed(run, cfg, kind)
     if changed:
         shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
         raise ConfigError(
@@ -215,7 +216,8 @@ def run_once(recipe: str, run: Path, overrides: list[str]) -> dict:
         last = (run / "ckpt" / "last.pt").is_file()
         try:
             # a folder without a checkpoint holds no result (a run that failed before its first epoch ended)
-            summary = distill(cfg, resume=last, overwrite=not last and run.exists())
+            train = distill if kind == "distill" else train_teacher
+            summary = train(cfg, resume=last, overwrite=not last and run.exists())
         except DivergedError as exc:
             log.warning("bench: %s", exc)
             summary = _finished(run)

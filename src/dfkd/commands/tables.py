@@ -36,7 +36,6 @@ from dfkd.engine.distill import distill
 from dfkd.engine.env import setup_env
 from dfkd.engine.meters import format_seconds
 from dfkd.engine.rundir import read_summary
-from dfkd.engine.supervised import train_teacher
 from dfkd.errors import STATUS_OK, ConfigError, DfkdError, closest
 from dfkd.metrics import mean_std
 from dfkd.models import create_model
@@ -297,17 +296,9 @@ def run_cell(cell: Cell, root: str | Path, device: str | None = None) -> dict:
     root = Path(root)
     run = root / cell.run
     extra = [f"engine.device={device}"] if device else []
-    if not cell.supervised:
-        return run_once(cell.recipe, run, [*cell.overrides, *_teacher_override(cell, root), *extra])
-    cfg = load_config("train-teacher", cell.recipe, [*cell.overrides, *extra, f"out={run}"])
-    changed = settings_changed(run, cfg, "train-teacher")
-    if changed:
-        raise ConfigError(f"{run} holds a run made with other settings ({'; '.join(changed[:3])}): delete it to rerun")
-    summary = _finished(run)
-    if summary is None:
-        last = (run / "ckpt" / "last.pt").is_file()
-        summary = train_teacher(cfg, resume=last, overwrite=not last and run.exists())
-    return summary
+    if cell.supervised:
+        return run_once(cell.recipe, run, [*cell.overrides, *extra], "train-teacher")
+    return run_once(cell.recipe, run, [*cell.overrides, *_teacher_override(cell, root), *extra])
 
 
 def _teacher_override(cell: Cell, root: Path) -> list[str]:
@@ -315,11 +306,6 @@ def _teacher_override(cell: Cell, root: Path) -> list[str]:
     if cell.needs is None:
         return []
     return [f"teacher.weights={root / cell.needs}"]
-
-
-def _finished(run: Path) -> dict | None:
-    """The run's summary, None while it has not finished; a damaged one is a one-line error."""
-    return read_summary(run)
 
 
 ERRORS = "errors"  # OUT/errors/<run with / as __>.txt: why a cell crashed (removed when it later succeeds)
@@ -342,7 +328,7 @@ def record_result(root: Path, cell: Cell, error: str | None) -> None:
 def cell_result(root: Path, cell: Cell) -> dict:
     """The state of a cell in OUT: ``{"state": "done", "summary": ...}``, ``error`` (with its reason), ``missing``."""
     try:
-        summary = _finished(root / cell.run)
+        summary = read_summary(root / cell.run)
     except DfkdError as exc:  # a damaged summary.json: the cell is reported, the table still assembled
         return {"state": "error", "reason": str(exc)}
     if summary is not None:
@@ -744,10 +730,11 @@ def time_distill(
     replaced, one made with these is reused."""
     overrides, n = _plan_overrides(recipe, info, rounds, extra, batch)
     cfg = load_config("distill", recipe, [*overrides, f"out={run}", "teacher.weights=null"])
-    if _finished(run) is None or settings_changed(run, cfg):
+    summary = read_summary(run)
+    if summary is None or settings_changed(run, cfg):
         torch.manual_seed(0)
         teacher = create_model(cfg.teacher.arch, info.num_classes, info.image_shape[0])
-        distill(cfg, teacher=teacher, overwrite=run.exists())
+        summary = distill(cfg, teacher=teacher, overwrite=run.exists())
     warm, timed = (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[:2])
     g_steps, kd_steps = rounds * n["g_timed"], rounds * n["kd_timed"]
     synthesis_scale = n["synthesis_batch"] / n["synthesis_batch_timed"]
@@ -778,7 +765,7 @@ def time_distill(
             "evaluation": evaluation,
         },
         "timed_batch": n["batch_timed"],
-        "device": _finished(run)["device"],
+        "device": summary["device"],
     }
 
 
