@@ -293,3 +293,11 @@ def test_a_validation_slice_the_teacher_trained_on_is_refused(data_root, teacher
         torch.save(torch.load(teacher_run / "ckpt" / "last.pt", weights_only=True)["state_dict"], bare)
         (warning,) = warnings_for(bare, 64)
         assert "does not record which images it trained on" in warning and "data.val_size=64" in warning
+
+
+@pytest.mark.parametrize(("split", "where"), [("test", "test"), ("val", "validation")])
+def test_the_first_log_line_names_the_split_the_teacher_was_scored_on(data_root, teacher_run, tmp_path, split, where):
+    from dfkd.engine.distill import _evaluation_text
+
+    cfg = distill_cfg(data_root, teacher_run, tmp_path / "run", f"eval.split={split}", "data.val_size=64")
+    assert _evaluation_text(cfg, torch.zeros(5, 4), 91.0) == f"teacher top-1 91.00% on 5 {where} images"

@@ -591,7 +591,8 @@ def _evaluation_text(cfg, teacher_logits: torch.Tensor, teacher_top1: float | No
     """What the run is scored on, for the first log line."""
     n = len(teacher_logits)
     if teacher_top1 is not None:
-        return f"teacher top-1 {teacher_top1:.2f}% on {n} {'folder' if is_data_free(cfg.data.name) else 'test'} images"
+        where = "folder" if is_data_free(cfg.data.name) else ("validation" if cfg.eval.split == "val" else "test")
+        return f"teacher top-1 {teacher_top1:.2f}% on {n} {where} images"
     # how well the held-out set was made: the teacher's top-1 against the class each image was optimised toward
     targets = torch.arange(n, device=teacher_logits.device) % teacher_logits.shape[1]
     return (
