@@ -1,5 +1,5 @@
 """Datasets as in-memory uint8 tensors (downloaded by ``dfkd data get``), batched loading, per-sample device-side
-augmentation, the synthetic pool."""
+augmentation, batch mixing (mixup, CutMix), the synthetic pool."""
 
 from dfkd.data.augment import (
     AUGMENTATIONS,
@@ -25,11 +25,13 @@ from dfkd.data.datasets import (
 )
 from dfkd.data.download import REMOTE, RemoteFile, get_dataset
 from dfkd.data.loader import TensorLoader, to_float, to_uint8
+from dfkd.data.mixing import MIXES, box_mask, cutmix, mix_batch, mixup
 from dfkd.data.pool import RingStore, SyntheticPool
 
 __all__ = [
     "AUGMENTATIONS",
     "DATASETS",
+    "MIXES",
     "Augment",
     "DatasetInfo",
     "REMOTE",
@@ -37,16 +39,20 @@ __all__ = [
     "RingStore",
     "SyntheticPool",
     "TensorLoader",
+    "box_mask",
     "build_augment",
     "candidate_roots",
     "clear_cache",
     "crop_flip",
+    "cutmix",
     "dataset_info",
     "dataset_names",
     "default_root",
     "get_dataset",
     "load_dataset",
     "load_split",
+    "mix_batch",
+    "mixup",
     "random_crop",
     "random_hflip",
     "random_resized_crop",

@@ -39,6 +39,7 @@ class NovelGeneratorMethod(GeneratorMethod):
     def __init__(self, cfg: NovelGeneratorConfig, ctx: Ctx):
         super().__init__(cfg, ctx, generator=replay_generator(cfg.generator, cfg.nz, cfg.ngf, ctx.info.image_shape))
         self.replay_batch_size = cfg.replay_batch_size or max(1, ctx.batch_size // 8)
+        self.refuse_student_batch_options(f"{self.name}'s replay memory")
         self.feature_hook = self.penultimate_features(cfg.act)
 
     def generator_loss(self, x: Tensor, prog: Progress) -> tuple[Tensor, Tensor, dict[str, Tensor]]:

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from dfkd.config import choice
-from dfkd.data import DatasetInfo, build_augment
+from dfkd.data import AUGMENTATIONS, DatasetInfo, build_augment
+from dfkd.data.mixing import MIXES, mix_batch
 from dfkd.data.pool import SyntheticPool
 from dfkd.errors import ConfigError, DfkdError
 from dfkd.hooks import InputHook
@@ -283,9 +284,38 @@ class GeneratorConfig(MethodConfig):
     # the student's mode during the generator step: eval (the CMI benchmark) or train (ZSKT's, DFAD's, MB-DFKD's and
     # PRE-DFKD's own code: the student's BatchNorm normalises with batch statistics and updates its running ones)
     g_student_mode: str = choice("eval", "eval", "train")
+    # student-batch options (dfkd's, for every generator method; all off by default; see GeneratorMethod):
+    replay: float = 0.0  # fraction of each student batch drawn from a pool of past generated images, in [0, 1)
+    pool_size: int = 8192  # images the replay pool keeps (uint8 on the device; FIFO: the oldest are replaced first)
+    reuse: int = 1  # consecutive student steps of a round that one generated batch serves (>= 1)
+    student_augment: str = choice("none", *AUGMENTATIONS)  # applied to every student batch, fresh and replayed
+    student_padding: int = 4  # crop padding of student_augment (crop, crop_flip)
+    mix: str = choice("none", *MIXES)  # mix each student batch with a shuffled copy of itself; the teacher labels it
+    mix_alpha: float = 1.0  # lambda ~ Beta(mix_alpha, mix_alpha)
 
     def __post_init__(self) -> None:
         check_steps(self.g_steps)
+        check_student_batch_options(self)
+
+
+def check_student_batch_options(cfg: GeneratorConfig) -> None:
+    """The student-batch options in range (a config check: raised as a one-line config error)."""
+    if not 0 <= cfg.replay < 1:
+        raise ValueError(f"replay={cfg.replay}: the replayed fraction of a student batch is in [0, 1)")
+    if cfg.pool_size < 1:
+        raise ValueError(f"pool_size={cfg.pool_size}: the replay pool keeps at least one image (give >= 1)")
+    if cfg.reuse < 1:
+        raise ValueError(f"reuse={cfg.reuse}: a generated batch serves at least one student step (give >= 1)")
+    if cfg.student_padding < 0:
+        raise ValueError(f"student_padding={cfg.student_padding}: give 0 or more")
+    if not cfg.mix_alpha > 0:
+        raise ValueError(f"mix_alpha={cfg.mix_alpha}: the Beta distribution needs mix_alpha > 0")
+
+
+def student_batch_options(cfg: GeneratorConfig) -> list[str]:
+    """The student-batch options set away from their defaults, as recipe keys (``["replay=0.5", ...]``)."""
+    defaults = {"replay": 0.0, "reuse": 1, "student_augment": "none", "mix": "none"}
+    return [f"{k}={getattr(cfg, k)}" for k, v in defaults.items() if getattr(cfg, k) != v]
 
 
 class GeneratorMethod(Method):
@@ -297,6 +327,34 @@ class GeneratorMethod(Method):
     :meth:`generator_loss`, student frozen), serves student batches from it (generator BatchNorm in
     ``cfg.sample_mode``), keeps a fixed latent batch for the sample grid and saves the optimiser with checkpoints.
     A method file then holds its algorithm only: its generator loss, and its student batches and loss if they differ.
+
+    Student-batch options (dfkd's, off by default, where the default path is the plain fresh batch above):
+
+    - ``replay`` (in [0, 1)): a fraction ``replay`` of each student batch is drawn uniformly, without replacement
+      within a batch, from a pool of past generated images, the rest (``B - round(B * replay)``, at least one image)
+      is freshly generated; fresh images join the pool after the draw. While the pool holds fewer images than the
+      replayed share, the difference is generated fresh. The pool (:class:`~dfkd.data.pool.SyntheticPool`) keeps
+      the last ``pool_size`` images (FIFO) as uint8 on the device, so replayed images reach the student 8-bit (an
+      error of at most 1/510 on images in [0, 1]; fresh ones are not quantised). It is saved with checkpoints, so a
+      resumed run goes on exactly; under DDP each rank keeps its own. CMI (Fang et al., "Contrastive Model Inversion
+      for Data-Free Knowledge Distillation", IJCAI 2021, arXiv 2105.08584) and FastDFKD (Fang et al., "Up to 100x
+      Faster Data-free Knowledge Distillation", AAAI 2022, arXiv 2112.06253) train the student on such a memory of
+      past synthetic images.
+    - ``reuse`` (>= 1): one generated batch serves ``reuse`` consecutive student steps of a round (generated at the
+      round's steps 0, reuse, 2 * reuse, ...; a batch never outlives its round, so nothing is carried across a
+      generator step or a checkpoint), cutting generator forwards per student step by that factor. The replayed
+      share is drawn anew at every step.
+    - ``student_augment`` (a :data:`~dfkd.data.AUGMENTATIONS` name, crop padding ``student_padding``): a fresh
+      random augmentation of every student batch, fresh and replayed images alike, at every step (so reused batches
+      differ from step to step).
+    - ``mix`` (none, mixup, cutmix; lambda ~ Beta(``mix_alpha``, ``mix_alpha``)): the batch, after augmentation, is
+      mixed with a shuffled copy of itself (:func:`~dfkd.data.mixing.mix_batch`). Student losses that run the teacher
+      on ``batch.x`` then distil on the mixed images: the function matching of Beyer et al., "Knowledge
+      distillation: A good teacher is patient and consistent", CVPR 2022 (arXiv 2106.05237).
+
+    All their draws come from torch's global RNG on the method's device, which the engine saves with checkpoints.
+    A method whose own student batches bypass :meth:`next_batch` refuses the options
+    (:meth:`refuse_student_batch_options`).
     """
 
     def __init__(self, cfg: Any, ctx: Ctx, generator: nn.Module | None = None, init: bool = False):
@@ -310,6 +368,19 @@ class GeneratorMethod(Method):
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g))
         self.synthesis_batch_size = cfg.synthesis_batch_size or ctx.batch_size
         self.register_buffer("preview_z", torch.randn(64, cfg.nz, device=ctx.env.device))
+        self.batch_options = bool(student_batch_options(cfg))
+        self.replay_pool = SyntheticPool(ctx.info.image_shape, cfg.pool_size, ctx.env.device) if cfg.replay else None
+        self.student_augment = build_augment(cfg.student_augment, padding=cfg.student_padding)
+        self._held: Tensor | None = None  # the generated share of the student batch, reused for `reuse` steps
+
+    def refuse_student_batch_options(self, why: str) -> None:
+        """Raise a one-line config error when a student-batch option is set and ``why`` (a setting of the method,
+        or its name) makes the student batches without :meth:`next_batch`, where the options would be ignored."""
+        if self.batch_options:
+            raise ConfigError(
+                f"{self.name}: {why} makes its own student batches, so {', '.join(student_batch_options(self.cfg))} "
+                "would be ignored; leave method.replay, reuse, student_augment and mix at their defaults"
+            )
 
     def sample_z(self, n: int) -> Tensor:
         return torch.randn(n, self.cfg.nz, device=self.device)
@@ -362,7 +433,25 @@ class GeneratorMethod(Method):
     def next_batch(self, prog: Progress) -> Batch:
         """A fresh batch from the generator, its BatchNorm in ``cfg.sample_mode`` (running statistics by default)."""
         self.generator.train(self.cfg.sample_mode == "train")
-        return Batch(x=self.generate(self.ctx.batch_size))
+        if not self.batch_options:
+            return Batch(x=self.generate(self.ctx.batch_size))
+        return Batch(x=self.ctx.env.images(self.student_images(prog)))
+
+    def student_images(self, prog: Progress) -> Tensor:
+        """The student batch under the student-batch options (class docstring): generated (or held) and replayed
+        images, augmented, mixed; float32 in [0, 1], before the engine's memory format."""
+        c, n, pool = self.cfg, self.ctx.batch_size, self.replay_pool
+        if self._held is None or prog.step_in_round % c.reuse == 0:
+            replayed = min(round(n * c.replay), len(pool), n - 1) if pool is not None else 0
+            self._held = self.generate(n - replayed)
+            past = pool.sample(replayed) if replayed else None  # drawn before this batch joins the pool
+            if pool is not None:
+                pool.add(self._held)
+        else:
+            replayed = n - self._held.shape[0]
+            past = pool.sample(replayed) if replayed else None
+        x = self._held if past is None else torch.cat([self._held, past])
+        return mix_batch(self.student_augment(x), c.mix, c.mix_alpha)
 
     def checkpoint_state(self) -> dict:
         return {"opt_g": self.opt_g.state_dict()}

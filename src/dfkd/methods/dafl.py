@@ -76,6 +76,8 @@ class DAFL(GeneratorMethod):
 
     def __init__(self, cfg: DAFLConfig, ctx: Ctx):
         super().__init__(cfg, ctx)
+        if cfg.step == "joint":
+            self.refuse_student_batch_options("step=joint")
         self.feature_hook = self.penultimate_features(cfg.act)
         self._joint: tuple[Tensor, Tensor] | None = None  # (student batch, the same images with their graph to G)
 

@@ -147,6 +147,8 @@ class ZSKT(GeneratorMethod):
 
     def __init__(self, cfg: ZSKTConfig, ctx: Ctx):
         super().__init__(cfg, ctx)
+        if cfg.loader == "shared":
+            self.refuse_student_batch_options("loader=shared")
         if cfg.grad_clip_g:  # after the DDP all-reduce of optimizer_step, right before Adam's step
             self.opt_g.register_step_pre_hook(self._clip_generator)
         self.t_hooks = self.s_hooks = None
