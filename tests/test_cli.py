@@ -270,7 +270,8 @@ def test_bench_throughput_reports_every_setting_it_ran(capsys, data_root, tmp_pa
         assert mem["student_bytes"] >= 2 * 4 * n_params
         assert summary["peak_memory_bytes"] >= mem["loop_start_bytes"] > mem["data_bytes"] + mem["teacher_bytes"]
         assert mem["method_bytes"] > 0
-    assert "Where the memory goes" in out and out.count("| fp32 |") == 2
+    # a row in each table: speed, memory, arithmetic, peak
+    assert "Where the memory goes" in out and out.count("| fp32 |") == 4
     # the same folder again: refused unless --overwrite, the earlier runs intact
     before = (tmp_path / "fp32" / "ckpt" / "last.pt").read_bytes()
     code, _, err = run(capsys, *args, "--out", str(tmp_path), f"data.root={data_root}", *tiny)

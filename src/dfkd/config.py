@@ -170,6 +170,10 @@ class EngineConfig:
     # Stop after the epoch in which the run's wall time passes this many seconds (a race's budget; null = none). The
     # run ends as a finished run (summary.json says it stopped at the limit), not as a failure.
     time_limit: float | None = None
+    # Before the first round, count the FLOPs of one synthesis round, one student batch and one student step in an
+    # untimed pass (the state restored after it: the run trains exactly as without) and time a matmul and a conv for
+    # this machine's peak; the summary's "arithmetic" holds the rates achieved (`dfkd bench throughput` turns it on)
+    count_flops: bool = False
 
 
 @dataclass

@@ -6,6 +6,11 @@ batch generation, the student step and evaluation, the wall time and the peak me
 and its relevant instruction sets (AVX2, AVX-512, AVX512-BF16, AMX). Speeds are comparable only within one table:
 every row is measured in the same process, one after the other.
 
+The arithmetic beneath makes them comparable across machines: each run counts the FLOPs of one synthesis round, one
+student batch and one student step (``engine.count_flops``: an untimed pass before the loop that leaves the run as
+it was) and times a matrix product and a convolution in the same process, on the same threads and in the setting's
+precision and memory format; the table gives the GFLOP/s each part achieved and their fraction of that peak.
+
 It measures speed, not accuracy: without ``--teacher`` the teacher is the recipe's architecture at its random
 initialisation (the same for every setting), which costs exactly what a trained one does.
 """
@@ -22,6 +27,7 @@ import torch
 from dfkd.config import load_config
 from dfkd.data.datafree import resolve_dataset_info
 from dfkd.engine.distill import distill
+from dfkd.engine.flops import CONV_SHAPE, ENOUGH_SECONDS, MATMUL_MAX, PARTS
 from dfkd.engine.meters import format_seconds
 from dfkd.engine.rundir import check_run_dirs_free
 from dfkd.errors import ConfigError, closest
@@ -47,6 +53,7 @@ OWN_KEYS = {
     "engine.precision": "choose it with --settings",
     "engine.channels_last": "choose it with --settings",
     "engine.compile": "choose it with --settings",
+    "engine.count_flops": "it always counts",
     "out": "choose the folder with --out",
 }
 DEFAULT_RECIPE = "demo/fashion-mnist-cudfkd"
@@ -98,6 +105,7 @@ def run_throughput(
                 f"engine.precision={precision}",
                 f"engine.channels_last={str(channels_last).lower()}",
                 f"engine.compile={str(compiled).lower()}",
+                "engine.count_flops=true",
                 f"out={root / name}",
             ],
         )
@@ -147,8 +155,70 @@ def format_throughput(recipe: str, rounds: int, rows: list[tuple[str, dict]]) ->
         "the run's peak RSS on CPU.",
         "",
         *format_memory(rows),
+        "",
+        *format_arithmetic(rows),
     ]
     return "\n".join(lines)
+
+
+def _rate(row: dict, with_share: bool = True) -> str:
+    rate, share = row.get("gflops_per_second"), row.get("of_conv_peak")
+    if rate is None:
+        return "-"
+    return f"{rate:.2f} ({share:.0%})" if with_share and share is not None else f"{rate:.2f}"
+
+
+def _share(value: float | None) -> str:
+    return f"{value:.0%}" if value is not None else "-"
+
+
+def format_arithmetic(rows: list[tuple[str, dict]]) -> list[str]:
+    """Per setting: the GFLOP of one item of each part, the GFLOP/s each part and the whole loop achieved (with their
+    share of the conv peak), and the loop's share of the matmul and conv peaks; then the peaks themselves."""
+    lines = [
+        "### Arithmetic",
+        "",
+        "FLOPs as torch's FlopCounterMode counts them (matrix products and convolutions, forward and backward; "
+        "element-wise work counts zero), of one item each, in an untimed pass before the loop that leaves the run as "
+        "it was: a *synthesis round* (all its generator steps), a *student batch* (generating it), a *student step* "
+        "(the method's loss with the teacher's forward, backward, optimiser step). GFLOP/s = FLOPs of one item x how "
+        "many the run did / the part's time above; *loop* = all of them over the three parts' time. In brackets: the "
+        "share of this machine's conv peak (below).",
+        "",
+        "| setting | GFLOP: synthesis round | student batch | student step | GFLOP/s: generator step "
+        "| student batches | student step | loop | loop / conv peak | loop / matmul peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    peaks = []
+    for name, s in rows:
+        flops, rates, peak = s.get("flops"), s.get("arithmetic"), s.get("peak") or {}
+        if not flops or not rates:
+            lines.append(f"| {name} |" + " - |" * 9)
+            continue
+        cells = [f"{flops[part] / 1e9:.3g}" for part in PARTS]
+        cells += [_rate(rates[part]) for part in PARTS]
+        loop = rates["loop"]
+        cells += [_rate(loop, with_share=False), _share(loop["of_conv_peak"]), _share(loop["of_matmul_peak"])]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if peak:
+            peaks.append(
+                f"| {name} | {peak['threads']} | {peak['matmul_gflops_per_second']:.1f} ({peak['matmul_size']}^3) "
+                f"| {peak['conv_gflops_per_second']:.1f} (batch {peak['conv_batch']}) |"
+            )
+    if peaks:
+        lines += [
+            "",
+            f"Peak of this machine ({cpu_model()}), measured in this process before each setting's loop, on its "
+            f"threads and in its precision and memory format, best of 3 calls after a warm-up: a square matrix "
+            f"product (sides grown up to {MATMUL_MAX} until one call takes {ENOUGH_SECONDS:g} s) and a 3x3 "
+            f"{CONV_SHAPE[1]}->{CONV_SHAPE[1]} convolution on {CONV_SHAPE[2]}x{CONV_SHAPE[3]} images (batch grown up "
+            f"to {CONV_SHAPE[0]} likewise), forward.",
+            "",
+            "| setting | threads | matmul GFLOP/s | conv GFLOP/s |",
+            "|---|---|---|---|",
+            *peaks,
+        ]
+    return lines
 
 
 def _mib(value: float | None) -> str:

@@ -12,6 +12,7 @@ Launch under torchrun for data parallelism::
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from contextlib import ExitStack
@@ -45,6 +46,7 @@ from dfkd.engine.common import (
 from dfkd.engine.ema import StudentEMA
 from dfkd.engine.env import Env, setup_env
 from dfkd.engine.evaluate import predict, student_metrics
+from dfkd.engine.flops import PARTS, arithmetic, flops_of, measure_peak, snapshot
 from dfkd.engine.guard import CollapseGuard, collapse_reasons
 from dfkd.engine.meters import Meters, Stopwatch, first_non_finite, format_seconds
 from dfkd.engine.optim import build_optimizer, build_scheduler, warmup_factor
@@ -161,6 +163,10 @@ def _distill(
     bar = progress_bar(
         all_epochs * steps_per_epoch, state["epoch"] * steps_per_epoch, cfg.engine.progress and env.is_main, "distill"
     )
+    counted = None
+    if cfg.engine.count_flops:
+        prog.epoch, prog.round = state["epoch"] - warmup, 0  # the first round's, as the loop sets them
+        counted = _count_flops(t, env, p, prog)
     env.reset_peak_memory()
     memory_at_loop_start = env.memory_in_use_bytes()
     timers = state["timers"]
@@ -210,7 +216,7 @@ def _distill(
             log.info("stopping: the run's wall time passed engine.time_limit=%gs after epoch %d", limit, epoch + 1)
             break
     bar.close()
-    return _finish(cfg, env, run, p, state, clock, memory_at_loop_start)
+    return _finish(cfg, env, run, p, state, clock, memory_at_loop_start, counted)
 
 
 def _build(cfg, env: Env, teacher_module, student_module, cleanup: ExitStack) -> _Parts:
@@ -332,6 +338,11 @@ def _student_step(t, env: Env, p: _Parts, prog: Progress, scheduled_lr: list[flo
     """One student step on the method's next batch; returns the method's losses."""
     batch = p.method.next_batch(prog)
     watch.lap("batch")
+    return _learn(t, env, p, prog, scheduled_lr, batch)
+
+
+def _learn(t, env: Env, p: _Parts, prog: Progress, scheduled_lr: list[float], batch) -> dict:
+    """The student's forward on ``batch`` (the method's loss, the teacher's forward in it), backward and step."""
     with env.autocast():
         out = p.method.student_loss(batch, p.student_ddp, prog)
     p.optimizer.zero_grad(set_to_none=True)
@@ -345,6 +356,65 @@ def _student_step(t, env: Env, p: _Parts, prog: Progress, scheduled_lr: list[flo
     if p.ema is not None:
         p.ema.update(p.student)
     return out
+
+
+def _count_flops(t, env: Env, p: _Parts, prog: Progress) -> dict:
+    """FLOPs of one item of each part of the loop (:data:`dfkd.engine.flops.PARTS`): a synthesis round, a student
+    batch and a student step, run once each on the run's own method, networks and optimiser, untimed; then this
+    machine's peak (:func:`measure_peak`) under the run's precision and memory format. Everything they changed is
+    put back before the loop starts (parameters, BN statistics, gradients, optimiser and method states, counters, the
+    random generators: what a checkpoint holds), so the run trains exactly as it would without counting."""
+    modules = [p.student, p.method, *([p.ema.module] if p.ema is not None else [])]
+    restore = snapshot(modules, [p.optimizer], env.device)
+    method_state = copy.deepcopy(
+        {
+            "method": p.method.state_dict(),
+            "method_state": p.method.checkpoint_state(),
+            "images_synthesized": p.method.images_synthesized,
+        }
+    )
+    ema_updates = p.ema.updates if p.ema is not None else 0
+    scheduled_lr = [group["lr"] for group in p.optimizer.param_groups]
+    try:
+        _, generator_round = flops_of(lambda: p.method.synthesize(prog))
+        p.student_ddp.train()
+        batch, student_batch = flops_of(lambda: p.method.next_batch(prog))
+        _, student_step = flops_of(lambda: _learn(t, env, p, prog, scheduled_lr, batch))
+        peak = measure_peak(env.device, env.autocast, env.channels_last)
+    finally:
+        restore()
+        restore_method(p.method, method_state)
+        if p.ema is not None:
+            p.ema.updates = ema_updates
+    flops = dict(zip(PARTS, (generator_round, student_batch, student_step)))
+    log.info(
+        "FLOPs per item (untimed pass): synthesis round %.3g, student batch %.3g, student step %.3g; peak %.1f GFLOP/s "
+        "(matmul), %.1f GFLOP/s (conv) on %d threads",
+        *flops.values(),
+        peak["matmul_gflops_per_second"],
+        peak["conv_gflops_per_second"],
+        peak["threads"],
+    )
+    return {"flops": flops, "peak": peak}
+
+
+def _arithmetic(counted: dict, state: dict, rounds_per_epoch: int) -> dict:
+    """The summary's ``flops``, ``peak`` and ``arithmetic``: the counted FLOPs per item, the machine's peak and the
+    rates achieved over the whole run (every process of it, as the timers), from how many of each part it did."""
+    timers = state["timers"]
+    batch_seconds = timers.get("batch_seconds", 0.0)
+    counts = {
+        "generator_round": len(state["history"]) * rounds_per_epoch,  # warm-up rounds too: their time is booked
+        "student_batch": state["step"],
+        "student_step": state["step"],
+    }
+    seconds = {
+        "generator_round": timers["synth_seconds"] - batch_seconds,
+        "student_batch": batch_seconds,
+        "student_step": timers["student_seconds"],
+    }
+    rates = arithmetic(counted["flops"], counts, seconds, counted["peak"])
+    return {**counted, "arithmetic": {"counts": counts, **rates}}
 
 
 def _book_times(timers: dict, booked: dict) -> None:
@@ -488,8 +558,11 @@ def _log_epoch(
     )
 
 
-def _finish(cfg, env: Env, run: RunDir, p: _Parts, state: dict, clock: _Clock, memory_at_loop_start: int) -> dict:
-    """The last pictures and the run's summary, with its status from the collapse guard; returns the summary."""
+def _finish(
+    cfg, env: Env, run: RunDir, p: _Parts, state: dict, clock: _Clock, memory_at_loop_start: int, counted: dict | None
+) -> dict:
+    """The last pictures and the run's summary, with its status from the collapse guard (and with engine.count_flops
+    the loop's arithmetic, see :func:`_count_flops`); returns the summary."""
     _pictures(cfg, env, run, p, state["history"])
     state["timers"]["total_seconds"] = clock.total()
     summary = _summary(cfg, env, state, p, run.path)
@@ -503,6 +576,8 @@ def _finish(cfg, env: Env, run: RunDir, p: _Parts, state: dict, clock: _Clock, m
         # generators, heads, banks, pools and the method's optimiser states, at the end of the run
         "method_bytes": tensor_bytes((p.method.state_dict(), p.method.checkpoint_state())),
     }
+    if counted is not None:
+        summary.update(_arithmetic(counted, state, cfg.train.rounds_per_epoch))
     guard = p.guard
     status, reason = guard.status(state["epoch"])
     summary.update(status=status, status_reason=reason, collapsed_epochs=[f["epoch"] for f in guard.flagged])
