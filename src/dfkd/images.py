@@ -62,11 +62,23 @@ def pyplot():
 
 
 @contextmanager
+def figure(path: str | Path, figsize: tuple[float, float]) -> Iterator:
+    """One axes to draw on, laid out and saved to ``path`` (PNG) when the block ends; the figure is always closed."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=figsize, dpi=100)
+    try:
+        yield ax
+        fig.tight_layout()
+        with writing_to(path):
+            fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
+@contextmanager
 def _epoch_axes(path: str | Path, title: str, ylabel: str, legend: bool) -> Iterator:
     """A figure with an epoch axis, saved to ``path`` (PNG) when the block ends."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    try:
+    with figure(path, (6.4, 4.0)) as ax:
         yield ax
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
@@ -74,11 +86,6 @@ def _epoch_axes(path: str | Path, title: str, ylabel: str, legend: bool) -> Iter
         ax.grid(alpha=0.3)
         if legend and ax.get_legend_handles_labels()[0]:  # e.g. seeds that all failed before their first epoch
             ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        with writing_to(path):
-            fig.savefig(path)
-    finally:
-        plt.close(fig)
 
 
 def plot_curves(

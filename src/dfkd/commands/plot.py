@@ -38,7 +38,7 @@ from dfkd.engine.rundir import RunDir, load_state
 from dfkd.engine.seed import seed_everything
 from dfkd.errors import CheckpointError, ConfigError, DfkdError, writing_to
 from dfkd.hooks import InputHook
-from dfkd.images import pyplot
+from dfkd.images import figure, pyplot
 from dfkd.losses import histogram_entropy
 from dfkd.methods import Method, Progress
 from dfkd.models import classifier_module
@@ -278,10 +278,9 @@ def _draw_tsne(
     names: list[str] | None,
     title: str,
 ) -> None:
-    plt = pyplot()
+    plt = pyplot()  # for its Line2D legend handles
     colours = _colours(num_classes)
-    fig, ax = plt.subplots(figsize=(7.5, 6.0), dpi=100)
-    try:
+    with figure(path, (7.5, 6.0)) as ax:
         if len(real):
             ax.scatter(*real.T, c=colours[real_classes], s=10, marker="o", alpha=0.5, linewidths=0)
         ax.scatter(*fake.T, c=colours[fake_classes], s=18, marker="x", linewidths=0.9)
@@ -298,18 +297,11 @@ def _draw_tsne(
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"t-SNE of the teacher's penultimate features\n{title}", fontsize=9)
-        fig.tight_layout()
-        with writing_to(path):
-            fig.savefig(path)
-    finally:
-        plt.close(fig)
 
 
 def _draw_histogram(path: Path, counts: list[int], names: list[str] | None, entropy: float, title: str) -> None:
-    plt = pyplot()
     k = len(counts)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * k), 4.0), dpi=100)
-    try:
+    with figure(path, (max(6.0, 0.35 * k), 4.0)) as ax:
         ax.bar(range(k), counts, color=_colours(k))
         ax.set_xticks(range(k))
         ax.set_xticklabels(
@@ -325,8 +317,3 @@ def _draw_histogram(path: Path, counts: list[int], names: list[str] | None, entr
             fontsize=9,
         )
         ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        with writing_to(path):
-            fig.savefig(path)
-    finally:
-        plt.close(fig)
