@@ -365,14 +365,8 @@ def _count_flops(t, env: Env, p: _Parts, prog: Progress) -> dict:
     put back before the loop starts (parameters, BN statistics, gradients, optimiser and method states, counters, the
     random generators: what a checkpoint holds), so the run trains exactly as it would without counting."""
     modules = [p.student, p.method, *([p.ema.module] if p.ema is not None else [])]
-    restore = snapshot(modules, [p.optimizer], env.device)
-    method_state = copy.deepcopy(
-        {
-            "method": p.method.state_dict(),
-            "method_state": p.method.checkpoint_state(),
-            "images_synthesized": p.method.images_synthesized,
-        }
-    )
+    restore = snapshot(modules, [p.optimizer], env.device)  # the method's submodules among them
+    method_state, images_synthesized = copy.deepcopy(p.method.checkpoint_state()), p.method.images_synthesized
     ema_updates = p.ema.updates if p.ema is not None else 0
     scheduled_lr = [group["lr"] for group in p.optimizer.param_groups]
     try:
@@ -383,7 +377,8 @@ def _count_flops(t, env: Env, p: _Parts, prog: Progress) -> dict:
         peak = measure_peak(env.device, env.autocast, env.channels_last)
     finally:
         restore()
-        restore_method(p.method, method_state)
+        p.method.load_checkpoint_state(method_state)
+        p.method.images_synthesized = images_synthesized
         if p.ema is not None:
             p.ema.updates = ema_updates
     flops = dict(zip(PARTS, (generator_round, student_batch, student_step)))

@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dfkd.engine.seed import rng_state, set_rng_state
 
 T = TypeVar("T")
+Op = tuple[Callable[[], torch.Tensor], int]  # an operation to time, and its FLOPs
 
 # the parts of the loop, as the summary's timers split it: the method's synthesis round (its generator steps), the
 # student batches it generates, the student's forward (with the teacher's), backward and optimiser step
@@ -86,35 +87,44 @@ def _best_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], Non
     return best
 
 
-def _grown(make: Callable[[int], Callable[[], object]], largest: int, smallest: int, sync) -> int:
+def _grown(make: Callable[[int], Op], largest: int, smallest: int, sync) -> tuple[int, Op]:
     """The size (doubling from ``smallest``) at which one call of ``make(size)`` takes :data:`ENOUGH_SECONDS`, or
-    ``largest``; a slow precision (bf16 without hardware support) stops small instead of taking minutes."""
+    ``largest``, with its operation; a slow precision (bf16 without hardware support) stops small instead of taking
+    minutes."""
     size = min(smallest, largest)
     while True:
         op = make(size)
-        op()  # warm-up: allocation, kernel choice
+        op[0]()  # warm-up: allocation, kernel choice
         sync()
-        if size >= largest or _best_seconds(op, 1, sync) >= ENOUGH_SECONDS:
-            return size
+        if size >= largest or _best_seconds(op[0], 1, sync) >= ENOUGH_SECONDS:
+            return size, op
         size = min(2 * size, largest)
+
+
+def matmul_op(device: torch.device, size: int = MATMUL_MAX) -> Op:
+    """A square fp32 matrix product of side ``size`` and its FLOPs, computed from its shape."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=gen).to(device) for _ in range(2))
+    return (lambda: a @ b), matmul_flops(size, size, size)
+
+
+def conv_op(device: torch.device, channels_last: bool = False, batch: int = CONV_SHAPE[0]) -> Op:
+    """The 3x3 convolution of :data:`CONV_SHAPE` at ``batch`` images (channels_last when asked) and its FLOPs."""
+    gen = torch.Generator().manual_seed(0)
+    _, channels, height, width = CONV_SHAPE
+    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device).requires_grad_(False)
+    x = torch.randn(batch, channels, height, width, generator=gen).to(device)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    return (lambda: conv(x)), conv2d_flops(batch, channels, channels, 3, height, width)
 
 
 def peak_ops(
     device: torch.device, channels_last: bool = False, matmul_size: int = MATMUL_MAX, conv_batch: int = CONV_SHAPE[0]
-) -> dict[str, tuple[Callable[[], torch.Tensor], int]]:
-    """The two operations the peak is measured on, each with its FLOPs computed from its shape: ``{"matmul": (fn,
-    flops), "conv": (fn, flops)}``; the convolution in channels_last when ``channels_last``."""
-    gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(matmul_size, matmul_size, generator=gen).to(device) for _ in range(2))
-    _, channels, height, width = CONV_SHAPE
-    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device).requires_grad_(False)
-    x = torch.randn(conv_batch, channels, height, width, generator=gen).to(device)
-    if channels_last:
-        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    return {
-        "matmul": (lambda: a @ b, matmul_flops(matmul_size, matmul_size, matmul_size)),
-        "conv": (lambda: conv(x), conv2d_flops(conv_batch, channels, channels, 3, height, width)),
-    }
+) -> dict[str, Op]:
+    """The two operations the peak is measured on, each with its FLOPs: ``{"matmul": (fn, flops), "conv": (fn,
+    flops)}``; the convolution in channels_last when ``channels_last``."""
+    return {"matmul": matmul_op(device, matmul_size), "conv": conv_op(device, channels_last, conv_batch)}
 
 
 def measure_peak(
@@ -132,11 +142,9 @@ def measure_peak(
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     result: dict = {"threads": torch.get_num_threads()}
     with torch.no_grad(), autocast():
-        size = _grown(lambda s: peak_ops(device, channels_last, matmul_size=s)["matmul"][0], matmul_max, 128, sync)
-        batch = _grown(lambda n: peak_ops(device, channels_last, conv_batch=n)["conv"][0], conv_max, 2, sync)
-        ops = peak_ops(device, channels_last, matmul_size=size, conv_batch=batch)
-        for name, (fn, flops) in ops.items():
-            fn()
+        size, matmul = _grown(lambda s: matmul_op(device, s), matmul_max, 128, sync)
+        batch, conv = _grown(lambda n: conv_op(device, channels_last, n), conv_max, 2, sync)
+        for name, (fn, flops) in (("matmul", matmul), ("conv", conv)):
             result[f"{name}_gflops_per_second"] = flops / _best_seconds(fn, repeats, sync) / 1e9
     result.update(matmul_size=size, conv_batch=batch)
     return result
