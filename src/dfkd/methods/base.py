@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -312,10 +312,13 @@ def check_student_batch_options(cfg: GeneratorConfig) -> None:
         raise ValueError(f"mix_alpha={cfg.mix_alpha}: the Beta distribution needs mix_alpha > 0")
 
 
+STUDENT_BATCH_OPTIONS = ("replay", "reuse", "student_augment", "mix")  # the switches; the other keys size them
+
+
 def student_batch_options(cfg: GeneratorConfig) -> list[str]:
     """The student-batch options set away from their defaults, as recipe keys (``["replay=0.5", ...]``)."""
-    defaults = {"replay": 0.0, "reuse": 1, "student_augment": "none", "mix": "none"}
-    return [f"{k}={getattr(cfg, k)}" for k, v in defaults.items() if getattr(cfg, k) != v]
+    defaults = {f.name: f.default for f in fields(GeneratorConfig)}
+    return [f"{k}={getattr(cfg, k)}" for k in STUDENT_BATCH_OPTIONS if getattr(cfg, k) != defaults[k]]
 
 
 class GeneratorMethod(Method):
